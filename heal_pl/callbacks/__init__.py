@@ -1,0 +1,5 @@
+"""Lightning callbacks that bring heal_pl to any trainer."""
+
+from heal_pl.callbacks.kl_barrier import KLBarrierCallback
+
+__all__ = ["KLBarrierCallback"]

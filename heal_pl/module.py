@@ -1,0 +1,193 @@
+"""``HealModule``: a LoRA student trained with SFT plus the KL barrier (SPEC §1).
+
+    loss = mean_t NLL_t  +  lam · (1 + round)^lam_round_pow · relu(agg_t KL_t(student ‖ ref) − tau)
+           [+ spectral_lam · mean_layers σ_max(ΔW)]
+
+The student is base + a peft LoRA adapter; the ref is the same weights with the adapter switched off.
+Log-softmax is taken only at completion positions, in checkpointed chunks (``heal_pl.kl.token_stats``).
+Checkpoints carry only the adapter; the final adapter is also saved in peft's own format.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from heal_pl.adapters.lora import LoRASpec, spectral_norms, wrap_lora
+from heal_pl.kl import KLBarrier, barrier_metrics, check_finite, counted_positions, token_stats
+from heal_pl.lm import LMHead, base_lm, gather_rows, last_hidden, ref_rows
+from heal_pl.metrics import TokenKLStats
+from heal_pl.models import load_model
+
+log = logging.getLogger("heal_pl")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup_steps``, then cosine from 1 to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class HealModule(L.LightningModule):
+    """SFT + KL barrier on a peft LoRA student of a Hugging Face causal LM.
+
+    Args:
+        model: a model alias (``smollm2-135m-instruct`` — the embedded default —, ``tiny-llama``,
+            ``tiny-qwen2``), a local folder, or a Hugging Face id.
+        dtype: dtype the base weights are loaded in (use ``trainer.precision`` for mixed precision).
+        lora: the adapter (rank, alpha, dropout, target modules, depth range).
+        barrier: the KL barrier (reg, agg, tau, lam, lam_round_pow).
+        ref: what the barrier leashes to; ``base`` = the model with the adapter off.
+        round: the steer → heal round, which scales ``lam`` by ``(1 + round)^lam_round_pow``.
+        spectral_lam: weight of the mean spectral norm of the adapter updates (0 = off).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        min_lr_ratio: final LR as a fraction of ``lr``.
+        chunk_size: rows of ``[chunk, vocab]`` log-probabilities alive at once in the loss.
+        adapter_dir: where the final peft adapter is saved (default ``<log_dir>/adapter``).
+
+    Example:
+        >>> module = HealModule(model="tiny-llama", barrier=KLBarrier(agg="rmse", tau=1.0))  # doctest: +SKIP
+        >>> L.Trainer(max_steps=10).fit(module, HealDataModule(model="tiny-llama"))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        lora: LoRASpec = LoRASpec(),  # noqa: B008 (frozen dataclass)
+        barrier: KLBarrier = KLBarrier(),  # noqa: B008 (frozen dataclass)
+        ref: Literal["base"] = "base",
+        round: int = 0,
+        spectral_lam: float = 0.0,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+        chunk_size: int = 256,
+        adapter_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        lora = LoRASpec(**lora) if isinstance(lora, dict) else lora
+        barrier = KLBarrier(**barrier) if isinstance(barrier, dict) else barrier
+        problems = [
+            f"{name}={value} must be {rule}"
+            for name, value, ok, rule in [
+                ("round", round, round >= 0, ">= 0"),
+                ("spectral_lam", spectral_lam, spectral_lam >= 0, ">= 0"),
+                ("lr", lr, lr > 0, "> 0"),
+                ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+                ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
+                ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
+                ("chunk_size", chunk_size, chunk_size >= 1, ">= 1"),
+            ]
+            if not ok
+        ]
+        if ref != "base":
+            problems.append(f"ref={ref!r} is not allowed; choose one of base")
+        if problems:
+            raise ValueError("HealModule: " + "; ".join(problems))
+        self.save_hyperparameters()
+        self.hparams.update(lora=asdict(lora), barrier=asdict(barrier))  # plain values for YAML / TensorBoard
+        self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks it is complete
+        self.barrier, self.lora_spec = barrier, lora
+        self.student = wrap_lora(load_model(model, dtype=dtype), lora)
+        self.student.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode
+        self.head = LMHead(base_lm(self.student))
+        self.val_kl = TokenKLStats()
+
+    # ------------------------------------------------------------------ loss
+
+    def loss_terms(self, batch: dict[str, Tensor], where: str = "batch") -> tuple[Tensor, dict[str, Any], Tensor]:
+        """SFT + barrier (+ spectral) on one batch: ``(loss, scalars to log, per-token KL)``."""
+        mask = batch.get("attention_mask")
+        counted = counted_positions(batch["labels"], mask)
+        hidden = last_hidden(self.student, batch["input_ids"], mask)
+        ref = ref_rows(self.student, batch["input_ids"], mask, counted) if self.barrier.active else None
+        stats = token_stats(
+            gather_rows(hidden, counted), ref, counted.targets,
+            head=self.head, reg=self.barrier.reg, chunk_size=self.hparams.chunk_size,
+        )  # fmt: skip
+        check_finite(stats, where)
+        if stats.nll.numel() == 0:
+            rank_zero_warn(f"{where}: the batch has no completion tokens (padding only); it adds a zero loss")
+            sft = hidden.sum() * 0.0  # keeps every adapter parameter in the graph (DDP needs that)
+        else:
+            sft = stats.nll.mean()
+        out = self.barrier(stats.kl, self.hparams.round)
+        loss = sft + out.value
+        scalars: dict[str, Any] = {"sft": sft.detach(), **barrier_metrics(stats, out)}
+        if self.hparams.spectral_lam > 0:
+            spectral = spectral_norms(self.student).mean()
+            loss = loss + self.hparams.spectral_lam * spectral
+            scalars["spectral"] = spectral.detach()
+        scalars["loss"] = loss.detach()
+        return loss, scalars, stats.kl
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, scalars, _ = self.loss_terms(batch, f"train step {self.global_step} (batch {batch_idx})")
+        bs = batch["input_ids"].shape[0]
+        self.log_dict({f"train/{k}": v for k, v in scalars.items()}, batch_size=bs, prog_bar=False)
+        self.log("train/loss", scalars["loss"], batch_size=bs, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _, scalars, kl = self.loss_terms(batch, f"validation at step {self.global_step} (batch {batch_idx})")
+        self.val_kl.update(kl)
+        per_batch = {f"val/{k}": v for k, v in scalars.items() if not k.startswith("kl_")}
+        self.log_dict(per_batch, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # exact pooled statistics of every validation token (gathered across ranks, not averaged)
+        self.log_dict({f"val/{k}": v for k, v in self.val_kl.compute().items()})
+        self.val_kl.reset()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _, scalars, _ = self.loss_terms(batch, f"test batch {batch_idx}")
+        self.log_dict({f"test/{k}": v for k, v in scalars.items()}, batch_size=batch["input_ids"].shape[0])
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        h = self.hparams
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, h.warmup_steps, total, h.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ adapter-only checkpoints
+
+    def trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = self.trainable_names() - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
+
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        path = self.hparams.adapter_dir or os.path.join(root, "adapter")
+        self.student.save_pretrained(path)
+        rank_zero_info(f"heal_pl: adapter saved in peft format to {path}")
+

@@ -1,0 +1,140 @@
+"""KLBarrierCallback on a LightningModule that knows nothing of heal_pl."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from heal_pl.callbacks import KLBarrierCallback
+from heal_pl.kl import KLBarrier
+from heal_pl.module import HealModule
+
+
+class ForeignModule(L.LightningModule):
+    """A user's SFT module: a peft model, HF's own loss, plain SGD. No heal_pl inside."""
+
+    def __init__(self, model: torch.nn.Module, lr: float = 0.5) -> None:
+        super().__init__()
+        self.model, self.lr = model, lr
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val_loss", self.model(**batch).loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def make_batch(seed: int = 0, B: int = 3, T: int = 14, vocab: int = 300) -> dict[str, torch.Tensor]:
+    """Prompt tokens (-100), completion tokens, and right padding (-100, attention 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    labels, mask = ids.clone(), torch.ones_like(ids)
+    labels[:, :4] = -100
+    labels[1, 10:] = -100
+    mask[1, 10:] = 0
+    ids[1, 10:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def perturbed_heal_module(barrier: KLBarrier, seed: int = 0) -> HealModule:
+    module = HealModule(model="tiny-llama", barrier=barrier)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return module
+
+
+def lora_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("agg", ["mean", "rmse", "p95", "max"])
+@pytest.mark.parametrize("reg", ["kl_rev", "kl_fwd"])
+def test_callback_barrier_equals_heal_module(agg: str, reg: str) -> None:
+    barrier = KLBarrier(reg=reg, agg=agg, tau=0.01, lam=2.0)
+    heal = perturbed_heal_module(barrier)
+    batch = make_batch()
+
+    heal.zero_grad()
+    loss, scalars, _ = heal.loss_terms(batch)  # SFT + barrier, HealModule's own path (hidden rows + LM head)
+    loss.backward()
+    grads_heal = lora_grads(heal)
+    expected, D_expected = scalars["barrier"], scalars["D"]
+
+    foreign = ForeignModule(heal.student)
+    cb = KLBarrierCallback(barrier)
+    cb.setup(None, foreign, "fit")  # type: ignore[arg-type]
+    try:
+        heal.zero_grad()
+        out = foreign.model(**batch)
+        value, cb_scalars = cb.compute(batch, out.logits)
+        (value + out.loss).backward()
+        grads_cb = lora_grads(heal)
+    finally:
+        cb.teardown(None, foreign, "fit")  # type: ignore[arg-type]
+
+    assert expected.item() > 0, "the test must exercise a firing barrier"
+    torch.testing.assert_close(value.detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cb_scalars["D"], D_expected, rtol=1e-5, atol=1e-6)
+    assert grads_cb.keys() == grads_heal.keys() and grads_cb
+    for name in grads_cb:
+        torch.testing.assert_close(grads_cb[name], grads_heal[name], rtol=1e-4, atol=1e-6)
+
+
+def test_callback_adds_barrier_gradient_in_a_real_trainer(tmp_path) -> None:
+    """One SGD step under Trainer + callback moves the adapter by -lr * grad(SFT + barrier)."""
+    barrier = KLBarrier(agg="rmse", tau=0.0, lam=3.0)
+    heal = perturbed_heal_module(barrier, seed=1)
+    batch = make_batch(seed=2)
+    lr = 0.5
+
+    # expected update, computed by hand: HF's SFT loss + the barrier from HealModule's code path
+    ref_model = copy.deepcopy(heal)
+    ref_model.zero_grad()
+    sft_hf = ref_model.student(**batch).loss
+    _, _, kl = ref_model.loss_terms(batch)
+    (sft_hf + ref_model.barrier(kl).value).backward()
+    expected = {n: p.detach() - lr * p.grad for n, p in ref_model.named_parameters() if p.requires_grad}
+
+    foreign = ForeignModule(heal.student, lr=lr)
+    names = {n.removeprefix("student."): n for n in expected}
+    trainer = L.Trainer(
+        max_steps=1, callbacks=[KLBarrierCallback(barrier)], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(foreign, DataLoader([batch], batch_size=None))
+    assert "train/barrier" in trainer.callback_metrics and trainer.callback_metrics["train/barrier"] > 0
+    got = {names[n.removeprefix("model.")]: p.detach() for n, p in foreign.named_parameters() if p.requires_grad}
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-6)
+    assert "training_step" not in foreign.__dict__, "teardown must restore the module's own training_step"
+
+
+def test_callback_without_peft_model_says_so() -> None:
+    from heal_pl.models import tiny_model
+
+    foreign = ForeignModule(tiny_model("llama"))
+    with pytest.raises(ValueError, match="peft"):
+        KLBarrierCallback().setup(None, foreign, "fit")  # type: ignore[arg-type]
+
+
+def test_callback_batch_without_labels_says_so() -> None:
+    heal = perturbed_heal_module(KLBarrier())
+    foreign = ForeignModule(heal.student)
+    cb = KLBarrierCallback()
+    cb.setup(None, foreign, "fit")  # type: ignore[arg-type]
+    try:
+        with pytest.raises(ValueError, match="labels"):
+            cb._batch_logits({"input_ids": torch.zeros(1, 3)}, [], "step 0")
+    finally:
+        cb.teardown(None, foreign, "fit")  # type: ignore[arg-type]
