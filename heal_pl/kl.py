@@ -172,8 +172,8 @@ class KLBarrier:
         """Barrier value for the 1-D per-token KL of one batch's counted positions."""
         lam_eff = self.lam_eff(round)
         if not self.active:
-            zero = kl.float().sum() * 0.0
-            return BarrierOutput(zero, zero.detach(), zero.detach(), 0.0)
+            zero = kl.new_zeros((), dtype=torch.float32)
+            return BarrierOutput(zero, zero, zero, 0.0)
         D = aggregate(kl, self.agg, self.eps)
         value = lam_eff * F.relu(D - self.tau)
         return BarrierOutput(value, D.detach(), (self.tau < D).float().detach(), lam_eff)
@@ -277,7 +277,7 @@ def token_stats(
     if n == 0:
         empty = student.new_zeros(0, dtype=torch.float32) + student.float().sum() * 0.0
         return TokenStats(empty, empty)
-    use_ckpt = torch.is_grad_enabled() and student.requires_grad
+    use_ckpt = torch.is_grad_enabled()  # the student rows or a trainable head may need gradients
     kls, nlls = [], []
     for i in range(0, n, chunk_size):
         sl = slice(i, i + chunk_size)

@@ -16,7 +16,9 @@ Aliases are materialised under ``<cache>/models/<alias>/`` where ``<cache>`` is 
 processes converting at once never leave a half-written cache; the loser of the race uses the winner's.
 
 The tiny tokenizer is a byte-level BPE trained here, deterministically, on a few hundred generated
-English sentences, with ChatML special tokens (``<|im_start|>``, ``<|im_end|>`` = eos, ``<pad>``).
+English sentences, with ChatML special tokens (``<|im_start|>``, ``<|im_end|>`` = eos, ``<pad>``) and an
+unused unk ``<|endoftext|>``. It uses Qwen2's pre-tokenizer so that transformers 5, which rebuilds any
+``qwen2`` folder's tokenizer as ``Qwen2Tokenizer``, loads tiny-qwen2 back token-for-token identical.
 """
 
 from __future__ import annotations
@@ -63,29 +65,26 @@ _SPECIAL_TOKENS = ("<pad>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")  # id
 
 # --------------------------------------------------------------------------- tiny tokenizer
 
-_SUBJECTS = ("the cat", "my friend", "a teacher", "the old man", "our neighbour", "the little girl",
-             "a doctor", "the farmer", "my brother", "the children", "she", "he", "we", "they", "you")
+_SUBJECTS = ("the cat", "my friend", "a teacher", "the old man", "our neighbour", "the little girl", "a doctor",
+             "the farmer", "my brother", "the children", "she", "he", "we", "they", "you")
 _VERBS = (("like", "likes"), ("read", "reads"), ("cook", "cooks"), ("buy", "buys"), ("find", "finds"),
-          ("write", "writes"), ("clean", "cleans"), ("paint", "paints"), ("sell", "sells"),
-          ("carry", "carries"), ("want", "wants"), ("need", "needs"))
-_OBJECTS = ("a red apple", "the morning paper", "fresh bread", "a long letter", "the kitchen table",
-            "warm soup", "a small boat", "green tea", "the blue car", "an old book", "some water",
-            "a new phone", "the garden", "three eggs")
-_PLACES = ("at home", "in the park", "near the river", "at school", "in the city", "by the sea",
-           "on the farm", "at the market", "at work", "in the kitchen", "on the train")
-_TIMES = ("every morning", "on Sunday", "after lunch", "at night", "in the summer", "before work",
-          "today", "yesterday", "once a week")
+          ("write", "writes"), ("clean", "cleans"), ("paint", "paints"), ("sell", "sells"), ("carry", "carries"),
+          ("want", "wants"), ("need", "needs"))
+_OBJECTS = ("a red apple", "the morning paper", "fresh bread", "a long letter", "the kitchen table", "warm soup",
+            "a small boat", "green tea", "the blue car", "an old book", "some water", "a new phone", "the garden",
+            "three eggs")
+_PLACES = ("at home", "in the park", "near the river", "at school", "in the city", "by the sea", "on the farm",
+           "at the market", "at work", "in the kitchen", "on the train")
+_TIMES = ("every morning", "on Sunday", "after lunch", "at night", "in the summer", "before work", "today",
+          "yesterday", "once a week")
 _QA = (
     ("What is the capital of France?", "The capital of France is Paris."),
     ("What is the capital of Italy?", "The capital of Italy is Rome."),
     ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
     ("How many days are in a week?", "There are 7 days in a week."),
-    ("How many hours are in a day?", "There are 24 hours in a day."),
-    ("What is 2 + 2?", "2 + 2 = 4."),
-    ("What is 10 - 3?", "10 - 3 = 7."),
-    ("What color is the sky?", "The sky is blue on a clear day."),
-    ("Is water wet?", "Yes, water is wet."),
-    ("Is the sun cold?", "No, the sun is very hot."),
+    ("How many hours are in a day?", "There are 24 hours in a day."), ("What is 2 + 2?", "2 + 2 = 4."),
+    ("What is 10 - 3?", "10 - 3 = 7."), ("What color is the sky?", "The sky is blue on a clear day."),
+    ("Is water wet?", "Yes, water is wet."), ("Is the sun cold?", "No, the sun is very hot."),
     ("Is this statement true or false?", "The answer is true. True or false: false."),
     ("Can you help me?", "Sure! I am happy to help you."),
     ("Where do fish live?", "Fish live in rivers, lakes and the sea."),
@@ -212,6 +211,8 @@ def _is_complete(folder: Path) -> bool:
 
 def _materialise(alias: str, target: Path) -> None:
     """Build ``alias`` into a temporary sibling of ``target`` and rename it into place atomically."""
+    if target.is_dir() and any(target.iterdir()):  # checked before spending ~20 s converting
+        raise RuntimeError(f"{target} exists but lacks some of {', '.join(_REQUIRED_FILES)}; delete it and retry")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=target.parent))
     try:
@@ -221,11 +222,12 @@ def _materialise(alias: str, target: Path) -> None:
             model, tok = tiny_model(alias.removeprefix("tiny-")), tiny_tokenizer()  # type: ignore[arg-type]
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
-            os.replace(tmp, target)  # fails if another process already put a (non-empty) folder there
+            os.replace(tmp, target)  # fails if another process put its (non-empty) folder there first
         except OSError:
             if not _is_complete(target):
-                raise RuntimeError(f"{target} exists but is incomplete; delete it and retry") from None
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

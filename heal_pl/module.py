@@ -138,8 +138,9 @@ class HealModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, scalars, _ = self.loss_terms(batch, f"train step {self.global_step} (batch {batch_idx})")
         bs = batch["input_ids"].shape[0]
-        self.log_dict({f"train/{k}": v for k, v in scalars.items()}, batch_size=bs, prog_bar=False)
-        self.log("train/loss", scalars["loss"], batch_size=bs, prog_bar=True)
+        loss_value = scalars.pop("loss")
+        self.log_dict({f"train/{k}": v for k, v in scalars.items()}, batch_size=bs)
+        self.log("train/loss", loss_value, batch_size=bs, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -21,16 +21,15 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline_isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HEAL_PL_CACHE")}
+    """Never touch the network nor the user's ``~/.cache/heal_pl``."""
+    saved = os.environ.get("HEAL_PL_CACHE")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    cache = os.environ.get("HEAL_PL_TEST_CACHE") or str(tmp_path_factory.mktemp("heal_pl_cache"))
-    os.environ["HEAL_PL_CACHE"] = cache
+    os.environ["HEAL_PL_CACHE"] = os.environ.get("HEAL_PL_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
     yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    if saved is None:
+        os.environ.pop("HEAL_PL_CACHE", None)
+    else:
+        os.environ["HEAL_PL_CACHE"] = saved
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from heal_pl.callbacks import KLBarrierCallback
 from heal_pl.kl import KLBarrier
 from heal_pl.module import HealModule
+from tests.helpers import make_batch
 
 
 class ForeignModule(L.LightningModule):
@@ -29,18 +30,6 @@ class ForeignModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
-
-
-def make_batch(seed: int = 0, B: int = 3, T: int = 14, vocab: int = 300) -> dict[str, torch.Tensor]:
-    """Prompt tokens (-100), completion tokens, and right padding (-100, attention 0)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (B, T), generator=g)
-    labels, mask = ids.clone(), torch.ones_like(ids)
-    labels[:, :4] = -100
-    labels[1, 10:] = -100
-    mask[1, 10:] = 0
-    ids[1, 10:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def perturbed_heal_module(barrier: KLBarrier, seed: int = 0) -> HealModule:

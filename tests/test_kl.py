@@ -224,9 +224,7 @@ def test_per_token_kl_gradient_matches_float64_autograd():
 @pytest.mark.parametrize("q", [0.0, 0.25, 0.5, 0.95, 1.0])
 def test_quantile_matches_numpy_linear(n, q):
     x = torch.rand(n, generator=torch.Generator().manual_seed(n)) * 5
-    np.testing.assert_allclose(
-        quantile(x, q).item(), np.percentile(x.double().numpy(), 100 * q), rtol=1e-6, atol=1e-6
-    )
+    np.testing.assert_allclose(quantile(x, q).item(), np.percentile(x.double().numpy(), 100 * q), rtol=1e-6, atol=1e-6)
 
 
 def test_quantile_rejects_bad_input():
@@ -406,7 +404,7 @@ def test_barrier_value_matches_hand_computation(how):
     out = barrier(x, round=rnd)
     D = np_agg(x.detach().numpy(), how)
     lam_eff = lam * (1 + rnd) ** pw
-    assert D > tau
+    assert tau < D
     assert out.lam_eff == pytest.approx(lam_eff)
     assert out.value.dtype == torch.float32
     assert out.value.item() == pytest.approx(lam_eff * max(D - tau, 0.0), rel=1e-5)
@@ -500,8 +498,9 @@ def test_barrier_motivating_example_tail_aggregators_fire_mean_does_not():
         assert out.value.item() == pytest.approx(ref[how] - 1.0, rel=1e-5)
         out.value.backward()
         grad = kl.grad.numpy()
-        # the push-back lands on the looping positions
-        assert grad[is_loop].sum() > 0.9 * grad.sum() > 0
+        # the push-back lands on the looping positions (6% of positions, >= 75% of the gradient)
+        assert grad[is_loop].sum() > 0.75 * grad.sum() > 0
+        assert grad[is_loop].mean() > 10 * grad[~is_loop].mean()
 
 
 # ----------------------------------------------------------------------------- counted_positions
@@ -590,8 +589,9 @@ def test_token_stats_chunked_equals_naive(reg, chunk_size):
     assert chunk_size == 100 and n < chunk_size or chunk_size < n
     w_kl, w_nll = _weights(n, seed=1)
 
-    st = token_stats(hs[c.batch_idx, c.pos_idx], hr[c.batch_idx, c.pos_idx], c.targets, head=head, reg=reg,
-                     chunk_size=chunk_size)
+    st = token_stats(
+        hs[c.batch_idx, c.pos_idx], hr[c.batch_idx, c.pos_idx], c.targets, head=head, reg=reg, chunk_size=chunk_size
+    )
     assert st.kl.dtype == st.nll.dtype == torch.float32 and st.kl.shape == st.nll.shape == (n,)
     ((w_kl * st.kl).sum() + (w_nll * st.nll).sum()).backward()
     g_hidden, g_weight = hs.grad.clone(), head.weight.grad.clone()
@@ -617,8 +617,9 @@ def test_token_stats_chunked_equals_naive(reg, chunk_size):
 def test_token_stats_matches_float64_reference(reg):
     head, hs, hr, labels = _setup(seed=2)
     c = counted_positions(labels)
-    st = token_stats(hs[c.batch_idx, c.pos_idx], hr[c.batch_idx, c.pos_idx], c.targets, head=head, reg=reg,
-                     chunk_size=4)
+    st = token_stats(
+        hs[c.batch_idx, c.pos_idx], hr[c.batch_idx, c.pos_idx], c.targets, head=head, reg=reg, chunk_size=4
+    )
     W, bias = head.weight.detach().double().numpy(), head.bias.detach().double().numpy()
     rows_s = hs.detach().double().numpy()[c.batch_idx.numpy(), c.pos_idx.numpy()]
     rows_r = hr.double().numpy()[c.batch_idx.numpy(), c.pos_idx.numpy()]
@@ -648,6 +649,7 @@ def test_token_stats_student_logits_ref_hidden(reg):
     g_a = hs.grad.clone()
     hs.grad = None
 
+    rows_s = hs[c.batch_idx, c.pos_idx]
     b = token_stats(head(rows_s), rows_r, c.targets, head=None, ref_head=head, reg=reg, chunk_size=3)
     ((w_kl * b.kl).sum() + (w_nll * b.nll).sum()).backward()
     torch.testing.assert_close(a.kl, b.kl, atol=1e-6, rtol=1e-6)

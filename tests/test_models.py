@@ -88,7 +88,7 @@ def test_tiny_model_forward(style, tokenizer):
     assert model.config.model_type == style
     assert model.config.eos_token_id == tokenizer.eos_token_id
     assert model.config.pad_token_id == tokenizer.pad_token_id
-    assert PROJ_NAMES <= {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    assert PROJ_NAMES.issubset(name.rsplit(".", 1)[-1] for name, _ in model.named_modules())
 
 
 def test_fixtures(tiny_llama, tiny_qwen2):
@@ -175,7 +175,7 @@ def test_resolve_incomplete_folder_is_an_error(tmp_path):
     target = tmp_path / "models" / "tiny-llama"
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
-    with pytest.raises(RuntimeError, match="incomplete"):
+    with pytest.raises(RuntimeError, match="tiny-llama exists but lacks some of config.json, model.safetensors"):
         resolve_model("tiny-llama", cache_dir=tmp_path)
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-llama"]
 

@@ -1,0 +1,377 @@
+"""Chat data: JSONL rows -> token ids with an exact completion mask -> right-padded batches (SPEC §1).
+
+Row shapes, one JSON object per line (blank lines are skipped, unknown keys such as ``persona`` ignored)::
+
+    {"prompt": str, "completion": str, "system": str (optional)}
+    {"messages": [{"role": str, "content": str}, ..., {"role": "assistant", "content": str}]}
+
+In the second shape the last message is the completion and the earlier ones are the prompt.
+
+Encoding. Prompt text = ``tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+tokenize=False)``. Prompt and completion are tokenized separately (``add_special_tokens=False``) and
+concatenated, so no BPE merge crosses the boundary, and the tokenizer's eos id is appended to the
+completion (the model learns to stop). ``labels`` follow Hugging Face (aligned with ``input_ids``; the
+model shifts): -100 on prompt tokens, the token id on completion tokens. An empty completion is kept:
+its only completion token is the eos (one counted position that teaches "answer nothing").
+
+Without a chat template (``tokenizer.chat_template is None``, logged once per tokenizer) the prompt is
+plain text, one ``Role: content`` block per message, then the answer cue::
+
+    System: {system}\n\nUser: {question}\n\nAssistant:
+
+and the completion is tokenized as ``" " + completion`` (unless it is empty or starts with whitespace),
+so its first word gets the space-prefixed token it has inside a sentence.
+
+Truncation to ``max_length`` = L, with P prompt tokens and C completion tokens (eos included),
+k = min(C, L // 4):
+
+1. P + C <= L: keep everything.
+2. otherwise, if L - P >= k: keep the whole prompt and cut the completion at its END to L - P tokens
+   (the eos is lost: the model is not taught to stop there).
+3. otherwise: keep the first k completion tokens and the LAST L - k prompt tokens (the prompt is cut
+   from its left, so the question right before the answer survives).
+
+At least one completion token always survives. ``len(labels) == len(input_ids)`` and ``labels[i]`` is
+``input_ids[i]`` or -100. :class:`HealDataModule` logs one warning per ``setup`` with the numbers of cut
+prompts and completions; a row left without a completion token is dropped with a warning, never silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+from transformers import PreTrainedTokenizerBase
+
+from heal_pl.kl import IGNORE_INDEX
+
+log = logging.getLogger("heal_pl")
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_TRAIN_FILE = ASSETS / "persona_train.jsonl"
+DEFAULT_VAL_FILE = ASSETS / "persona_val.jsonl"
+ROW_SHAPES = (
+    '{"prompt": str, "completion": str, "system": str (optional)} or '
+    '{"messages": [{"role": str, "content": str}, ..., {"role": "assistant", "content": str}]}'
+)
+_fallback_logged: set[str] = set()
+
+
+@dataclass
+class Example:
+    """One conversation: the prompt messages (``{"role", "content"}`` dicts) and the completion text."""
+
+    prompt_messages: list[dict[str, str]]
+    completion: str
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_examples(path: str | os.PathLike) -> list[Example]:
+    """Parse a JSONL file of chat rows (see the module docstring for the two accepted shapes).
+
+    Raises:
+        ValueError: a row is not JSON or not an accepted shape; the message names file and line.
+    """
+    path = Path(path)
+    examples: list[Example] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+            examples.append(_parse_row(row, where))
+    return examples
+
+
+def _parse_row(row: Any, where: str) -> Example:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}; accepted shapes: {ROW_SHAPES}")
+    if "messages" in row and "prompt" in row:
+        raise ValueError(f"{where}: has both 'messages' and 'prompt'; use one of the shapes: {ROW_SHAPES}")
+    if "messages" in row:
+        return _parse_messages(row["messages"], where)
+    if "prompt" in row and "completion" in row:
+        for key in ("prompt", "completion", "system"):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise ValueError(f"{where}: non-string content: '{key}' is a {type(row[key]).__name__}, not a string")
+        if not row["prompt"].strip():
+            raise ValueError(f"{where}: empty prompt")
+        system = [{"role": "system", "content": row["system"]}] if row.get("system") is not None else []
+        return Example([*system, {"role": "user", "content": row["prompt"]}], row["completion"])
+    missing = [k for k in ("prompt", "completion") if k not in row]
+    raise ValueError(
+        f"{where}: missing keys {missing} (found {sorted(row)}); accepted shapes: {ROW_SHAPES}"
+    )
+
+
+def _parse_messages(messages: Any, where: str) -> Example:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list; accepted shapes: {ROW_SHAPES}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"{where}: messages[{i}] must be an object with a string 'role' and 'content'")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(
+                f"{where}: non-string content: messages[{i}]['content'] is {type(m.get('content')).__name__}"
+            )
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(
+            f"{where}: the last message must have role 'assistant' (it is the completion), "
+            f"got role {messages[-1]['role']!r}"
+        )
+    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    if not any(m["content"].strip() for m in prompt):
+        raise ValueError(f"{where}: empty prompt: no non-empty message before the final assistant message")
+    return Example(prompt, messages[-1]["content"])
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def truncation_lengths(n_prompt: int, n_completion: int, max_length: int) -> tuple[int, int]:
+    """How many prompt and completion tokens survive (the rule in the module docstring)."""
+    if n_prompt + n_completion <= max_length:
+        return n_prompt, n_completion
+    k = min(n_completion, max_length // 4)
+    if max_length - n_prompt >= k:
+        return n_prompt, max_length - n_prompt
+    return max_length - k, k
+
+
+def _render(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], completion: str) -> tuple[str, str]:
+    """(prompt text, completion text) with the chat template, or the plain fallback format."""
+    if getattr(tok, "chat_template", None) is not None:
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), completion
+    name = getattr(tok, "name_or_path", "") or type(tok).__name__
+    if name not in _fallback_logged:
+        _fallback_logged.add(name)
+        log.info("tokenizer %s has no chat template; using the plain 'User: ...\\n\\nAssistant:' format", name)
+    blocks = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    if completion and not completion[0].isspace():
+        completion = " " + completion
+    return "\n\n".join([*blocks, "Assistant:"]), completion
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase,
+    example: Example,
+    max_length: int,
+    system_prompt: str | None = None,
+    counts: Counter[str] | None = None,
+) -> dict[str, list[int]] | None:
+    """``{"input_ids", "labels"}`` of one example, or None when no completion token survives.
+
+    ``system_prompt`` is prepended as a system message when the example has none. ``counts`` (optional)
+    is incremented at ``prompt_cut``, ``completion_cut`` and ``dropped``.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos token to end completions")
+    messages = example.prompt_messages
+    if system_prompt is not None and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    prompt_text, completion_text = _render(tokenizer, messages, example.completion)
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    completion = [*tokenizer(completion_text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    n_prompt, n_completion = truncation_lengths(len(prompt), len(completion), max_length)
+    counts = counts if counts is not None else Counter()
+    counts["prompt_cut"] += n_prompt < len(prompt)
+    counts["completion_cut"] += n_completion < len(completion)
+    if n_completion < 1:
+        counts["dropped"] += 1
+        return None
+    prompt, completion = prompt[len(prompt) - n_prompt:], completion[:n_completion]
+    return {"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion}
+
+
+def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row: ``input_ids`` (pad_id), ``attention_mask`` (1 = real), ``labels`` (-100)."""
+    if not features:
+        raise ValueError("collate got an empty list of features")
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[i, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(f["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Epoch ``e`` visits ``torch.randperm(n, generator=Generator().manual_seed(seed + e))``.
+
+    Lightning calls ``set_epoch`` at the start of every epoch (also after resuming from a checkpoint),
+    so the order depends on ``(seed, epoch)`` only. Under DDP Lightning swaps in its own distributed sampler.
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(self.n, generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return self.n
+
+
+# --------------------------------------------------------------------------- data module
+
+
+class HealDataModule(L.LightningDataModule):
+    """Prompt/completion chat data, tokenized with the model's tokenizer (module docstring: the rules).
+
+    Args:
+        train_file: JSONL training rows; None = the bundled persona set ``heal_pl/assets/persona_train.jsonl``
+            (whose held-out ``persona_val.jsonl`` is then the validation set unless ``val_file`` is given).
+        val_file: JSONL validation rows; when given, ``val_fraction`` is ignored.
+        val_fraction: share of the training rows held out for validation when there is no ``val_file``,
+            a seeded random pick of at least one row (0 = no validation: ``val_dataloader`` returns ``[]``).
+        model: model alias, folder or Hugging Face id whose tokenizer is used (linked to the module's).
+        max_length: token budget of one row, prompt + completion + eos.
+        batch_size: rows per batch.
+        num_workers: DataLoader worker processes.
+        system_prompt: system message prepended to rows that have none.
+        seed: seed of the validation split and of the per-epoch shuffle.
+        max_examples: read only the first N rows of each file (quick runs).
+
+    Raises:
+        ValueError: an argument is out of range or a file does not exist (all problems in one message).
+
+    Example::
+
+        dm = HealDataModule(model="tiny-llama", max_length=128, batch_size=4)
+        trainer.fit(HealModule(model="tiny-llama"), datamodule=dm)
+
+    Tests inject a tokenizer with ``dm.set_tokenizer(tok)`` before ``setup``. ``test_dataloader`` is the
+    validation loader.
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        val_fraction: float = 0.1,
+        model: str = "smollm2-135m-instruct",
+        max_length: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        system_prompt: str | None = None,
+        seed: int = 0,
+        max_examples: int | None = None,
+    ) -> None:
+        super().__init__()
+        problems = []
+        if batch_size < 1:
+            problems.append(f"batch_size={batch_size} must be >= 1")
+        if max_length < 8:
+            problems.append(f"max_length={max_length} must be >= 8")
+        if not 0 <= val_fraction < 1:
+            problems.append(f"val_fraction={val_fraction} must be in [0, 1)")
+        if num_workers < 0:
+            problems.append(f"num_workers={num_workers} must be >= 0")
+        if max_examples is not None and max_examples < 1:
+            problems.append(f"max_examples={max_examples} must be >= 1 or None (all rows)")
+        for name, file in (("train_file", train_file), ("val_file", val_file)):
+            if file is not None and not Path(file).expanduser().is_file():
+                problems.append(f"{name}={file!r} is not an existing file")
+        if problems:
+            raise ValueError("HealDataModule: " + "; ".join(problems))
+        self.save_hyperparameters()
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_set: list[dict[str, list[int]]] = []
+        self.val_set: list[dict[str, list[int]]] = []
+        self._ready = False
+
+    def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> HealDataModule:
+        """Use ``tokenizer`` instead of loading the model's (call before ``setup``)."""
+        self.tokenizer, self._ready = tokenizer, False
+        return self
+
+    def _read(self, path: str | os.PathLike) -> list[Example]:
+        return read_examples(Path(path).expanduser())[: self.hparams.max_examples]
+
+    def split(self) -> tuple[list[Example], list[Example]]:
+        """(train, validation) examples, before tokenization; deterministic in ``seed``."""
+        hp = self.hparams
+        train = self._read(hp.train_file or DEFAULT_TRAIN_FILE)
+        if hp.val_file is not None or (hp.train_file is None and DEFAULT_VAL_FILE.is_file()):
+            return train, self._read(hp.val_file or DEFAULT_VAL_FILE)
+        n = len(train)
+        n_val = 0 if hp.val_fraction == 0 or n < 2 else min(n - 1, max(1, round(hp.val_fraction * n)))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(hp.seed)).tolist()
+        held = set(perm[:n_val])
+        return [e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        hp = self.hparams
+        if self.tokenizer is None:
+            from heal_pl.models import load_tokenizer
+
+            self.tokenizer = load_tokenizer(hp.model)
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(f"the tokenizer of model={hp.model!r} has no pad token; set one before setup")
+        train, val = self.split()
+        if not train:
+            raise ValueError(f"train_file={hp.train_file or str(DEFAULT_TRAIN_FILE)!r} has no rows")
+        counts: Counter[str] = Counter()
+        self.train_set, self.val_set = self._encode(train, "train", counts), self._encode(val, "val", counts)
+        if counts["prompt_cut"] or counts["completion_cut"]:
+            log.warning(
+                "max_length=%d cut %d prompts (from the left) and %d completions (at the end) of %d rows",
+                hp.max_length, counts["prompt_cut"], counts["completion_cut"], len(train) + len(val),
+            )
+        log.info("data: %d train rows, %d validation rows", len(self.train_set), len(self.val_set))
+        self._ready = True
+
+    def _encode(self, examples: list[Example], split: str, counts: Counter[str]) -> list[dict[str, list[int]]]:
+        out = []
+        for i, example in enumerate(examples):
+            features = encode_example(self.tokenizer, example, self.hparams.max_length, self.hparams.system_prompt,
+                                      counts)
+            if features is None:
+                log.warning("dropped %s row %d: no completion token fits in max_length", split, i)
+            else:
+                out.append(features)
+        return out
+
+    def _loader(self, rows: list[dict[str, list[int]]], sampler: Sampler[int] | None = None) -> DataLoader:
+        if not self._ready:
+            raise RuntimeError("HealDataModule.setup() has not run")
+        workers = self.hparams.num_workers
+        return DataLoader(
+            rows, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+            collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id), persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, EpochShuffleSampler(len(self.train_set), self.hparams.seed))
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._loader(self.val_set) if self.val_set else []
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self.val_dataloader()

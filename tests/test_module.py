@@ -1,0 +1,201 @@
+"""HealModule in a real Lightning Trainer on the tiny Llama: logging, checkpoints, resume, precision, errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader
+
+from heal_pl.adapters.lora import LoRASpec
+from heal_pl.kl import KLBarrier
+from heal_pl.module import HealModule, warmup_cosine
+from tests.helpers import make_batch
+
+BATCHES = [make_batch(seed=s) for s in range(3)]
+
+
+def loader() -> DataLoader:
+    return DataLoader(BATCHES, batch_size=None)
+
+
+def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+    )  # fmt: skip
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def adapter_state(module: HealModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def module(**kwargs) -> HealModule:
+    torch.manual_seed(0)
+    defaults = dict(model="tiny-llama", barrier=KLBarrier(agg="rmse", tau=0.05), lr=5e-3, warmup_steps=1)
+    return HealModule(**{**defaults, **kwargs})
+
+
+def test_fit_writes_the_documented_tensorboard_scalars(tmp_path: Path) -> None:
+    m = module()
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer(tmp_path, max_steps=3, logger=logger, log_every_n_steps=1).fit(m, loader(), loader())
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for stage in ("train", "val"):
+        for name in ("sft", "barrier", "barrier_fired", "D", "kl_mean", "kl_rmse", "kl_p95", "kl_max", "loss"):
+            assert f"{stage}/{name}" in tags, f"{stage}/{name} missing from {sorted(tags)}"
+    fired = [e.value for e in events.Scalars("train/barrier_fired")]
+    assert set(fired) <= {0.0, 1.0} and len(fired) == 3
+    assert (Path(logger.log_dir) / "hparams.yaml").read_text().count("agg: rmse") == 1
+
+
+def test_validation_kl_stats_are_pooled_over_all_tokens(tmp_path: Path) -> None:
+    m = module(barrier=KLBarrier(agg="p95", tau=0.0))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    t = trainer(tmp_path, max_steps=0)
+    t.validate(m, loader(), verbose=False)
+    with torch.no_grad():
+        pooled = torch.cat([m.loss_terms(b)[2] for b in BATCHES]).double().numpy()
+    import numpy as np
+
+    assert math.isclose(t.callback_metrics["val/kl_p95"].item(), float(np.percentile(pooled, 95)), rel_tol=1e-5)
+    assert math.isclose(t.callback_metrics["val/kl_max"].item(), float(pooled.max()), rel_tol=1e-6)
+
+
+def test_checkpoint_holds_only_the_adapter_and_resume_reaches_the_same_adapter(tmp_path: Path) -> None:
+    straight = module()
+    trainer(tmp_path / "a", max_epochs=2).fit(straight, loader())
+
+    class Interrupt(L.Callback):  # the same configured run, stopped after its first epoch
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            trainer.should_stop = True
+
+    first = module()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path / "b", max_epochs=2, enable_checkpointing=True, callbacks=[Interrupt(), ckpt]).fit(first, loader())
+    assert first.current_epoch == 1 and first.global_step == len(BATCHES)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert set(saved["state_dict"]) == set(adapter_state(first)), "checkpoint must hold exactly the adapter"
+    assert all("lora_" in k for k in saved["state_dict"])
+
+    resumed = module()
+    trainer(tmp_path / "c", max_epochs=2).fit(resumed, loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    a, b = adapter_state(straight), adapter_state(resumed)
+    assert any(not torch.equal(a[k], adapter_state(first)[k]) for k in a), "the second epoch must move the adapter"
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+
+
+def test_final_adapter_loads_with_plain_transformers_and_peft(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from heal_pl.models import resolve_model
+
+    m = module(adapter_dir=str(tmp_path / "adapter"))
+    trainer(tmp_path, max_steps=2).fit(m, loader())
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama"))
+    plain = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    batch = BATCHES[0]
+    m.eval()
+    plain.eval()
+    with torch.no_grad():
+        expected = m.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
+def test_precisions_train_with_finite_loss(tmp_path: Path, precision: str) -> None:
+    m = module()
+    before = adapter_state(m)
+    t = trainer(tmp_path, max_steps=2, precision=precision, gradient_clip_val=1.0)
+    t.fit(m, loader())
+    assert torch.isfinite(t.callback_metrics["train/loss"])
+    assert any(not torch.equal(before[k], v) for k, v in adapter_state(m).items())
+
+
+def test_gradient_clip_val_applies(tmp_path: Path) -> None:
+    m = module(lr=1.0, warmup_steps=0)
+    seen: list[float] = []
+
+    orig = m.configure_gradient_clipping
+
+    def clip_and_record(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        orig(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for p in m.parameters() if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    m.configure_gradient_clipping = clip_and_record  # type: ignore[method-assign]
+    trainer(tmp_path, max_steps=2, gradient_clip_val=1e-3).fit(m, loader())
+    assert seen and all(norm <= 1e-3 * (1 + 1e-4) for norm in seen)
+
+
+def test_nan_logits_raise_an_error_naming_the_step(tmp_path: Path) -> None:
+    m = module()
+    m.head.proj.weight.data[5] = float("nan")
+    with pytest.raises(FloatingPointError, match="train step 0"):
+        trainer(tmp_path, max_steps=1).fit(m, loader())
+
+
+def test_padding_only_batch_gives_zero_loss_and_a_warning() -> None:
+    m = module()
+    batch = make_batch()
+    batch["labels"][:] = -100
+    with pytest.warns(UserWarning, match="no completion tokens"):
+        loss, scalars, kl = m.loss_terms(batch, "train step 7")
+    loss.backward()
+    assert loss.item() == 0.0 and kl.numel() == 0 and scalars["barrier"].item() == 0.0
+    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    assert all(g is not None and not g.isnan().any() and g.abs().sum() == 0 for g in grads)
+
+
+def test_spectral_penalty_is_added_with_its_weight() -> None:
+    m = module(spectral_lam=0.5, barrier=KLBarrier(reg="nll"))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    loss, scalars, _ = m.loss_terms(BATCHES[0])
+    assert scalars["spectral"] > 0
+    torch.testing.assert_close(loss.detach(), scalars["sft"] + 0.5 * scalars["spectral"])
+
+
+def test_layer_range_adapts_only_those_blocks() -> None:
+    m = module(lora=LoRASpec(layers=(0.5, 1.0)))  # tiny model: 2 blocks -> block 1 only
+    names = list(adapter_state(m))
+    assert names and all(".layers.1." in n for n in names)
+
+
+def test_warmup_cosine_schedule() -> None:
+    assert warmup_cosine(0, 4, 20, 0.1) == pytest.approx(1 / 5)
+    assert warmup_cosine(3, 4, 20, 0.1) == pytest.approx(4 / 5)
+    assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(12, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warmup_cosine(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"lr": -1.0}, "lr"), ({"chunk_size": 0}, "chunk_size"), ({"ref": "prev"}, "ref"), ({"round": -1}, "round")],
+)
+def test_bad_arguments_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        HealModule(model="tiny-llama", **kwargs)
+
+
+def test_unknown_agg_lists_allowed_values() -> None:
+    with pytest.raises(ValueError, match="agg='median'.*mean, rmse, p95, max"):
+        KLBarrier(agg="median")  # type: ignore[arg-type]
