@@ -172,8 +172,8 @@ class KLBarrier:
         """Barrier value for the 1-D per-token KL of one batch's counted positions."""
         lam_eff = self.lam_eff(round)
         if not self.active:
-            zero = kl.new_zeros((), dtype=torch.float32)
-            return BarrierOutput(zero, zero, zero, 0.0)
+            zero = (kl.float() * 0.0).nan_to_num(0.0, 0.0, 0.0).sum()  # 0 with a zero gradient, even at inf
+            return BarrierOutput(zero, zero.detach(), zero.detach(), 0.0)
         D = aggregate(kl, self.agg, self.eps)
         value = lam_eff * F.relu(D - self.tau)
         return BarrierOutput(value, D.detach(), (self.tau < D).float().detach(), lam_eff)
