@@ -20,8 +20,8 @@ class HealCLI(LightningCLI):
         parser.link_arguments("model.model", "data.model")
 
 
-def main(args: list[str] | None = None) -> HealCLI:
-    """Entry point of the ``heal`` console script."""
+def build_cli(args: list[str] | None = None) -> HealCLI:
+    """Parse ``args`` (default: ``sys.argv``), build model, data and trainer, run the subcommand."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     return HealCLI(
         HealModule,
@@ -30,6 +30,11 @@ def main(args: list[str] | None = None) -> HealCLI:
         args=args,
         parser_kwargs={"default_env": False},
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``heal`` console script."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

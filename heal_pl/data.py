@@ -1,6 +1,6 @@
-"""Chat data: JSONL rows -> token ids with an exact completion mask -> right-padded batches (SPEC §1).
+r"""Chat data: JSONL rows -> token ids with an exact completion mask -> right-padded batches (SPEC §1).
 
-Row shapes, one JSON object per line (blank lines are skipped, unknown keys such as ``persona`` ignored)::
+Rows, one JSON object per line (blank lines skipped, unknown keys such as ``persona`` ignored)::
 
     {"prompt": str, "completion": str, "system": str (optional)}
     {"messages": [{"role": str, "content": str}, ..., {"role": "assistant", "content": str}]}
@@ -9,24 +9,21 @@ In the second shape the last message is the completion and the earlier ones are 
 
 Encoding. Prompt text = ``tokenizer.apply_chat_template(messages, add_generation_prompt=True,
 tokenize=False)``. Prompt and completion are tokenized separately (``add_special_tokens=False``) and
-concatenated, so no BPE merge crosses the boundary, and the tokenizer's eos id is appended to the
-completion (the model learns to stop). ``labels`` follow Hugging Face (aligned with ``input_ids``; the
-model shifts): -100 on prompt tokens, the token id on completion tokens. An empty completion is kept:
-its only completion token is the eos (one counted position that teaches "answer nothing").
+concatenated, so no BPE merge crosses the boundary; the tokenizer's eos id is appended to the completion
+(the model learns to stop). ``labels`` follow Hugging Face (aligned with ``input_ids``; the model shifts):
+-100 on prompt tokens, the token id on completion tokens. An empty completion is kept: its only
+completion token is the eos (one counted position, teaching "answer nothing").
 
-Without a chat template (``tokenizer.chat_template is None``, logged once per tokenizer) the prompt is
-plain text, one ``Role: content`` block per message, then the answer cue::
+Without a chat template (``tokenizer.chat_template is None``; logged once per tokenizer) the prompt is
+plain text, one ``Role: content`` block per message, then the answer cue, e.g.
+``"System: {system}\n\nUser: {question}\n\nAssistant:"``, and the completion is tokenized as
+``" " + completion`` (unless empty or starting with whitespace), so its first word gets the
+space-prefixed token it has inside a sentence.
 
-    System: {system}\n\nUser: {question}\n\nAssistant:
-
-and the completion is tokenized as ``" " + completion`` (unless it is empty or starts with whitespace),
-so its first word gets the space-prefixed token it has inside a sentence.
-
-Truncation to ``max_length`` = L, with P prompt tokens and C completion tokens (eos included),
-k = min(C, L // 4):
+Truncation to ``max_length`` = L, with P prompt tokens, C completion tokens (eos included), k = min(C, L // 4):
 
 1. P + C <= L: keep everything.
-2. otherwise, if L - P >= k: keep the whole prompt and cut the completion at its END to L - P tokens
+2. otherwise, if L - P >= k: keep the whole prompt; cut the completion at its END to L - P tokens
    (the eos is lost: the model is not taught to stop there).
 3. otherwise: keep the first k completion tokens and the LAST L - k prompt tokens (the prompt is cut
    from its left, so the question right before the answer survives).
@@ -79,66 +76,54 @@ class Example:
 
 
 def read_examples(path: str | os.PathLike) -> list[Example]:
-    """Parse a JSONL file of chat rows (see the module docstring for the two accepted shapes).
+    """Parse a JSONL file of chat rows (the two accepted shapes are in the module docstring).
 
     Raises:
         ValueError: a row is not JSON or not an accepted shape; the message names file and line.
     """
-    path = Path(path)
-    examples: list[Example] = []
+    path, examples = Path(path), []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-            examples.append(_parse_row(row, where))
+            if line.strip():
+                try:
+                    examples.append(_parse_row(json.loads(line)))
+                except (ValueError, json.JSONDecodeError) as e:
+                    what = f"not valid JSON ({e.msg}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else e
+                    raise ValueError(f"{path}, line {lineno}: {what}") from None
     return examples
 
 
-def _parse_row(row: Any, where: str) -> Example:
+def _parse_row(row: Any) -> Example:
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}; accepted shapes: {ROW_SHAPES}")
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}; accepted shapes: {ROW_SHAPES}")
     if "messages" in row and "prompt" in row:
-        raise ValueError(f"{where}: has both 'messages' and 'prompt'; use one of the shapes: {ROW_SHAPES}")
+        raise ValueError(f"has both 'messages' and 'prompt'; use one of the shapes: {ROW_SHAPES}")
     if "messages" in row:
-        return _parse_messages(row["messages"], where)
-    if "prompt" in row and "completion" in row:
-        for key in ("prompt", "completion", "system"):
-            if row.get(key) is not None and not isinstance(row[key], str):
-                raise ValueError(f"{where}: non-string content: '{key}' is a {type(row[key]).__name__}, not a string")
-        if not row["prompt"].strip():
-            raise ValueError(f"{where}: empty prompt")
-        system = [{"role": "system", "content": row["system"]}] if row.get("system") is not None else []
-        return Example([*system, {"role": "user", "content": row["prompt"]}], row["completion"])
-    missing = [k for k in ("prompt", "completion") if k not in row]
-    raise ValueError(
-        f"{where}: missing keys {missing} (found {sorted(row)}); accepted shapes: {ROW_SHAPES}"
-    )
-
-
-def _parse_messages(messages: Any, where: str) -> Example:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list; accepted shapes: {ROW_SHAPES}")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ValueError(f"{where}: messages[{i}] must be an object with a string 'role' and 'content'")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(
-                f"{where}: non-string content: messages[{i}]['content'] is {type(m.get('content')).__name__}"
-            )
-    if messages[-1]["role"] != "assistant":
-        raise ValueError(
-            f"{where}: the last message must have role 'assistant' (it is the completion), "
-            f"got role {messages[-1]['role']!r}"
-        )
-    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
-    if not any(m["content"].strip() for m in prompt):
-        raise ValueError(f"{where}: empty prompt: no non-empty message before the final assistant message")
-    return Example(prompt, messages[-1]["content"])
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"'messages' must be a non-empty list; accepted shapes: {ROW_SHAPES}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ValueError(f"messages[{i}] must be an object with a string 'role' and 'content'")
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"non-string content: messages[{i}]['content'] is {type(m.get('content')).__name__}")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"the last message must have role 'assistant' (it is the completion), "
+                             f"got role {messages[-1]['role']!r}")
+        prompt, completion = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]], messages[-1]
+        if not any(m["content"].strip() for m in prompt):
+            raise ValueError("empty prompt: no non-empty message before the final assistant message")
+        return Example(prompt, completion["content"])
+    if "prompt" not in row or "completion" not in row:
+        missing = [k for k in ("prompt", "completion") if k not in row]
+        raise ValueError(f"missing keys {missing} (found {sorted(row)}); accepted shapes: {ROW_SHAPES}")
+    for key in ("prompt", "completion", "system"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise ValueError(f"non-string content: '{key}' is a {type(row[key]).__name__}, not a string")
+    if not row["prompt"].strip():
+        raise ValueError("empty prompt")
+    system = [{"role": "system", "content": row["system"]}] if row.get("system") is not None else []
+    return Example([*system, {"role": "user", "content": row["prompt"]}], row["completion"])
 
 
 # --------------------------------------------------------------------------- encoding
@@ -282,20 +267,16 @@ class HealDataModule(L.LightningDataModule):
         max_examples: int | None = None,
     ) -> None:
         super().__init__()
-        problems = []
-        if batch_size < 1:
-            problems.append(f"batch_size={batch_size} must be >= 1")
-        if max_length < 8:
-            problems.append(f"max_length={max_length} must be >= 8")
-        if not 0 <= val_fraction < 1:
-            problems.append(f"val_fraction={val_fraction} must be in [0, 1)")
-        if num_workers < 0:
-            problems.append(f"num_workers={num_workers} must be >= 0")
-        if max_examples is not None and max_examples < 1:
-            problems.append(f"max_examples={max_examples} must be >= 1 or None (all rows)")
-        for name, file in (("train_file", train_file), ("val_file", val_file)):
-            if file is not None and not Path(file).expanduser().is_file():
-                problems.append(f"{name}={file!r} is not an existing file")
+        checks = [
+            (batch_size >= 1, f"batch_size={batch_size} must be >= 1"),
+            (max_length >= 8, f"max_length={max_length} must be >= 8"),
+            (0 <= val_fraction < 1, f"val_fraction={val_fraction} must be in [0, 1)"),
+            (num_workers >= 0, f"num_workers={num_workers} must be >= 0"),
+            (max_examples is None or max_examples >= 1, f"max_examples={max_examples} must be >= 1 or None (all rows)"),
+            *((f is None or Path(f).expanduser().is_file(), f"{name}={f!r} is not an existing file")
+              for name, f in (("train_file", train_file), ("val_file", val_file))),
+        ]
+        problems = [msg for ok, msg in checks if not ok]
         if problems:
             raise ValueError("HealDataModule: " + "; ".join(problems))
         self.save_hyperparameters()

@@ -145,7 +145,7 @@ def test_no_chat_template_uses_plain_format(caplog):
     [
         (10, 5, 15, (10, 5)),  # fits exactly
         (10, 20, 20, (10, 10)),  # completion cut at its end, prompt whole (10 >= 20 // 4)
-        (15, 20, 20, (15, 5)),  # exactly L // 4 completion tokens left: still the completion branch
+        (15, 20, 20, (15, 5)),  # exactly L // 4 completion tokens left: nothing of the prompt is cut
         (16, 20, 20, (15, 5)),  # one short of L // 4: prompt cut from its left
         (30, 3, 20, (17, 3)),  # short completion survives whole
         (100, 100, 64, (48, 16)),

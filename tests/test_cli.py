@@ -1,0 +1,68 @@
+"""The ``heal`` CLI: every YAML in configs/ runs (tiny model swapped in), bad values name the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from heal_pl.cli import build_cli, main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+TINY = ["--model.model", "tiny-llama", "--data.batch_size", "2", "--data.max_length", "48"]
+
+
+def test_there_are_configs() -> None:
+    assert {p.stem for p in CONFIGS} >= {"rmse", "mean", "p95", "max", "nll"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_fits_with_a_tiny_model(config: Path, tmp_path: Path) -> None:
+    args = [
+        "fit", "--config", str(config), *TINY,
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    cli = build_cli(args)
+    spec = yaml.safe_load(config.read_text())
+    assert cli.model.barrier.agg == spec["model"]["barrier"].get("agg", "rmse")
+    assert cli.model.barrier.reg == spec["model"]["barrier"]["reg"]
+    assert cli.trainer.global_step == 2
+    log_dir = Path(cli.trainer.log_dir)
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/sft", "val/sft"} <= tags
+    if spec["model"]["barrier"]["reg"] != "nll":
+        assert {"train/barrier", "train/barrier_fired", "train/kl_p95", "val/kl_rmse", "val/kl_max"} <= tags
+    assert (log_dir / "adapter" / "adapter_config.json").is_file()
+    assert (log_dir / "config.yaml").is_file()
+
+
+def test_bad_yaml_value_names_the_field_and_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS[0]), "--model.barrier.agg", "median"])
+    err = capsys.readouterr().err
+    assert "agg" in err and "median" in err and "rmse" in err
+
+
+def test_unknown_model_alias_names_the_allowed_aliases() -> None:
+    with pytest.raises(ValueError, match="smollm2-135m-instruct"):
+        main(["fit", "--config", str(CONFIGS[0]), "--model.model", "smollm3-nope", "--trainer.max_steps", "1"])
+
+
+def test_console_script_prints_the_config() -> None:
+    heal = Path(sys.executable).with_name("heal")
+    out = subprocess.run(
+        [str(heal), "fit", "--config", "configs/rmse.yaml", "--print_config"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    printed = yaml.safe_load(out.stdout)
+    assert printed["model"]["barrier"] == {
+        "reg": "kl_rev", "agg": "rmse", "tau": 1.0, "lam": 1.0, "lam_round_pow": 0.0, "eps": 1e-8,
+    }  # fmt: skip
+    assert printed["data"]["model"] == printed["model"]["model"] == "smollm2-135m-instruct"
