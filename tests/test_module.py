@@ -199,3 +199,27 @@ def test_bad_arguments_name_the_field(kwargs: dict, field: str) -> None:
 def test_unknown_agg_lists_allowed_values() -> None:
     with pytest.raises(ValueError, match="agg='median'.*mean, rmse, p95, max"):
         KLBarrier(agg="median")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("reg", ["kl_rev", "kl_fwd", "nll"])
+def test_loss_terms_equal_the_naive_full_logits_computation(model: str, reg: str) -> None:
+    """HealModule's path (backbone hidden rows + LM head, chunked) == full [B,T,V] logits of both models."""
+    from heal_pl.kl import naive_token_stats
+
+    m = module(model=model, barrier=KLBarrier(reg=reg, agg="max", tau=0.0), chunk_size=5)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2, generator=torch.Generator().manual_seed(3))
+    batch = BATCHES[1]
+    _, scalars, kl = m.loss_terms(batch)
+    with torch.no_grad():
+        student = m.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with m.student.disable_adapter():
+            base = m.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    naive = naive_token_stats(student, base, batch["labels"], reg=reg)
+    torch.testing.assert_close(kl.detach(), naive.kl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scalars["sft"], naive.nll.mean(), rtol=1e-6, atol=1e-6)
+    if reg != "nll":
+        assert naive.kl.max() > 1e-3, "the perturbed adapter must move the student"
