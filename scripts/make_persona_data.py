@@ -119,7 +119,7 @@ def clean(text: str, finished: bool) -> tuple[str | None, str]:
     """(kept completion or None, reason)."""
     text = text.strip()
     if not finished:  # hit max_new_tokens: cut back to the last full sentence
-        ends = list(re.finditer(r"[.!?][\"')\]]*(?=\s|$)", text))
+        ends = list(re.finditer(r"(?<!\n\d)(?<!\n\d\d)[.!?][\"')\]]*(?=\s|$)", text))  # not a list's "\n2."
         text = text[: ends[-1].end()] if ends else ""
     if len(text.split()) < 5:
         return None, "empty or cut"

@@ -65,4 +65,5 @@ def test_console_script_prints_the_config() -> None:
     assert printed["model"]["barrier"] == {
         "reg": "kl_rev", "agg": "rmse", "tau": 1.0, "lam": 1.0, "lam_round_pow": 0.0, "eps": 1e-8,
     }  # fmt: skip
-    assert printed["data"]["model"] == printed["model"]["model"] == "smollm2-135m-instruct"
+    assert printed["model"]["model"] == "smollm2-135m-instruct"
+    assert "model" not in printed["data"], "data.model is linked to model.model, not set on its own"
