@@ -51,7 +51,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["sft"])
     print(f"model={a.model} batch={a.batch}x{a.seq} threads={torch.get_num_threads()} steps={a.steps}")
-    print(f"| arm | median step (s) | ÷ sft |\n|---|---|---|")
+    print("| arm | median step (s) | ÷ sft |\n|---|---|---|")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.2f} | {statistics.median(ts) / base:.2f} |")
 
