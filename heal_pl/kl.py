@@ -22,8 +22,10 @@ from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from heal_pl.fused_head import FusedHeadStats
 
 Agg = Literal["mean", "rmse", "p95", "max"]
 Reg = Literal["kl_rev", "kl_fwd", "nll"]
@@ -117,9 +119,9 @@ def aggregate(kl: Tensor, how: Agg, eps: float = 1e-8) -> Tensor:
 
 
 def kl_summary(kl: Tensor) -> dict[str, Tensor]:
-    """Detached mean / rmse / p95 / max of per-token KL, for logging (zeros when empty)."""
+    """Detached mean / rmse / p95 / max of per-token KL, for logging (zeros when empty; rmse without eps)."""
     kl = kl.detach()
-    return {f"kl_{how}": aggregate(kl, how) for how in get_args(Agg)}
+    return {f"kl_{how}": aggregate(kl, how, eps=0.0) for how in get_args(Agg)}
 
 
 class BarrierOutput(NamedTuple):
@@ -238,6 +240,20 @@ def _chunk_stats(
     return kl, nll
 
 
+def _frozen_linear(head: Head | None) -> bool:
+    return isinstance(head, nn.Linear) and not any(p.requires_grad for p in head.parameters())
+
+
+def _fused_chunk(
+    student: Tensor, ref: Tensor | None, targets: Tensor, head: nn.Linear, ref_head: Head | None, reg: str
+) -> tuple[Tensor, Tensor]:
+    logq = None
+    if ref is not None:
+        with torch.no_grad():
+            logq = torch.log_softmax((ref_head(ref) if ref_head is not None else ref).float(), dim=-1)
+    return FusedHeadStats.apply(student, head.weight, head.bias, logq, targets, reg == "kl_rev")
+
+
 def token_stats(
     student: Tensor,
     ref: Tensor | None,
@@ -258,9 +274,10 @@ def token_stats(
         ref_head: the same for ``ref`` rows; defaults to ``head``. Lets ``ref`` be hidden states while
             ``student`` rows are logits already (the callback's case).
         reg: ``kl_rev`` → KL(student ‖ ref); ``kl_fwd`` → KL(ref ‖ student); ``nll`` → KL is 0.
-        chunk_size: rows per chunk. Each chunk runs under activation checkpointing, so at most one
-            chunk of ``[chunk_size, V]`` float32 log-probabilities is alive at a time, in the forward
-            and in the backward pass.
+        chunk_size: rows per chunk. At most one chunk of ``[chunk_size, V]`` float32 values is alive
+            at a time, in the forward and in the backward pass. When ``head`` is a frozen ``nn.Linear``
+            (the usual LoRA case) each chunk's row gradients are taken in the forward pass
+            (``heal_pl.fused_head``); otherwise each chunk runs under activation checkpointing.
 
     Returns:
         ``TokenStats(kl, nll)``, both float32 ``[N]``.
@@ -278,11 +295,17 @@ def token_stats(
         empty = student.new_zeros(0, dtype=torch.float32) + student.float().sum() * 0.0
         return TokenStats(empty, empty)
     use_ckpt = torch.is_grad_enabled()  # the student rows or a trainable head may need gradients
+    fused = use_ckpt and student.requires_grad and _frozen_linear(head)
     kls, nlls = [], []
     for i in range(0, n, chunk_size):
         sl = slice(i, i + chunk_size)
         args = (student[sl], None if ref is None else ref[sl], targets[sl], head, ref_head, reg)
-        kl, nll = checkpoint(_chunk_stats, *args, use_reentrant=False) if use_ckpt else _chunk_stats(*args)
+        if fused:
+            kl, nll = _fused_chunk(*args)
+        elif use_ckpt:
+            kl, nll = checkpoint(_chunk_stats, *args, use_reentrant=False)
+        else:
+            kl, nll = _chunk_stats(*args)
         kls.append(kl)
         nlls.append(nll)
     return TokenStats(torch.cat(kls), torch.cat(nlls))

@@ -35,6 +35,10 @@ class LMHead(nn.Module):
         self.proj = head
         self.softcap: float | None = getattr(lm.config, "final_logit_softcapping", None)
 
+    def fusable(self) -> nn.Module:
+        """The bare projection when nothing follows it (lets ``token_stats`` fuse a frozen head), else self."""
+        return self if self.softcap else self.proj
+
     def forward(self, hidden: Tensor) -> Tensor:
         logits = self.proj(hidden)
         if self.softcap:

@@ -117,7 +117,7 @@ class HealModule(L.LightningModule):
         ref = ref_rows(self.student, batch["input_ids"], mask, counted) if self.barrier.active else None
         stats = token_stats(
             gather_rows(hidden, counted), ref, counted.targets,
-            head=self.head, reg=self.barrier.reg, chunk_size=self.hparams.chunk_size,
+            head=self.head.fusable(), reg=self.barrier.reg, chunk_size=self.hparams.chunk_size,
         )  # fmt: skip
         check_finite(stats, where)
         if stats.nll.numel() == 0:
