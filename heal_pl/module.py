@@ -22,7 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from heal_pl.adapters.lora import LoRASpec, spectral_norms, wrap_lora
-from heal_pl.kl import KLBarrier, barrier_metrics, check_finite, counted_positions, token_stats
+from heal_pl.distributed import gather_tokens
+from heal_pl.kl import KLBarrier, TokenStats, barrier_metrics, check_finite, counted_positions, token_stats
 from heal_pl.lm import LMHead, base_lm, gather_rows, last_hidden, ref_rows
 from heal_pl.metrics import TokenKLStats
 from heal_pl.models import load_model
@@ -110,7 +111,12 @@ class HealModule(L.LightningModule):
     # ------------------------------------------------------------------ loss
 
     def loss_terms(self, batch: dict[str, Tensor], where: str = "batch") -> tuple[Tensor, dict[str, Any], Tensor]:
-        """SFT + barrier (+ spectral) on one batch: ``(loss, scalars to log, per-token KL)``."""
+        """SFT + barrier (+ spectral) on one batch: ``(loss, scalars to log, this rank's per-token KL)``.
+
+        Under DDP the SFT mean and the barrier's aggregate pool the tokens of every rank
+        (``heal_pl.distributed.gather_tokens``), so the loss and the logged scalars are those of the
+        global batch, and equal on every rank.
+        """
         mask = batch.get("attention_mask")
         counted = counted_positions(batch["labels"], mask)
         hidden = last_hidden(self.student, batch["input_ids"], mask)
@@ -120,6 +126,8 @@ class HealModule(L.LightningModule):
             head=self.head.fusable(), reg=self.barrier.reg, chunk_size=self.hparams.chunk_size,
         )  # fmt: skip
         check_finite(stats, where)
+        local_kl = stats.kl
+        stats = TokenStats(gather_tokens(stats.kl), gather_tokens(stats.nll))  # the global batch under DDP
         if stats.nll.numel() == 0:
             rank_zero_warn(f"{where}: the batch has no completion tokens (padding only); it adds a zero loss")
             sft = hidden.sum() * 0.0  # keeps every adapter parameter in the graph (DDP needs that)
@@ -133,7 +141,7 @@ class HealModule(L.LightningModule):
             loss = loss + self.hparams.spectral_lam * spectral
             scalars["spectral"] = spectral.detach()
         scalars["loss"] = loss.detach()
-        return loss, scalars, stats.kl
+        return loss, scalars, local_kl
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, scalars, _ = self.loss_terms(batch, f"train step {self.global_step} (batch {batch_idx})")
@@ -185,10 +193,10 @@ class HealModule(L.LightningModule):
             raise KeyError(f"checkpoint lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
 
     def on_train_end(self) -> None:
+        root = self.trainer.log_dir or self.trainer.default_root_dir  # log_dir is a collective under DDP
+        path = self.hparams.adapter_dir or os.path.join(root, "adapter")
         if not self.trainer.is_global_zero:
             return
-        root = self.trainer.log_dir or self.trainer.default_root_dir
-        path = self.hparams.adapter_dir or os.path.join(root, "adapter")
         self.student.save_pretrained(path)
         rank_zero_info(f"heal_pl: adapter saved in peft format to {path}")
 

@@ -125,10 +125,16 @@ def plain_regula_falsi_evaluations(fn: Callable[[float], float], target: float, 
     return limit
 
 
-def test_illinois_rule_beats_plain_regula_falsi_on_a_kinked_curve() -> None:
-    """Linear up to c = 1.5, then c^40: plain regula falsi keeps the far upper end and crawls."""
-    fn = lambda c: c if c < 1.5 else 1.5 * (c / 1.5) ** 40  # noqa: E731
-    target = 1.4
+@pytest.mark.parametrize(
+    ("fn", "target"),
+    [
+        (lambda c: c if c < 1.5 else 1.5 * (c / 1.5) ** 40, 1.4),  # flat then steep: the upper end is kept
+        (lambda c: 1.5 * (c / 1.5) ** 40 if c < 1.5 else c, 1.6),  # steep then flat: the lower end is kept
+    ],
+    ids=["upper-end-kept", "lower-end-kept"],
+)
+def test_illinois_rule_beats_plain_regula_falsi_on_kinked_curves(fn: Callable[[float], float], target: float) -> None:
+    """Plain regula falsi keeps the far end of a kinked curve and crawls; Illinois halves that end's f."""
     cal = calibrate(fn, target)
     assert [c for c, _ in cal.history[:2]] == [1.0, 2.0]  # bracketed by [1, 2]
     assert cal.converged and cal.evaluations <= 10

@@ -123,7 +123,7 @@ def test_find_blocks_error_lists_children() -> None:
 @pytest.mark.parametrize(
     ("spec", "n", "expected"),
     [(0, 4, [0]), (3, 4, [3]), (0.0, 30, [0]), (0.5, 30, [15]), (1.0, 30, [29]), (0.99, 2, [1]),
-     ([1, 0.5, 1], 4, [1, 2]), ((0.25, 0.75), 8, [2, 6])],
+     ([1, 0.5, 1], 4, [1, 2]), ((0.25, 0.75), 8, [2, 6]), ([np.int64(2), np.float32(0.5)], 8, [2, 4])],
 )
 def test_layers_from(spec, n: int, expected: list[int]) -> None:
     assert layers_from(spec, n) == expected
@@ -204,6 +204,29 @@ def test_directional_ablation(tiny_llama, tokenizer, ids: Tensor, alpha: float) 
     assert (logits - base_logits).abs().max() > 1e-4  # the ablation is on even at α = 0
 
 
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_gemma2], ids=["gpt2", "gemma2"])
+def test_steer_gpt2_and_gemma2_blocks(build) -> None:
+    model, ids = build(), torch.tensor([[5, 9, 17, 3, 44]])
+    v = torch.randn(32, generator=torch.Generator().manual_seed(2))
+    h0, base_logits = capture_block(model, 1, ids)
+    with steer(model, v, -1.5, layers=[1]):
+        h1, logits = capture_block(model, 1, ids)
+    torch.testing.assert_close(h1 - h0, (-1.5 * v).expand_as(h0), rtol=0, atol=1e-5)
+    assert (logits - base_logits).abs().max() > 1e-4
+    assert torch.equal(capture_block(model, 1, ids)[1], base_logits)
+
+
+def test_fit_and_steer_through_peft(tiny_llama, tokenizer, ids: Tensor) -> None:
+    plain = SteeringVector.fit(tiny_llama.eval(), tokenizer, POS, NEG, layers=[1])
+    peft_model = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]))  # B = 0: same outputs
+    vec = SteeringVector.fit(peft_model, tokenizer, POS, NEG, layers=[1])
+    torch.testing.assert_close(vec.directions[1], plain.directions[1], rtol=0, atol=1e-6)
+    h0, _ = capture_block(peft_model, 1, ids)
+    with steer(peft_model, vec, 2.0):
+        h1, _ = capture_block(peft_model, 1, ids)
+    torch.testing.assert_close(h1 - h0, (2.0 * vec.directions[1]).expand_as(h0), rtol=0, atol=1e-5)
+
+
 class TupleBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -243,13 +266,13 @@ def test_tuple_outputs_are_steered_and_passed_through() -> None:
 
 def test_last_token_states_match_unbatched_reference(llama3, tokenizer) -> None:
     prompts = POS + NEG  # different lengths: right padding inside each batch of 3
-    hooks_before = n_hooks(llama3)  # transformers may keep its own output-recording hooks
+    hooks_before = n_hooks(llama3)  # transformers adds output-recording hooks of its own in ref_states
     states = last_token_states(llama3, tokenizer, prompts, [0, 1], batch_size=3)
+    assert n_hooks(llama3) == hooks_before and not llama3.training
     for layer in (0, 1):
         assert states[layer].shape == (len(prompts), 64) and states[layer].dtype == torch.float32
         np.testing.assert_allclose(states[layer].numpy(), ref_states(llama3, tokenizer, prompts, layer),
                                    rtol=1e-4, atol=1e-5)
-    assert n_hooks(llama3) == hooks_before and not llama3.training
 
 
 def test_fit_restores_train_mode(tiny_llama, tokenizer) -> None:
@@ -351,13 +374,13 @@ def test_bad_steer_inputs(tiny_llama, tokenizer) -> None:
     with pytest.raises(ValueError, match=r"layer index 5 is out of range: valid indices are 0\.\.1"):
         steer(tiny_llama, torch.randn(64), 1.0, layers=5)
     with pytest.raises(ValueError, match=r"shape \(32,\); expected \(64,\)"):
-        steer(tiny_llama, torch.randn(32), 1.0, [0]).__enter__()
+        steer(tiny_llama, torch.randn(32), 1.0, [0])
     with pytest.raises(ValueError, match=r"layers \[1\] have no direction; this vector was fitted at layers \[0\]"):
         steer(tiny_llama, vec, 1.0, layers=[1])
     with pytest.raises(TypeError, match="expected a direction tensor"):
         steer(tiny_llama, [0.0] * 64, 1.0, layers=[0])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="coeff"), steer(tiny_llama, vec, float("nan")):
-        pass
+    with pytest.raises(ValueError, match="coeff"):
+        steer(tiny_llama, vec, float("nan"))
     with pytest.raises(ValueError, match="at least one layer"):
         SteeringVector("mean_diff", {})
     with pytest.raises(ValueError, match="method='x'"):

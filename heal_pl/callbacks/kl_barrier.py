@@ -25,7 +25,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from heal_pl.kl import KLBarrier, barrier_metrics, check_finite, counted_positions, token_stats
+from heal_pl.distributed import gather_tokens
+from heal_pl.kl import KLBarrier, TokenStats, barrier_metrics, check_finite, counted_positions, token_stats
 from heal_pl.lm import LMHead, base_lm, find_peft_model, gather_rows, ref_rows
 from heal_pl.metrics import TokenKLStats
 
@@ -104,7 +105,11 @@ class KLBarrierCallback(Callback):
     # ------------------------------------------------------------------ the barrier on one batch
 
     def compute(self, batch: Mapping[str, Tensor], logits: Tensor, where: str = "batch") -> tuple[Tensor, dict]:
-        """Barrier value and logged scalars, from the student's ``[B, T, V]`` logits on ``batch``."""
+        """Barrier value and logged scalars, from the student's ``[B, T, V]`` logits on ``batch``.
+
+        Under DDP the aggregate pools every rank's tokens (``heal_pl.distributed.gather_tokens``);
+        ``scalars["_kl"]`` is this rank's per-token KL.
+        """
         mask = batch.get("attention_mask")
         counted = counted_positions(batch["labels"], mask)
         ref = ref_rows(self.peft, batch["input_ids"], mask, counted) if self.barrier.active else None
@@ -113,8 +118,9 @@ class KLBarrierCallback(Callback):
             head=None, ref_head=self.head, reg=self.barrier.reg, chunk_size=self.chunk_size,
         )  # fmt: skip
         check_finite(stats, where)
-        out = self.barrier(stats.kl, self.round)
-        return out.value, {**barrier_metrics(stats, out), "_kl": stats.kl}
+        pooled = TokenStats(gather_tokens(stats.kl), gather_tokens(stats.nll))  # the global batch under DDP
+        out = self.barrier(pooled.kl, self.round)
+        return out.value, {**barrier_metrics(pooled, out), "_kl": stats.kl}
 
     def _batch_logits(self, batch: Any, captured: list[Tensor], where: str) -> Tensor:
         if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:

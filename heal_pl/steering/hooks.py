@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
@@ -102,16 +103,17 @@ def layers_from(spec: LayerSpec, n_layers: int) -> list[int]:
         raise ValueError("layers=[] is empty: give block indices (ints) or depth fractions (floats in [0, 1])")
     out: set[int] = set()
     for item in items:
-        if isinstance(item, bool) or not isinstance(item, int | float):
+        if isinstance(item, bool) or not isinstance(item, numbers.Real):
             raise ValueError(
                 f"layers item {item!r} ({type(item).__name__}) is neither a block index (int) "
                 "nor a depth fraction (float in [0, 1])"
             )
-        if isinstance(item, int):
+        if isinstance(item, numbers.Integral):
             if not 0 <= item < n_layers:
                 raise ValueError(f"layer index {item} is out of range: valid indices are 0..{n_layers - 1}")
-            out.add(item)
+            out.add(int(item))
         else:
+            item = float(item)
             if not (math.isfinite(item) and 0.0 <= item <= 1.0):
                 raise ValueError(
                     f"layer fraction {item!r} is outside [0, 1]; pass an int for a block index (0..{n_layers - 1})"
@@ -152,10 +154,23 @@ def _make_hook(v: Tensor, coeff: float, ablate: bool):  # noqa: ANN202 — a for
 
 
 @contextlib.contextmanager
+def _hooked(blocks: nn.ModuleList, directions: dict[int, Tensor], coeff: float, ablate: bool) -> Iterator[None]:
+    handles = []
+    try:
+        for i, v in directions.items():
+            handles.append(blocks[i].register_forward_hook(_make_hook(v, coeff, ablate)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def add_to_blocks(
     model: nn.Module, directions: Mapping[int, Tensor], coeff: float, ablate: bool = False
-) -> Iterator[None]:
+) -> AbstractContextManager[None]:
     """Edit the outputs of the blocks ``directions`` names (see the module docstring) inside the context.
+
+    Arguments are checked when this is called; the hooks exist only inside the ``with`` block.
 
     Args:
         model: a plain or peft-wrapped causal LM (see :func:`find_blocks`).
@@ -186,14 +201,7 @@ def add_to_blocks(
                 raise ValueError(f"direction for layer {i} has norm {norm.item()}; ablation needs a unit direction")
             v = v / norm
         prepared[i] = v
-    handles = []
-    try:
-        for i, v in prepared.items():
-            handles.append(blocks[i].register_forward_hook(_make_hook(v, float(coeff), ablate)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _hooked(blocks, prepared, float(coeff), ablate)
 
 
 def steer(

@@ -116,6 +116,8 @@ def last_token_states(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if len(prompts) == 0 or len(layers) == 0:
+        raise ValueError(f"last_token_states needs prompts and layers, got {len(prompts)} and {len(layers)}")
     blocks = find_blocks(model)
     layers = sorted(set(layers))
     for i in layers:

@@ -1,0 +1,32 @@
+"""heal_pl: KL-budgeted fine-tuning of LLM students for PyTorch Lightning.
+
+The public names below are imported lazily, so ``import heal_pl.kl`` stays a pure-torch import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "per_token_kl": "heal_pl.kl",
+    "aggregate": "heal_pl.kl",
+    "KLBarrier": "heal_pl.kl",
+    "token_stats": "heal_pl.kl",
+    "HealModule": "heal_pl.module",
+    "HealDataModule": "heal_pl.data",
+    "KLBarrierCallback": "heal_pl.callbacks",
+    "LoRASpec": "heal_pl.adapters",
+    "load_model": "heal_pl.models",
+    "load_tokenizer": "heal_pl.models",
+    "resolve_model": "heal_pl.models",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'heal_pl' has no attribute {name!r}")
