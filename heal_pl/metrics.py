@@ -28,5 +28,6 @@ class TokenKLStats(Metric):
         self.kl.append(kl.detach().float().reshape(-1))
 
     def compute(self) -> dict[str, Tensor]:
-        kl = dim_zero_cat(self.kl) if self.kl else torch.zeros(0)
+        # a list of per-batch tensors, or (after a DDP sync) one concatenated tensor
+        kl = self.kl if isinstance(self.kl, Tensor) else (dim_zero_cat(self.kl) if self.kl else torch.zeros(0))
         return kl_summary(kl)
