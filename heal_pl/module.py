@@ -159,7 +159,8 @@ class HealModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # exact pooled statistics of every validation token (gathered across ranks, not averaged)
-        self.log_dict({f"val/{k}": v for k, v in self.val_kl.compute().items()})
+        # (already equal on every rank; sync_dist only tells Lightning so, averaging identical values)
+        self.log_dict({f"val/{k}": v for k, v in self.val_kl.compute().items()}, sync_dist=True)
         self.val_kl.reset()
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -177,7 +177,7 @@ class KLBarrierCallback(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.barrier.active and not trainer.sanity_checking:
             stats = self.val_kl.compute()
-            pl_module.log_dict({f"{self.prefix}val/{k}": v for k, v in stats.items()})
+            pl_module.log_dict({f"{self.prefix}val/{k}": v for k, v in stats.items()}, sync_dist=True)
         self.val_kl.reset()
 
     def state_dict(self) -> dict[str, Any]:
