@@ -1,5 +1,7 @@
-"""Steering: residual-stream edits at decoder blocks (``hooks``) and vectors fitted from prompt pairs (``vectors``)."""
+"""Steering: residual-stream edits at decoder blocks (``hooks``), vectors fitted from prompt pairs (``vectors``),
+and a LoRA adapter's delta scaled by α (``adapter``)."""
 
+from heal_pl.steering.adapter import AdapterSteering
 from heal_pl.steering.hooks import BLOCK_PATHS, SteeringMethod, add_to_blocks, find_blocks, layers_from, steer
 from heal_pl.steering.vectors import (
     SteeringVector,
@@ -9,6 +11,7 @@ from heal_pl.steering.vectors import (
 )
 
 __all__ = [
+    "AdapterSteering",
     "BLOCK_PATHS",
     "SteeringMethod",
     "SteeringVector",
