@@ -7,8 +7,11 @@ own tokenizer and cannot be pointed at another one by mistake.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
 
+from jsonargparse import CLI
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from heal_pl.data import HealDataModule
@@ -32,9 +35,18 @@ def build_cli(args: list[str] | None = None) -> HealCLI:
     )
 
 
+COMMANDS = {"calibrate": "heal_pl.calibrate_run:run_calibration"}
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``heal`` console script."""
-    build_cli(args)
+    """Entry point of the ``heal`` console script: fit/validate/test (LightningCLI) or calibrate."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in COMMANDS:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        module, name = COMMANDS[argv[0]].split(":")
+        CLI(getattr(importlib.import_module(module), name), args=argv[1:], as_positional=False)
+        return
+    build_cli(argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from heal_pl.cli import build_cli, main
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = [p for p in ALL_CONFIGS if "trainer" in yaml.safe_load(p.read_text())]  # `heal fit` configs
 TINY = ["--model.model", "tiny-llama", "--data.batch_size", "2", "--data.max_length", "48"]
 
 
@@ -67,3 +68,40 @@ def test_console_script_prints_the_config() -> None:
     }  # fmt: skip
     assert printed["model"]["model"] == "smollm2-135m-instruct"
     assert "model" not in printed["data"], "data.model is linked to model.model, not set on its own"
+
+
+def test_every_config_is_a_fit_or_a_calibrate_config() -> None:
+    calibrate = {p.stem for p in ALL_CONFIGS} - {p.stem for p in CONFIGS}
+    assert calibrate == {"calibrate"}, "a new kind of config needs its own test"
+
+
+def test_calibrate_config_runs_with_a_tiny_model(tmp_path: Path) -> None:
+    import csv
+    import json
+
+    config = next(p for p in ALL_CONFIGS if p.stem == "calibrate")
+    main([
+        "calibrate", "--config", str(config), "--model", "tiny-llama", "--out_dir", str(tmp_path),
+        "--n_fit", "3", "--n_calib", "2", "--n_audit", "2", "--max_new_tokens", "6", "--max_iters", "3",
+    ])  # fmt: skip
+    results = json.loads((tmp_path / "calib.json").read_text())["results"]
+    assert set(results) == {"+", "-"}
+    with open(tmp_path / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    for sign, r in results.items():
+        rows = [h for h in history if h["sign"] == sign]
+        assert len(rows) == r["evaluations"] == len(r["history"]) <= 3
+        assert r["coeff"] == pytest.approx((1 if sign == "+" else -1) * r["c_star"])
+    with open(tmp_path / "summary.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert (tmp_path / "audit.csv").is_file() and (tmp_path / "vector.safetensors").is_file()
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_calibrate_bad_arguments_name_the_field() -> None:
+    from heal_pl.calibrate_run import run_calibration
+
+    with pytest.raises(ValueError, match="adapter_dir"):
+        run_calibration(model="tiny-llama", method="adapter")
+    with pytest.raises(ValueError, match="signs"):
+        run_calibration(model="tiny-llama", signs=[2])
