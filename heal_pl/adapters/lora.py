@@ -50,11 +50,16 @@ class LoRASpec:
                 raise ValueError(f"lora.layers={list(self.layers)} must satisfy 0 <= lo < hi <= 1 (depth fractions)")
 
     def layer_indices(self, num_layers: int) -> list[int] | None:
-        if self.layers is None:
-            return None
-        first = math.floor(self.layers[0] * num_layers)
-        last = max(math.ceil(self.layers[1] * num_layers), first + 1)  # at least one block
-        return list(range(first, min(last, num_layers)))
+        return depth_range(self.layers, num_layers)
+
+
+def depth_range(layers: tuple[float, float] | None, num_layers: int) -> list[int] | None:
+    """Blocks ``floor(lo · L) ≤ i < ceil(hi · L)`` (at least one) of a depth-fraction range; ``None`` = all."""
+    if layers is None:
+        return None
+    first = math.floor(layers[0] * num_layers)
+    last = max(math.ceil(layers[1] * num_layers), first + 1)
+    return list(range(first, min(last, num_layers)))
 
 
 def wrap_lora(model: PreTrainedModel, spec: LoRASpec) -> PeftModel:
