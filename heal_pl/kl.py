@@ -32,7 +32,8 @@ Reg = Literal["kl_rev", "kl_fwd", "nll"]
 IGNORE_INDEX = -100
 
 
-def _check_choice(field: str, value: str, allowed: object) -> None:
+def check_choice(field: str, value: str, allowed: object) -> None:
+    """Raise ``ValueError`` naming ``field`` and the allowed values of the ``Literal`` type ``allowed``."""
     choices = get_args(allowed)
     if value not in choices:
         raise ValueError(f"{field}={value!r} is not allowed; choose one of {', '.join(choices)}")
@@ -103,7 +104,7 @@ def aggregate(kl: Tensor, how: Agg, eps: float = 1e-8) -> Tensor:
     Returns:
         a float32 scalar. With no counted position it is exactly 0 and its gradient is zero.
     """
-    _check_choice("agg", how, Agg)
+    check_choice("agg", how, Agg)
     if kl.dim() != 1:
         raise ValueError(f"aggregate expects the 1-D tensor of counted positions, got shape {tuple(kl.shape)}")
     x = kl.float()
@@ -153,8 +154,8 @@ class KLBarrier:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        _check_choice("reg", self.reg, Reg)
-        _check_choice("agg", self.agg, Agg)
+        check_choice("reg", self.reg, Reg)
+        check_choice("agg", self.agg, Agg)
         if self.tau < 0 or not math.isfinite(self.tau):
             raise ValueError(f"tau={self.tau} must be a finite number >= 0")
         if self.lam < 0 or not math.isfinite(self.lam):
@@ -282,7 +283,7 @@ def token_stats(
     Returns:
         ``TokenStats(kl, nll)``, both float32 ``[N]``.
     """
-    _check_choice("reg", reg, Reg)
+    check_choice("reg", reg, Reg)
     ref_head = head if ref_head is None else ref_head
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")

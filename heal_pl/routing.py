@@ -21,21 +21,17 @@ Arms: ``none`` measures only; ``erase`` sets ``delta.grad = g_proj``; ``route`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+from heal_pl.kl import check_choice
 
 Arm = Literal["none", "erase", "route"]
 Gate = Literal["one_sided", "no_gate", "reverse"]
 
 FIRED_THRESHOLD = 1e-6
-
-
-def _check_choice(field: str, value: str, allowed: object) -> None:
-    choices = get_args(allowed)
-    if value not in choices:
-        raise ValueError(f"{field}={value!r} is not allowed; choose one of {', '.join(choices)}")
 
 
 def _compute_dtype(*xs: Tensor) -> torch.dtype:
@@ -116,7 +112,7 @@ def project(
         >>> project(g, V, gate="reverse")[0].tolist()  # both components reflected
         [-3.0, 4.0, 1.0]
     """
-    _check_choice("gate", gate, Gate)
+    check_choice("gate", gate, Gate)
     if not overshoot >= 0:  # also rejects NaN
         raise ValueError(f"overshoot={overshoot} must be >= 0")
     if g.dim() != 1:

@@ -181,31 +181,26 @@ def _require_routed(model: nn.Module) -> list[RoutedLinear]:
 
 
 @contextlib.contextmanager
-def ablate_hack(model: nn.Module) -> Iterator[None]:
+def _switched_off(model: nn.Module, flag: str) -> Iterator[None]:
+    layers = _require_routed(model)
+    saved = [getattr(m, flag) for m in layers]
+    try:
+        for m in layers:
+            setattr(m, flag, False)
+        yield
+    finally:
+        for m, on in zip(layers, saved, strict=True):
+            setattr(m, flag, on)
+
+
+def ablate_hack(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """``delta_hack`` contributes nothing inside the block (the deployed model); restored on exit."""
-    layers = _require_routed(model)
-    saved = [m.hack_on for m in layers]
-    try:
-        for m in layers:
-            m.hack_on = False
-        yield
-    finally:
-        for m, on in zip(layers, saved, strict=True):
-            m.hack_on = on
+    return _switched_off(model, "hack_on")
 
 
-@contextlib.contextmanager
-def adapter_off(model: nn.Module) -> Iterator[None]:
+def adapter_off(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Both knobs off inside the block: the model computes exactly its base; restored on exit."""
-    layers = _require_routed(model)
-    saved = [m.adapter_on for m in layers]
-    try:
-        for m in layers:
-            m.adapter_on = False
-        yield
-    finally:
-        for m, on in zip(layers, saved, strict=True):
-            m.adapter_on = on
+    return _switched_off(model, "adapter_on")
 
 
 class RoutedAdapter:
