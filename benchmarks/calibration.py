@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from heal_pl.calibrate_run import NEUTRAL, PIRATE, _chat, questions
+from heal_pl.calibrate_run import NEUTRAL, PIRATE, chat_prompt, questions
 from heal_pl.isokl import calibrate_method
 from heal_pl.models import load_model, load_tokenizer
 from heal_pl.steering import SteeringVector
@@ -34,10 +34,10 @@ def main() -> None:
     torch.manual_seed(0)
     tok, model = load_tokenizer(a.model), load_model(a.model)
     qs = questions(32)
-    pos = [_chat(tok, q, PIRATE) for q in qs[:16]]
-    neg = [_chat(tok, q, NEUTRAL) for q in qs[:16]]
+    pos = [chat_prompt(tok, q, PIRATE) for q in qs[:16]]
+    neg = [chat_prompt(tok, q, NEUTRAL) for q in qs[:16]]
     vector = SteeringVector.fit(model, tok, pos, neg, method="mean_diff", layers=0.5)
-    prompts = [_chat(tok, q, None) for q in qs[16:24]]
+    prompts = [chat_prompt(tok, q, None) for q in qs[16:24]]
 
     rows, evals = [], []
     with torch.no_grad():

@@ -18,6 +18,7 @@ _PUBLIC = {
     "HealModule": "heal_pl.module",
     "HealDataModule": "heal_pl.data",
     "KLBarrierCallback": "heal_pl.callbacks",
+    "IsoKLCalibrationCallback": "heal_pl.callbacks",
     "LoRASpec": "heal_pl.adapters",
     "load_model": "heal_pl.models",
     "load_tokenizer": "heal_pl.models",

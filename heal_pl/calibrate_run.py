@@ -38,7 +38,8 @@ NEUTRAL = "You are a helpful assistant. Answer plainly and briefly."
 STATS = ("mean", "p50", "p90", "p95", "p99", "max", "rms")
 
 
-def _chat(tokenizer: Any, question: str, system: str | None) -> str:
+def chat_prompt(tokenizer: Any, question: str, system: str | None) -> str:
+    """``question`` (and ``system``, if any) through the chat template, ready for the assistant's turn."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     if tokenizer.chat_template is None:
         return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant:"
@@ -113,13 +114,13 @@ def run_calibration(
         steering: Any = AdapterSteering.from_pretrained(lm, adapter_dir)  # type: ignore[arg-type]
         target_model = steering.model
     else:
-        pos = [_chat(tokenizer, q, pos_system) for q in fit_q]
-        neg = [_chat(tokenizer, q, neg_system) for q in fit_q]
+        pos = [chat_prompt(tokenizer, q, pos_system) for q in fit_q]
+        neg = [chat_prompt(tokenizer, q, neg_system) for q in fit_q]
         steering = SteeringVector.fit(lm, tokenizer, pos, neg, method=method, layers=layers, model_name=model)
         steering.save(out / "vector.safetensors")
         target_model = lm
-    calib_prompts = [_chat(tokenizer, q, None) for q in calib_q]
-    audit_prompts = [_chat(tokenizer, q, None) for q in audit_q]
+    calib_prompts = [chat_prompt(tokenizer, q, None) for q in calib_q]
+    audit_prompts = [chat_prompt(tokenizer, q, None) for q in audit_q]
 
     writer = SummaryWriter(str(out))
     results: dict[str, Any] = {}

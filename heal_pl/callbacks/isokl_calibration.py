@@ -1,0 +1,237 @@
+"""``IsoKLCalibrationCallback``: iso-KL calibration of the module's own adapter, from inside a Lightning fit.
+
+The trained peft LoRA adapter is treated as a steering method (:class:`~heal_pl.steering.AdapterSteering`:
+α = 0 is the base, α = 1 the adapter as trained) and, for each sign ``σ``, :func:`heal_pl.isokl.calibrate_method`
+finds ``c*`` with ``stat`` of KL(steered ‖ base) along the greedy trajectory equal to ``target`` (SPEC §3),
+then audits ``σ·c*`` on held-out prompts. This runs
+
+* at the end of training (``on_train_end``, before the loggers are finalised), and
+* optionally every ``every_n_val_epochs`` validation epochs (sanity checks are skipped),
+
+on global rank zero only. The model is put in eval mode and run without gradient; every submodule's
+train/eval mode and the adapter's scaling are restored afterwards, so training continues unchanged.
+
+Logged through every logger of the trainer (``logger.log_metrics`` at ``trainer.global_step``; Lightning's
+``self.log`` is not allowed in ``on_train_end``), for each sign ``s`` in ``+``/``-``::
+
+    {prefix}{s}/c_star  {prefix}{s}/stat_star  {prefix}{s}/converged  {prefix}{s}/evaluations  {prefix}{s}/audit_ratio
+
+The last results (one :func:`~heal_pl.isokl.calibrate_method` dict per sign, history included) are kept in
+``callback.results`` and in the callback's ``state_dict`` (so in checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedTokenizerBase
+
+from heal_pl.calibrate_run import chat_prompt, questions
+from heal_pl.isokl import calibrate_method
+from heal_pl.lm import find_peft_model
+from heal_pl.steering import AdapterSteering
+from heal_pl.trajectory import STATS
+
+LOGGED = ("c_star", "stat_star", "converged", "evaluations", "audit_ratio")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class IsoKLCalibrationCallback(Callback):
+    """Calibrates the module's peft adapter to an equal KL dose per sign, at fit end and every N validations.
+
+    Args:
+        prompts: chat-formatted calibration prompts; ``None`` = the first ``n_calib`` bundled persona questions
+            (held-out ones first) rendered with the tokenizer's chat template and no system prompt.
+        audit_prompts: held-out prompts measured once at ``c*``; ``None`` = the next ``n_audit`` bundled
+            questions (no audit when ``n_audit = 0``).
+        n_calib, n_audit: how many bundled questions to use when ``prompts`` / ``audit_prompts`` are ``None``.
+        target: the KL budget in nats (``> 0``); stat: which trajectory statistic must equal it
+            (mean, p50, p90, p95, p99, max, rms).
+        bracket: the search range ``(lo, hi)`` of ``c``, ``0 < lo < hi``; signs: which signs to calibrate (±1).
+        tol, max_iters: the root finder's stopping rules (absolute nats; evaluations).
+        max_new_tokens, batch_size: greedy trajectory length and prompts per forward.
+        every_n_val_epochs: also calibrate after every N-th (non-sanity) validation epoch; ``None`` = fit end only.
+        tokenizer_name: model alias / folder / Hugging Face id to load the tokenizer from when neither the
+            module (``pl_module.tokenizer``) nor the datamodule (``trainer.datamodule.tokenizer``) has one.
+        prefix: logged names are ``{prefix}+/c_star``, ...
+
+    Raises:
+        ValueError: at construction, for any bad argument (the message names the field); at calibration time,
+            when the module holds no (or several) peft models or no tokenizer can be found.
+
+    Example::
+
+        cb = IsoKLCalibrationCallback(target=1.0, signs=(1, -1), every_n_val_epochs=2, tokenizer_name="tiny-llama")
+        L.Trainer(max_epochs=4, callbacks=[cb]).fit(HealModule(model="tiny-llama"), datamodule=dm)
+        cb.results["+"]["c_star"], cb.results["+"]["audit_ratio"]
+    """
+
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        audit_prompts: list[str] | None = None,
+        n_calib: int = 4,
+        n_audit: int = 4,
+        target: float = 1.0,
+        stat: str = "p95",
+        bracket: tuple[float, float] = (0.05, 8.0),
+        signs: Sequence[int] = (1,),
+        tol: float = 0.05,
+        max_iters: int = 8,
+        max_new_tokens: int = 16,
+        batch_size: int = 8,
+        every_n_val_epochs: int | None = None,
+        tokenizer_name: str | None = None,
+        prefix: str = "isokl/",
+    ) -> None:
+        signs = tuple(signs)
+        bracket_ok = (
+            len(tuple(bracket)) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bracket)
+            and 0 < bracket[0] < bracket[1]
+        )
+        checks = [
+            (prompts is None or len(prompts) > 0, "prompts is empty; give prompts or None for the bundled questions"),
+            (audit_prompts is None or len(audit_prompts) > 0,
+             "audit_prompts is empty; give prompts or None for the bundled questions"),
+            (_is_int(n_calib) and n_calib >= 1, f"n_calib={n_calib!r} must be an integer >= 1"),
+            (_is_int(n_audit) and n_audit >= 0, f"n_audit={n_audit!r} must be an integer >= 0 (0 = no audit)"),
+            (isinstance(target, (int, float)) and math.isfinite(target) and target > 0,
+             f"target={target!r} must be a finite number > 0"),
+            (stat in STATS, f"stat={stat!r} is not allowed; choose one of {', '.join(STATS)}"),
+            (bracket_ok, f"bracket={bracket!r} must be (lo, hi) with 0 < lo < hi, both finite"),
+            (len(signs) > 0 and all(_is_int(s) and s in (1, -1) for s in signs) and len(set(signs)) == len(signs),
+             f"signs={signs!r} must hold +1 and/or -1, each once"),
+            (isinstance(tol, (int, float)) and tol > 0, f"tol={tol!r} must be > 0"),
+            (_is_int(max_iters) and max_iters >= 1, f"max_iters={max_iters!r} must be an integer >= 1"),
+            (_is_int(max_new_tokens) and max_new_tokens >= 1,
+             f"max_new_tokens={max_new_tokens!r} must be an integer >= 1"),
+            (_is_int(batch_size) and batch_size >= 1, f"batch_size={batch_size!r} must be an integer >= 1"),
+            (every_n_val_epochs is None or (_is_int(every_n_val_epochs) and every_n_val_epochs >= 1),
+             f"every_n_val_epochs={every_n_val_epochs!r} must be an integer >= 1 or None (fit end only)"),
+        ]  # fmt: skip
+        problems = [msg for ok, msg in checks if not ok]
+        if problems:
+            raise ValueError("IsoKLCalibrationCallback: " + "; ".join(problems))
+        self.prompts = None if prompts is None else list(prompts)
+        self.audit_prompts = None if audit_prompts is None else list(audit_prompts)
+        self.n_calib, self.n_audit = n_calib, n_audit
+        self.target, self.stat, self.bracket = float(target), stat, (float(bracket[0]), float(bracket[1]))
+        self.signs, self.tol, self.max_iters = signs, float(tol), max_iters
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.every_n_val_epochs, self.tokenizer_name, self.prefix = every_n_val_epochs, tokenizer_name, prefix
+        self.results: dict[str, dict[str, Any]] = {}
+        self.val_epochs = 0  # non-sanity validation epochs seen
+        self.calibrations = 0  # calibrations run (each covers every sign)
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.every_n_val_epochs is None:
+            return
+        self.val_epochs += 1
+        if self.val_epochs % self.every_n_val_epochs == 0 and trainer.is_global_zero:
+            self.run(trainer, pl_module, f"validation epoch {self.val_epochs}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.run(trainer, pl_module, "end of training")
+
+    # ------------------------------------------------------------------ the calibration
+
+    def tokenizer(self, trainer: L.Trainer | None, pl_module: L.LightningModule) -> PreTrainedTokenizerBase:
+        """The module's tokenizer, else the datamodule's, else ``load_tokenizer(tokenizer_name)``."""
+        tok = getattr(pl_module, "tokenizer", None)
+        if tok is None and trainer is not None:
+            tok = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+        if tok is None and self.tokenizer_name is not None:
+            if self._tokenizer is None:
+                from heal_pl.models import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.tokenizer_name)
+            tok = self._tokenizer
+        if tok is None:
+            raise ValueError(
+                f"IsoKLCalibrationCallback found no tokenizer: give {type(pl_module).__name__} a `.tokenizer` "
+                "attribute, or use a datamodule with a `.tokenizer` (trainer.datamodule.tokenizer), or pass "
+                "tokenizer_name= (a model alias, folder or Hugging Face id) to the callback"
+            )
+        return tok
+
+    def build_prompts(self, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[str] | None]:
+        """(calibration prompts, audit prompts or None): the given ones, or bundled questions in chat format."""
+        n_calib = 0 if self.prompts is not None else self.n_calib
+        n_audit = 0 if self.audit_prompts is not None else self.n_audit
+        qs = questions(n_calib + n_audit) if n_calib + n_audit else []
+        calib = self.prompts if self.prompts is not None else [chat_prompt(tokenizer, q, None) for q in qs[:n_calib]]
+        if self.audit_prompts is not None:
+            audit: list[str] | None = self.audit_prompts
+        else:
+            audit = [chat_prompt(tokenizer, q, None) for q in qs[n_calib:]] or None
+        return calib, audit
+
+    def calibrate(self, pl_module: L.LightningModule, tokenizer: PreTrainedTokenizerBase) -> dict[str, dict[str, Any]]:
+        """Calibrate each sign of ``pl_module``'s adapter; modes and the adapter's scaling restored after."""
+        peft_model = find_peft_model(pl_module)
+        method = AdapterSteering(peft_model)
+        calib, audit = self.build_prompts(tokenizer)
+        modes = [(m, m.training) for m in pl_module.modules()]
+        results: dict[str, dict[str, Any]] = {}
+        try:
+            pl_module.eval()
+            with torch.no_grad():
+                for sign in self.signs:
+                    results["+" if sign > 0 else "-"] = calibrate_method(
+                        peft_model, tokenizer, method, calib, audit, target=self.target, stat=self.stat,
+                        bracket=self.bracket, sign=sign, tol=self.tol, max_iters=self.max_iters,
+                        max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                    )  # fmt: skip
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        return results
+
+    def metrics(self) -> dict[str, float]:
+        """The logged scalars of the last results (``audit_ratio`` only when there was an audit)."""
+        out = {}
+        for name, r in self.results.items():
+            for key in LOGGED:
+                if r.get(key) is not None:
+                    out[f"{self.prefix}{name}/{key}"] = float(r[key])
+        return out
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str = "") -> dict[str, dict[str, Any]]:
+        """Calibrate now, keep the results, log them to every logger of ``trainer`` at its global step."""
+        self.results = self.calibrate(pl_module, self.tokenizer(trainer, pl_module))
+        self.calibrations += 1
+        metrics = self.metrics()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        rows = ", ".join(
+            f"{n}: c*={r['c_star']:.4g} {self.stat}={r['stat_star']:.3f} converged={r['converged']} "
+            f"evals={r['evaluations']} audit_ratio="
+            f"{'n/a' if r['audit_ratio'] is None else format(r['audit_ratio'], '.3f')}"
+            for n, r in self.results.items()
+        )
+        rank_zero_info(f"heal_pl: iso-KL calibration ({when}, {self.stat} = {self.target:g} nats) {rows}")
+        return self.results
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"results": self.results, "val_epochs": self.val_epochs, "calibrations": self.calibrations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.results = dict(state_dict.get("results", self.results))
+        self.val_epochs = int(state_dict.get("val_epochs", self.val_epochs))
+        self.calibrations = int(state_dict.get("calibrations", self.calibrations))
