@@ -1,8 +1,13 @@
-"""Hand-built batches shared by tests."""
+"""Shared test helpers: hand-built batches and "lively" tiny models."""
 
 from __future__ import annotations
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from heal_pl.models import tiny_model, tiny_tokenizer
 
 
 def make_batch(seed: int = 0, B: int = 3, T: int = 14, vocab: int = 300) -> dict[str, torch.Tensor]:
@@ -15,3 +20,31 @@ def make_batch(seed: int = 0, B: int = 3, T: int = 14, vocab: int = 300) -> dict
     mask[1, 10:] = 0
     ids[1, 10:] = 0
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lively(style: str = "llama", vocab_size: int | None = None) -> nn.Module:
+    """A tiny model with weights ×10: random-init logits are nearly flat and greedy text repeats one token;
+    sharper logits give varied trajectories, so EOS and truncation can be tested on real generations.
+    ``gpt2`` has absolute position embeddings: left padding must not shift a prompt's positions."""
+    if style == "gpt2":
+        vocab = vocab_size or len(tiny_tokenizer())
+        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=None,
+                            eos_token_id=2, pad_token_id=0)  # fmt: skip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel(config)
+    else:
+        model = tiny_model(style, vocab_size=vocab_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model.eval()
+
+
+def lively_peft(seed: int = 3) -> PeftModel:
+    """``lively()`` with a random (non-zero) LoRA adapter on q, v and down projections, in eval mode."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(lively(), config).eval()

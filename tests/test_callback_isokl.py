@@ -14,7 +14,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
@@ -24,9 +23,8 @@ from heal_pl.calibrate_run import chat_prompt, questions
 from heal_pl.callbacks.isokl_calibration import IsoKLCalibrationCallback
 from heal_pl.data import HealDataModule
 from heal_pl.module import HealModule
-from tests.helpers import make_batch
+from tests.helpers import lively_peft, make_batch
 from tests.test_callback_kl_barrier import ForeignModule
-from tests.test_trajectory import lively
 
 FAST = dict(n_calib=2, n_audit=2, max_new_tokens=8, max_iters=6)
 KEYS = ("c_star", "stat_star", "converged", "evaluations", "audit_ratio")
@@ -71,10 +69,7 @@ def lively_heal_module(seed: int = 0, lr: float = 1e-3) -> HealModule:
 
 
 def lively_foreign(tokenizer) -> ForeignModule:
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = get_peft_model(lively(), config).train()
+    model = lively_peft().train()
     foreign = ForeignModule(model, lr=1e-3)
     foreign.tokenizer = tokenizer  # the module's own tokenizer: found first
     return foreign

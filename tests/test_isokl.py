@@ -9,15 +9,14 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 import heal_pl.isokl
 from heal_pl.isokl import calibrate_method
 from heal_pl.steering import AdapterSteering
 from heal_pl.trajectory import STATS, measure_kl
-from tests.test_trajectory import PROMPTS, lively, vector
+from tests.helpers import lively, lively_peft
+from tests.test_trajectory import PROMPTS, vector
 
 CALIB, AUDIT = PROMPTS[:3], PROMPTS[3:]
 KW = dict(max_new_tokens=8, batch_size=4)
@@ -109,10 +108,7 @@ def test_bad_input(setup) -> None:
 
 
 def test_calibrates_an_adapter(tokenizer) -> None:
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = get_peft_model(lively(), config).eval()
+    model = lively_peft()
     method = AdapterSteering(model)
     out = calibrate_method(model, tokenizer, method, CALIB, AUDIT, target=0.5, bracket=(0.05, 20.0), sign=-1, **KW)
     assert out["converged"] and abs(out["stat_star"] - 0.5) < 0.05 and out["coeff"] < 0

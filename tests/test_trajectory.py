@@ -13,13 +13,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from heal_pl.models import tiny_model, tiny_tokenizer
 from heal_pl.steering import AdapterSteering, SteeringVector, steer
 from heal_pl.trajectory import STATS, measure_kl, trajectory_stats
+from tests.helpers import lively, lively_peft
 
 PROMPTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
@@ -31,26 +29,6 @@ PROMPTS = [
 POS = ["The cat likes warm soup.", "We cook fresh bread.", "She reads an old book."]
 NEG = ["Is the sun cold?", "What time is it?", "Where do fish live?"]
 T = 10
-
-
-def lively(style: str = "llama") -> nn.Module:
-    """A tiny model with weights ×10: random-init logits are nearly flat and greedy text repeats one token;
-    sharper logits give varied trajectories, so EOS and truncation can be tested on real generations.
-    ``gpt2`` has absolute position embeddings: left padding must not shift a prompt's positions."""
-    if style == "gpt2":
-        vocab = len(tiny_tokenizer())
-        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=None,
-                            eos_token_id=2, pad_token_id=0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = GPT2LMHeadModel(config)
-    else:
-        model = tiny_model(style)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return model.eval()
 
 
 def vector(model: nn.Module, tokenizer, method: str = "mean_diff") -> SteeringVector:
@@ -176,10 +154,7 @@ def test_all_prompts_stop_early(tokenizer) -> None:
 
 
 def test_adapter_steering(tokenizer) -> None:
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = get_peft_model(lively(), config).eval()
+    model = lively_peft()
     method = AdapterSteering(model)
     zero = measure_kl(model, tokenizer, PROMPTS, method, 0.0, max_new_tokens=T)
     assert zero.stats["max"] == 0.0
