@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+
+from heal_pl.filters import filter_samples, repetition_share, tail_perplexity
+from heal_pl.models import tiny_model, tiny_tokenizer
+
+
+def test_repetition_words():
+    # words: the cat the cat the cat -> 2-grams: 5, "the cat" x3 -> 3/5; chars give less
+    assert repetition_share("the cat the cat the cat", ns=(2,)) == pytest.approx(max(3 / 5, 3 / 22))
+    # chars "abab": 2-grams ab,ba,ab -> 2/3; single word -> 0
+    assert repetition_share("abab", ns=(2,)) == pytest.approx(2 / 3)
+    assert repetition_share("aaaa", ns=(2, 3)) == pytest.approx(1.0)
+
+
+def test_repetition_low_and_empty():
+    assert repetition_share("A quick brown fox jumps over the lazy dog near my house.") < 0.15
+    assert repetition_share("   ") == 0.0
+
+
+def test_tail_perplexity_hand():
+    torch.manual_seed(0)
+    tok, model = tiny_tokenizer(), tiny_model().eval()
+    p, c = "hello there", " the cat sat on the mat"
+    pi = tok(p, add_special_tokens=False)["input_ids"]
+    ci = tok(c, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        lg = model(input_ids=torch.tensor([pi + ci])).logits[0].double()
+    lp = torch.log_softmax(lg, -1)
+    nll = sorted((-lp[len(pi) + j - 1, t].item() for j, t in enumerate(ci)), reverse=True)
+    k = max(1, math.ceil(0.25 * len(nll)))
+    want = math.exp(sum(nll[:k]) / k)
+    got = tail_perplexity(model, tok, [p], [c])
+    assert got[0] == pytest.approx(want, rel=1e-4)
+    full = tail_perplexity(model, tok, [p], [c], tail=1.0)[0]
+    assert full == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-4)
+    assert full <= got[0]
+    prompts, comps = [p, "a", "the dog"], [c, " b c d e", " ran"]
+    batched = tail_perplexity(model, tok, prompts, comps, batch_size=3)
+    single = [tail_perplexity(model, tok, [a], [b], batch_size=1)[0] for a, b in zip(prompts, comps, strict=True)]
+    assert batched == pytest.approx(single, rel=1e-4)
+
+
+def test_filter_reasons():
+    res = filter_samples(
+        ["fine text here is good", "", "the cat the cat the cat", "ok these words are now fine"],
+        [2.0, 1.0, 1.0, 50.0],
+        10.0,
+        0.6,
+    )
+    assert [r.keep for r in res] == [True, False, False, False]
+    assert res[1].reasons == ["empty"] and res[2].reasons == ["repetition"] and res[3].reasons == ["perplexity"]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="ns"):
+        repetition_share("x", ns=())
+    with pytest.raises(ValueError, match="ns"):
+        repetition_share("x", ns=(0,))
+    with pytest.raises(ValueError, match="ppl"):
+        filter_samples(["a"], [], 1.0, 1.0)
+    tok, model = tiny_tokenizer(), tiny_model()
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="tail"):
+            tail_perplexity(model, tok, ["a"], ["b"], tail=bad)
+    with pytest.raises(ValueError, match="completions"):
+        tail_perplexity(model, tok, ["a"], [], tail=0.5)
