@@ -35,11 +35,15 @@ def build_cli(args: list[str] | None = None) -> HealCLI:
     )
 
 
-COMMANDS = {"calibrate": "heal_pl.calibrate_run:run_calibration"}
+COMMANDS = {
+    "calibrate": "heal_pl.calibrate_run:run_calibration",
+    "survival": "heal_pl.survival_run:run_survival",
+    "rounds": "heal_pl.rounds_run:run_rounds",
+}
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``heal`` console script: fit/validate/test (LightningCLI) or calibrate."""
+    """Entry point of the ``heal`` console script: fit/validate/test (LightningCLI), calibrate, survival or rounds."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in COMMANDS:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
