@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -106,6 +107,32 @@ def test_calibrate_config_runs_with_a_tiny_model(tmp_path: Path) -> None:
         assert len(list(csv.DictReader(f))) == 2
     assert (tmp_path / "audit.csv").is_file() and (tmp_path / "vector.safetensors").is_file()
     assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_calibrate_adapter_config_runs_with_a_tiny_adapter(tmp_path: Path) -> None:
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from heal_pl.models import load_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    get_peft_model(load_model("tiny-llama"), lora).save_pretrained(tmp_path / "adapter")
+    config = next(p for p in ALL_CONFIGS if p.stem == "calibrate_adapter")
+    main([
+        "calibrate", "--config", str(config), "--model", "tiny-llama", "--adapter_dir", str(tmp_path / "adapter"),
+        "--out_dir", str(tmp_path / "out"), "--n_calib", "2", "--n_audit", "2", "--max_new_tokens", "6",
+        "--max_iters", "3",
+    ])  # fmt: skip
+    saved = json.loads((tmp_path / "out" / "calib.json").read_text())
+    assert saved["config"]["method"] == "adapter"
+    assert set(saved["results"]) == {"+"}
+    result = saved["results"]["+"]
+    assert 1 <= result["evaluations"] == len(result["history"]) <= 3
+    lo, hi = yaml.safe_load(config.read_text())["bracket"]
+    assert all(lo <= h["c"] <= hi for h in result["history"])
+    assert not (tmp_path / "out" / "vector.safetensors").exists(), "an adapter has no vector to save"
 
 
 def test_calibrate_bad_arguments_name_the_field() -> None:
