@@ -120,7 +120,7 @@ class HealModule(L.LightningModule):
         mask = batch.get("attention_mask")
         counted = counted_positions(batch["labels"], mask)
         hidden = last_hidden(self.student, batch["input_ids"], mask)
-        ref = ref_rows(self.student, batch["input_ids"], mask, counted) if self.barrier.active else None
+        ref = self._ref_rows(batch["input_ids"], mask, counted) if self.barrier.active else None
         stats = token_stats(
             gather_rows(hidden, counted), ref, counted.targets,
             head=self.head.fusable(), reg=self.barrier.reg, chunk_size=self.hparams.chunk_size,
@@ -142,6 +142,22 @@ class HealModule(L.LightningModule):
             scalars["spectral"] = spectral.detach()
         scalars["loss"] = loss.detach()
         return loss, scalars, local_kl
+
+    def set_ref_model(self, ref_model: torch.nn.Module | None) -> None:
+        """Leash the barrier to ``ref_model`` (frozen, kept out of the submodules and checkpoints) instead of the
+        adapter-off student; ``None`` restores the default. Steer → heal rounds use it for ``ref = base`` when
+        earlier rounds are baked into the student's weights. Its hidden rows go through the student's LM head,
+        so the adapter must not touch the head."""
+        if ref_model is not None:
+            ref_model.requires_grad_(False).eval()
+        self.__dict__["_ref_model"] = ref_model  # plain attribute: not registered, not trained, not saved
+
+    def _ref_rows(self, input_ids: Tensor, mask: Tensor | None, counted: Any) -> Tensor:
+        ref_model = self.__dict__.get("_ref_model")
+        if ref_model is None:
+            return ref_rows(self.student, input_ids, mask, counted)
+        with torch.no_grad():
+            return gather_rows(last_hidden(ref_model, input_ids, mask), counted)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, scalars, _ = self.loss_terms(batch, f"train step {self.global_step} (batch {batch_idx})")
