@@ -16,6 +16,8 @@ from peft import PeftModel
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from heal_pl.adapters.routed import adapter_off as routed_adapter_off
+from heal_pl.adapters.routed import routed_modules
 from heal_pl.kl import Counted
 
 
@@ -60,12 +62,15 @@ def gather_rows(x: Tensor, counted: Counted) -> Tensor:
 
 @contextlib.contextmanager
 def adapter_off(model: nn.Module) -> Iterator[None]:
-    """Run the frozen base: every peft adapter in ``model`` switched off, restored on exit."""
+    """Run the frozen base: every peft (or routed) adapter in ``model`` switched off, restored on exit."""
     if isinstance(model, PeftModel):
         with model.disable_adapter():
             yield
+    elif routed_modules(model):
+        with routed_adapter_off(model):
+            yield
     else:
-        raise TypeError(f"ref = base needs a peft-wrapped model, got {type(model).__name__}")
+        raise TypeError(f"ref = base needs a peft-wrapped or routed model, got {type(model).__name__}")
 
 
 def find_peft_model(module: nn.Module) -> PeftModel:
