@@ -19,6 +19,7 @@ _PUBLIC = {
     "HealDataModule": "heal_pl.data",
     "KLBarrierCallback": "heal_pl.callbacks",
     "IsoKLCalibrationCallback": "heal_pl.callbacks",
+    "RouteAblateEvalCallback": "heal_pl.callbacks",
     "LoRASpec": "heal_pl.adapters",
     "load_model": "heal_pl.models",
     "load_tokenizer": "heal_pl.models",

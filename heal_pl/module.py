@@ -22,11 +22,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from heal_pl.adapters.lora import LoRASpec, spectral_norms, wrap_lora
+from heal_pl.adapters.routed import RoutedSpec, wrap_routed
 from heal_pl.distributed import gather_tokens
 from heal_pl.kl import KLBarrier, TokenStats, barrier_metrics, check_finite, counted_positions, token_stats
 from heal_pl.lm import LMHead, base_lm, gather_rows, last_hidden, ref_rows
 from heal_pl.metrics import TokenKLStats
 from heal_pl.models import load_model
+from heal_pl.routing_train import hack_decay_groups
 
 log = logging.getLogger("heal_pl")
 
@@ -57,6 +59,10 @@ class HealModule(L.LightningModule):
         min_lr_ratio: final LR as a fraction of ``lr``.
         chunk_size: rows of ``[chunk, vocab]`` log-probabilities alive at once in the loss.
         adapter_dir: where the final peft adapter is saved (default ``<log_dir>/adapter``).
+        adapter: ``lora`` (peft) or ``routed`` (``delta`` / ``delta_hack``, SPEC §2; the routing itself is
+            done by :class:`heal_pl.callbacks.RouteAblateEvalCallback`, without which ``delta_hack`` stays 0).
+        routed: the routed adapter's spec (used when ``adapter="routed"``); saved as
+            ``<adapter_dir>/routed.safetensors`` at train end.
 
     Example:
         >>> module = HealModule(model="tiny-llama", barrier=KLBarrier(agg="rmse", tau=1.0))  # doctest: +SKIP
@@ -78,10 +84,13 @@ class HealModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         chunk_size: int = 256,
         adapter_dir: str | None = None,
+        adapter: Literal["lora", "routed"] = "lora",
+        routed: RoutedSpec = RoutedSpec(),  # noqa: B008 (frozen dataclass)
     ) -> None:
         super().__init__()
         lora = LoRASpec(**lora) if isinstance(lora, dict) else lora
         barrier = KLBarrier(**barrier) if isinstance(barrier, dict) else barrier
+        routed = RoutedSpec(**routed) if isinstance(routed, dict) else routed
         problems = [
             f"{name}={value} must be {rule}"
             for name, value, ok, rule in [
@@ -97,13 +106,24 @@ class HealModule(L.LightningModule):
         ]
         if ref != "base":
             problems.append(f"ref={ref!r} is not allowed; choose one of base")
+        if adapter not in ("lora", "routed"):
+            problems.append(f"adapter={adapter!r} is not allowed; choose one of lora, routed")
+        if adapter == "routed" and spectral_lam > 0:
+            problems.append(f"spectral_lam={spectral_lam} needs adapter='lora' (no spectral penalty on routed knobs)")
         if problems:
             raise ValueError("HealModule: " + "; ".join(problems))
         self.save_hyperparameters()
-        self.hparams.update(lora=asdict(lora), barrier=asdict(barrier))  # plain values for YAML / TensorBoard
+        # plain values for YAML / TensorBoard
+        self.hparams.update(lora=asdict(lora), barrier=asdict(barrier), routed=asdict(routed))
         self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks it is complete
         self.barrier, self.lora_spec = barrier, lora
-        self.student = wrap_lora(load_model(model, dtype=dtype), lora)
+        if adapter == "routed":
+            self.student = load_model(model, dtype=dtype)
+            self.routed_adapter = wrap_routed(self.student, routed)
+            for p in self.routed_adapter.hack_params():  # no autograd work: the router hands it its gradient
+                p.requires_grad_(False)
+        else:
+            self.student = wrap_lora(load_model(model, dtype=dtype), lora)
         self.student.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode
         self.head = LMHead(base_lm(self.student))
         self.val_kl = TokenKLStats()
@@ -186,7 +206,13 @@ class HealModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
+        params: Any = [p for p in self.parameters() if p.requires_grad]
+        if self.hparams.adapter == "routed":
+            from heal_pl.callbacks.route_ablate import RouteAblateEvalCallback
+
+            params = hack_decay_groups(params, self.routed_adapter.hack_params(), self.hparams.weight_decay)
+            if not any(isinstance(cb, RouteAblateEvalCallback) for cb in self.trainer.callbacks):
+                rank_zero_warn("adapter='routed' without a RouteAblateEvalCallback: no routing, delta_hack stays 0")
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         h = self.hparams
@@ -198,7 +224,8 @@ class HealModule(L.LightningModule):
     # ------------------------------------------------------------------ adapter-only checkpoints
 
     def trainable_names(self) -> set[str]:
-        return {n for n, p in self.named_parameters() if p.requires_grad}
+        hack = {id(p) for p in self.routed_adapter.hack_params()} if self.hparams.adapter == "routed" else set()
+        return {n for n, p in self.named_parameters() if p.requires_grad or id(p) in hack}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
@@ -214,6 +241,10 @@ class HealModule(L.LightningModule):
         path = self.hparams.adapter_dir or os.path.join(root, "adapter")
         if not self.trainer.is_global_zero:
             return
+        if self.hparams.adapter == "routed":
+            os.makedirs(path, exist_ok=True)
+            self.routed_adapter.save(os.path.join(path, "routed.safetensors"))
+            rank_zero_info(f"heal_pl: routed adapter saved to {path}/routed.safetensors")
+            return
         self.student.save_pretrained(path)
         rank_zero_info(f"heal_pl: adapter saved in peft format to {path}")
-

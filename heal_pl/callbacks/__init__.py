@@ -2,5 +2,6 @@
 
 from heal_pl.callbacks.isokl_calibration import IsoKLCalibrationCallback
 from heal_pl.callbacks.kl_barrier import KLBarrierCallback
+from heal_pl.callbacks.route_ablate import RouteAblateEvalCallback
 
-__all__ = ["IsoKLCalibrationCallback", "KLBarrierCallback"]
+__all__ = ["IsoKLCalibrationCallback", "KLBarrierCallback", "RouteAblateEvalCallback"]
