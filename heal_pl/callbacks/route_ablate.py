@@ -179,8 +179,10 @@ class RouteAblateEvalCallback(Callback):
             f"(k={self.k}, {len(self.basis.bases)} modules)"
         )
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.adapter: RoutedAdapter = find_routed_adapter(pl_module)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.basis is None:  # not restored from a checkpoint
             if self.basis_file is not None:
                 self.basis = HackBasis.load(self.basis_file)
