@@ -39,7 +39,8 @@ def route_gradients(
 ) -> dict[str, float]:
     """Project every routed module's ``delta.grad`` off its hack basis and hand out the parts by ``arm``.
 
-    Modules whose ``delta`` received no gradient in the step are left alone (and not counted).
+    Modules whose ``delta`` received no gradient in the step are skipped (not counted; ``delta_hack.grad``
+    set to None).
 
     Returns:
         ``{"cin", "cout", "fired"}``: mean over modules of ``cin`` and ``cout`` (of the gradient ``delta``
@@ -59,6 +60,7 @@ def route_gradients(
         for name, m in adapter:
             g = m.delta.grad
             if g is None:
+                m.delta_hack.grad = None  # autograd may have filled it; only the router hands it a gradient
                 continue
             flat = g.flatten()
             V = bases[name].to(device=flat.device)
