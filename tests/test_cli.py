@@ -41,7 +41,11 @@ def test_every_config_fits_with_a_tiny_model(config: Path, tmp_path: Path) -> No
     assert {"train/loss", "train/sft", "val/sft"} <= tags
     if spec["model"]["barrier"]["reg"] != "nll":
         assert {"train/barrier", "train/barrier_fired", "train/kl_p95", "val/kl_rmse", "val/kl_max"} <= tags
-    assert (log_dir / "adapter" / "adapter_config.json").is_file()
+    routed = spec["model"].get("adapter") == "routed"
+    assert (log_dir / "adapter" / ("routed.safetensors" if routed else "adapter_config.json")).is_file()
+    if routed:  # the routing configs: routing metrics every step, the kept-vs-ablated table at the end
+        assert {"route/cin", "route/cout", "route/fired", "route/kept_hack", "route/ablated_solve"} <= tags
+        assert (log_dir / "route_ablate.csv").is_file()
     assert (log_dir / "config.yaml").is_file()
 
 
