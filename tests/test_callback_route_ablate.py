@@ -337,3 +337,18 @@ def test_evaluate_must_return_hack_and_solve(tmp_path: Path) -> None:
     cb = RouteAblateEvalCallback(pairs=str(write_pairs(tmp_path / "p.jsonl")), k=2, evaluate=lambda m, t: {"acc": 1})
     with pytest.raises(ValueError, match="must return the keys 'hack' and 'solve'"):
         trainer(tmp_path, [cb], max_steps=1).fit(ForeignModule(), loader(1))
+
+
+def test_basis_refresh_every_n_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps: list[int] = []
+    real = route_ablate.fit_basis
+
+    def counting(model: torch.nn.Module, *args: Any, **kw: Any) -> HackBasis:
+        steps.append(sum(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if n.endswith(".delta")))
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(route_ablate, "fit_basis", counting)
+    cb = RouteAblateEvalCallback(arm="route", pairs=str(write_pairs(tmp_path / "p.jsonl")), k=2, refresh_every=2)
+    trainer(tmp_path, [cb], max_steps=5).fit(ForeignModule(), loader())
+    assert len(steps) == 3 and cb.basis_step == 4  # fitted at steps 0, 2, 4
+    assert steps[0] == 0 and steps[1] > 0, "refits happen at the current (trained) point"
