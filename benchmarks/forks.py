@@ -1,28 +1,67 @@
-"""Survival forks on SmolLM2: cached (copy + crop the rollout's KV cache) ÷ recomputed from scratch.
+"""Survival forks on SmolLM2: cached (packed reads on the rollout's KV cache) ÷ recomputed from scratch.
 
     python benchmarks/forks.py --w 256 --step 5
 
-One greedy rollout of ``w`` tokens (EOS ignored) under a mean_diff vector (pirate vs plain assistant,
-mid depth) at ``--coeff``; a true/false probe at every ``step`` tokens. Both arms return the same pmass
-(max difference printed); the time includes the rollout. Arms alternate ``--repeats`` times.
+One greedy rollout of ``w`` tokens (EOS ignored) under a mean_diff vector (pirate vs plain assistant, mid
+depth) at ``--coeff``; a true/false probe at every ``step`` tokens. Printed side by side, each the median
+of ``--repeats`` alternating runs:
+
+* end to end: ``fork_probe`` (rollout + packed fork reads on its cache) vs ``fork_probe_recompute``
+  (``greedy_generate`` + one full forward per fork). Both contain the same token-by-token rollout.
+* the rollout alone (``heal_pl.forks.rollout``): the floor both end-to-end arms share.
+* fork phase only, on the same tokens, vs ``probe_forks_recompute`` (one full forward per fork):
+  ``probe_forks(cache=rollout's cache)`` (the packed reads alone: what ``fork_probe`` adds to its rollout),
+  ``probe_forks`` without a cache (one prefill forward of ``x ⊕ y_<g`` + the packed reads: what the survival
+  sweep pays, its tokens coming from ``measure_kl``), and the previous implementation, one fork at a time on
+  a deep copy of the rollout's cache cropped to the fork.
+
+All arms return the same pmass (max differences printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from heal_pl.calibrate_run import NEUTRAL, PIRATE, chat_prompt, questions
-from heal_pl.forks import fork_probe, fork_probe_recompute
+from heal_pl.forks import fork_probe, fork_probe_recompute, probe_forks, probe_forks_recompute, rollout
+from heal_pl.lm import LMHead, base_lm
 from heal_pl.models import load_model, load_tokenizer
-from heal_pl.probes import answer_token_ids
+from heal_pl.probes import answer_token_ids, probe_from_logits
 from heal_pl.steering import SteeringVector
+from heal_pl.survival import fork_schedule
 
 SPLICE = "\n\nIs the answer above written like a pirate? Answer true or false:"
+
+
+@torch.no_grad()
+def one_by_one(model, tok, prompt_ids: list[int], gen: list[int], cache, forks: np.ndarray, ids) -> np.ndarray:
+    """The previous cached path: per fork deep-copy the rollout cache, crop it to the fork, feed the splice."""
+    backbone, head = base_lm(model).get_decoder(), LMHead(base_lm(model))
+    splice = tok(SPLICE, add_special_tokens=False)["input_ids"]
+    P, cached = len(prompt_ids), cache.get_seq_length()
+    out = np.full(len(forks), np.nan)
+    for j, t in enumerate(forks.tolist()):
+        keep = min(P + t, cached)
+        fork = copy.deepcopy(cache)
+        fork.crop(keep - cached)
+        feed = gen[keep - P : t] + splice
+        h = backbone(input_ids=torch.tensor([feed]), position_ids=torch.arange(keep, keep + len(feed))[None],
+                     past_key_values=fork, use_cache=True).last_hidden_state  # fmt: skip
+        out[j] = float(probe_from_logits(head(h[:, -1]), ids)[0][0])
+    return out
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
 
 
 def main() -> None:
@@ -33,26 +72,51 @@ def main() -> None:
     p.add_argument("--coeff", type=float, default=20.0)
     p.add_argument("--repeats", type=int, default=1)
     a = p.parse_args()
-    tok, model = load_tokenizer(a.model), load_model(a.model)
+    tok, model = load_tokenizer(a.model), load_model(a.model).eval()
     qs = questions(17)
     vector = SteeringVector.fit(model, tok, [chat_prompt(tok, q, PIRATE) for q in qs[:16]],
                                 [chat_prompt(tok, q, NEUTRAL) for q in qs[:16]], layers=0.5)  # fmt: skip
     prompt, ids = chat_prompt(tok, qs[16], None), answer_token_ids(tok)
-    arms = {"cached": fork_probe, "recomputed": fork_probe_recompute}
-    times: dict[str, list[float]] = {k: [] for k in arms}
-    results = {}
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    forks = fork_schedule(a.w, step=a.step)
+    args = (vector, a.coeff, a.w, a.step, SPLICE, ids)
+    times: dict[str, list[float]] = {}
+    pm: dict[str, np.ndarray] = {}
+
+    def run(name: str, fn: Callable[..., object], *fn_args: object, **fn_kwargs: object) -> object:
+        seconds, result = timed(lambda: fn(*fn_args, **fn_kwargs))
+        times.setdefault(name, []).append(seconds)
+        pm[name] = result.pmass if hasattr(result, "pmass") else result
+        return result
+
     for _ in range(a.repeats):
-        for name, fn in arms.items():
-            t0 = time.perf_counter()
-            results[name] = fn(model, tok, prompt, vector, a.coeff, a.w, a.step, SPLICE, ids, eos_token_id=[])
-            times[name].append(time.perf_counter() - t0)
-    diff = np.nanmax(np.abs(results["cached"].pmass - results["recomputed"].pmass))
-    cached, recomputed = statistics.median(times["cached"]), statistics.median(times["recomputed"])
-    n_forks = int(np.isfinite(results["cached"].pmass).sum())
-    print(f"model={a.model} w={a.w} step={a.step} forks={n_forks} threads={torch.get_num_threads()}")
-    print(f"| arm | seconds |\n|---|---|\n| cached | {cached:.2f} |\n| recomputed | {recomputed:.2f} |")
-    print(f"| recomputed ÷ cached | {recomputed / cached:.2f}× |")
-    print(f"max |pmass cached − recomputed| = {diff:.2e}")
+        cached = run("e2e cached", fork_probe, model, tok, prompt, *args, eos_token_id=[])
+        run("e2e recomputed", fork_probe_recompute, model, tok, prompt, *args, eos_token_id=[])
+        gen = cached.tokens.tolist()
+        with vector.steering(model, a.coeff), torch.no_grad():
+            _, cache = run("rollout", rollout, model, prompt_ids, a.w, torch.tensor([], dtype=torch.long))
+            run("forks one-by-one", one_by_one, model, tok, prompt_ids, gen, cache, forks, ids)
+            run("forks packed on cache", probe_forks, model, tok, prompt, gen, *args, cache=cache)
+        run("forks packed", probe_forks, model, tok, prompt, gen, *args)
+        run("forks recomputed", probe_forks_recompute, model, tok, prompt, gen, *args)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    diffs = {k: float(np.nanmax(np.abs(v - pm["e2e recomputed"]))) for k, v in pm.items()
+             if k not in ("e2e recomputed", "rollout")}
+    print(f"model={a.model} w={a.w} step={a.step} forks={len(forks)} splice={len(tok(SPLICE)['input_ids'])} tokens "
+          f"prompt={len(prompt_ids)} tokens threads={torch.get_num_threads()} repeats={a.repeats}")
+    print("| what | cached (s) | recomputed (s) | recomputed ÷ cached |\n|---|---|---|---|")
+    print(f"| end to end (rollout + forks) | {med['e2e cached']:.2f} | {med['e2e recomputed']:.2f} | "
+          f"{med['e2e recomputed'] / med['e2e cached']:.2f}× |")
+    print(f"| fork phase only, packed reads on the rollout's cache | {med['forks packed on cache']:.2f} | "
+          f"{med['forks recomputed']:.2f} | {med['forks recomputed'] / med['forks packed on cache']:.2f}× |")
+    print(f"| fork phase only, prefill + packed reads | {med['forks packed']:.2f} | {med['forks recomputed']:.2f} | "
+          f"{med['forks recomputed'] / med['forks packed']:.2f}× |")
+    print(f"| fork phase only, one-by-one copy/crop (previous) | {med['forks one-by-one']:.2f} | "
+          f"{med['forks recomputed']:.2f} | {med['forks recomputed'] / med['forks one-by-one']:.2f}× |")
+    print(f"| rollout alone (shared floor) | {med['rollout']:.2f} | | |")
+    bound = (med["rollout"] + med["forks recomputed"]) / med["rollout"]
+    print(f"end-to-end ceiling with free forks: (rollout + recomputed forks) ÷ rollout = {bound:.2f}×")
+    print("max |pmass − e2e recomputed|: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
 
 
 if __name__ == "__main__":

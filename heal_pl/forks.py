@@ -6,9 +6,17 @@ window ``w`` and fork points ``0 ≤ t_0 < t_1 < … ≤ w``:
 1. greedy-roll out ``y_1 … y_g`` under the steering context, ``g ≤ w`` (``gen_len``), stopping at the first
    end-of-sequence token (kept, like :mod:`heal_pl.trajectory`); the KV cache of ``x ⊕ y_<g`` is kept;
 2. at each fork ``t_j ≤ g`` (``t = 0``: right after the prompt; ``t = g``: after the last generated token, the
-   EOS included) the probe reads the context ``c_t = x ⊕ y_1 … y_t`` followed by the splice ``s_t``:
-   copy the rollout's cache, crop it to ``P + t`` positions and feed ONLY the splice tokens (plus ``y_g``
-   for the fork at ``t = g``, whose key/values the rollout never computed);
+   EOS included) the probe reads the context ``c_t = x ⊕ y_1 … y_t`` followed by the splice ``s_t``,
+   reusing the rollout's cache (``C = P + g − 1`` positions) and feeding ONLY the splice tokens (plus
+   ``y_g`` for the fork at ``t = g``, whose key/values the rollout never computed). The forks are read
+   together, packed into one row (at most ``fork_batch`` forks per forward): fork ``j`` feeds
+   ``f_j = y_{k_j − P + 1} … y_t ⊕ s_t`` with ``k_j = min(P + t_j, C)`` at positions ``k_j, k_j + 1, …``, and an
+   additive attention mask [1, 1, Q, C + Q] (``Q = Σ_j |f_j|``) lets the ``i``-th token of ``f_j`` see
+
+       cache positions [0, k_j)   and   the tokens 0 … i of f_j            (nothing of the other forks)
+
+   which is exactly "crop the cache to ``k_j`` positions, then feed ``f_j``" without copying the cache;
+   the packed key/values are cropped off again afterwards (the cache leaves as it came);
 3. with ``z`` the next-token logits at the end of the splice (:func:`heal_pl.probes.probe_from_logits`)
 
        pmass_t  = Σ_k p(A_k | c_t ⊕ s_t)          p_true_t = p(A_true | c_t ⊕ s_t) / pmass_t
@@ -30,7 +38,6 @@ one full cache-free forward of ``c_t ⊕ s_t`` per fork through the model's own 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -105,6 +112,15 @@ def _check_forks(fork_points: int | Sequence[int] | np.ndarray, w: int) -> np.nd
     return arr
 
 
+def check_window(model: nn.Module, n_prompt: int, w: int, n_splice: int) -> None:
+    """Raise ``ValueError`` (naming ``w``) when ``n_prompt + w + n_splice`` exceeds ``max_position_embeddings``."""
+    n_ctx = getattr(base_lm(model).config, "max_position_embeddings", None)
+    if n_ctx is not None and n_prompt + w + n_splice > n_ctx:
+        raise ValueError(
+            f"w={w} is longer than the model's context: prompt ({n_prompt}) + w + splice ({n_splice}) "
+            f"tokens exceed max_position_embeddings={n_ctx}; use w <= {n_ctx - n_prompt - n_splice}")
+
+
 def _setup(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -133,11 +149,7 @@ def _setup(
     thinking = has_thinking_tokens(tokenizer)
     # the longest splice: with a thinking tokenizer it may have to close an open block first
     longest = _encode_text(tokenizer, splice_text(THINK_OPEN, splice) if thinking else splice)
-    n_ctx = getattr(base_lm(model).config, "max_position_embeddings", None)
-    if n_ctx is not None and len(prompt_ids) + w + len(longest) > n_ctx:
-        raise ValueError(
-            f"w={w} is longer than the model's context: prompt ({len(prompt_ids)}) + w + splice ({len(longest)}) "
-            f"tokens exceed max_position_embeddings={n_ctx}; use w <= {n_ctx - len(prompt_ids) - len(longest)}")
+    check_window(model, len(prompt_ids), w, len(longest))
     return _Setup(prompt_ids, forks, _eos_ids(tokenizer, model, eos_token_id), thinking)
 
 
@@ -157,7 +169,7 @@ def _nan_result(setup: _Setup, gen: list[int], coeff: float, w: int) -> ForkResu
                       torch.tensor(gen, dtype=torch.long), float(coeff), w)
 
 
-def _rollout(model: nn.Module, prompt_ids: list[int], w: int, eos: Tensor) -> tuple[list[int], DynamicCache]:
+def rollout(model: nn.Module, prompt_ids: list[int], w: int, eos: Tensor) -> tuple[list[int], DynamicCache]:
     """Greedy ``y_1 … y_g`` (current context) and the cache of ``x ⊕ y_<g`` (``P + g − 1`` positions)."""
     backbone, head = base_lm(model).get_decoder(), LMHead(base_lm(model))
     device = next(model.parameters()).device
@@ -174,10 +186,79 @@ def _rollout(model: nn.Module, prompt_ids: list[int], w: int, eos: Tensor) -> tu
         if nxt in eos_set or len(gen) == w:
             break
         cur, pos = torch.tensor([[nxt]], device=device), pos[:, -1:] + 1
+    return gen, _croppable(cache)
+
+
+def _croppable(cache: DynamicCache | None) -> DynamicCache:
     if not hasattr(cache, "crop") or any(getattr(cache, "is_sliding", [])) or any(getattr(cache, "is_linear", [])):
         raise ValueError(f"model: its {type(cache).__name__} cannot be cropped back exactly (sliding-window or "
                          "linear-attention layers); use fork_probe_recompute")
-    return gen, cache
+    return cache  # type: ignore[return-value]
+
+
+def _prefill(model: nn.Module, prompt_ids: list[int], gen: list[int]) -> DynamicCache:
+    """The cache of ``x ⊕ y_<g`` (``P + g − 1`` positions): one forward, in the current (steering) context."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([(prompt_ids + gen)[:-1]], dtype=torch.long, device=device)
+    out = base_lm(model).get_decoder()(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device)[None],
+                                       use_cache=True)
+    return _croppable(out.past_key_values)
+
+
+def packed_fork_mask(keeps: Sequence[int], lens: Sequence[int], cached: int, dtype: torch.dtype) -> Tensor:
+    """Additive mask ``[1, 1, Q, cached + Q]`` (0 = attend, ``finfo(dtype).min`` = blocked), ``Q = Σ lens``.
+
+    Query ``i`` of segment ``j`` sees cache columns ``[0, keeps[j])`` and the columns ``cached + q`` of the
+    queries ``q ≤ i`` of its own segment (causal within the segment, blind to the other segments).
+    """
+    lens_t = torch.as_tensor(list(lens), dtype=torch.long)
+    seg = torch.repeat_interleave(torch.arange(len(lens_t)), lens_t)  # [Q] segment of each query
+    see_cache = torch.arange(cached)[None, :] < torch.as_tensor(list(keeps), dtype=torch.long)[seg][:, None]
+    q = torch.arange(seg.numel())
+    see_new = (seg[:, None] == seg[None, :]) & (q[None, :] <= q[:, None])
+    allowed = torch.cat([see_cache, see_new], dim=1)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _read_forks(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, setup: _Setup, prompt: str, splice: str,
+    gen: list[int], cache: DynamicCache, answer_ids: Mapping[str, Sequence[int]], true_name: str,
+    result: ForkResult, fork_batch: int,
+) -> ForkResult:
+    """Fill ``result`` at every reached fork with packed forwards on ``cache`` (module docstring, step 2)."""
+    backbone, head = base_lm(model).get_decoder(), LMHead(base_lm(model))
+    device = next(model.parameters()).device
+    dtype = base_lm(model).get_input_embeddings().weight.dtype
+    P, cached = len(setup.prompt_ids), cache.get_seq_length()  # cached = P + g − 1
+    reached = [(j, t) for j, t in enumerate(setup.forks.tolist()) if t <= len(gen)]
+    for start in range(0, len(reached), fork_batch):
+        chunk = reached[start : start + fork_batch]
+        keeps = [min(P + t, cached) for _, t in chunk]
+        feeds = [gen[k - P : t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice)
+                 for k, (_, t) in zip(keeps, chunk, strict=True)]  # fmt: skip
+        lens = [len(f) for f in feeds]
+        ids = torch.tensor([[i for f in feeds for i in f]], dtype=torch.long, device=device)
+        pos = torch.tensor([[k + i for k, n in zip(keeps, lens, strict=True) for i in range(n)]], device=device)
+        mask = packed_fork_mask(keeps, lens, cached, dtype).to(device)
+        out = backbone(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache.crop(cached - cache.get_seq_length())  # crop(−k) drops the k packed positions
+        ends = torch.tensor(lens).cumsum(0) - 1
+        pmass, p_true = probe_from_logits(head(out.last_hidden_state[0, ends.to(device)]), answer_ids, true_name)
+        for (j, _), pm, pt in zip(chunk, pmass.tolist(), p_true.tolist(), strict=True):
+            result.pmass[j], result.p_true[j] = pm, pt
+    return result
+
+
+def _check_fork_batch(fork_batch: int) -> None:
+    if isinstance(fork_batch, bool) or not isinstance(fork_batch, (int, np.integer)) or fork_batch < 1:
+        raise ValueError(f"fork_batch={fork_batch!r} must be an integer >= 1 (forks packed per forward)")
+
+
+def _check_tokens(tokens: Sequence[int] | Tensor, w: int) -> list[int]:
+    gen = [int(i) for i in (tokens.tolist() if isinstance(tokens, Tensor) else tokens)]
+    if not 1 <= len(gen) <= w:
+        raise ValueError(f"tokens holds {len(gen)} generated ids; need 1 <= len(tokens) <= w={w}")
+    return gen
 
 
 @torch.no_grad()
@@ -194,6 +275,7 @@ def fork_probe(
     true_name: str = "true",
     layers: LayerSpec | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    fork_batch: int = 64,
 ) -> ForkResult:
     """Probe ``pmass`` / ``p_true`` at the forks of one greedy steered rollout, reusing its KV cache.
 
@@ -213,38 +295,85 @@ def fork_probe(
         true_name: the answer set whose share is ``p_true``.
         layers: passed to ``method.steering`` (``None``: the method's own layers).
         eos_token_id: the id(s) that end the rollout; default the tokenizer's eos and the generation config's.
+        fork_batch: forks packed into one forward (memory ``∝ fork_batch · |splice| · (P + w)`` per layer).
 
     Raises:
         ValueError: ``w < 1`` or too long for the model's context (message names ``w``), bad ``fork_points`` or
             fork step, a ``splice`` or ``prompt`` that tokenizes to nothing, a non-finite ``coeff``, a model whose
-            cache has sliding-window or linear-attention layers (not croppable back; use the recompute).
+            cache has sliding-window or linear-attention layers (not croppable back; use the recompute),
+            ``fork_batch < 1``.
         TypeError: ``method`` has no ``steering(model, coeff, layers)``.
     """
     setup = _setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, eos_token_id)
-    backbone, head = base_lm(model).get_decoder(), LMHead(base_lm(model))
-    device = next(model.parameters()).device
-    P = len(setup.prompt_ids)
+    _check_fork_batch(fork_batch)
     was_training = model.training
     try:
         model.eval()
         with method.steering(model, coeff, layers):
-            gen, cache = _rollout(model, setup.prompt_ids, int(w), setup.eos)
+            gen, cache = rollout(model, setup.prompt_ids, int(w), setup.eos)
             result = _nan_result(setup, gen, coeff, int(w))
-            cached = cache.get_seq_length()  # = P + g − 1
-            for j, t in enumerate(setup.forks.tolist()):
-                if t > len(gen):
-                    break
-                keep = min(P + t, cached)  # positions reused from the rollout
-                fork = copy.deepcopy(cache)
-                fork.crop(keep - cached)  # crop(−k) removes k positions (transformers ≥ 5)
-                feed = gen[keep - P : t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice)
-                ids = torch.tensor([feed], dtype=torch.long, device=device)
-                pos = torch.arange(keep, keep + len(feed), device=device)[None]
-                out = backbone(input_ids=ids, position_ids=pos, past_key_values=fork, use_cache=True)
-                pmass, p_true = probe_from_logits(head(out.last_hidden_state[:, -1]), answer_ids, true_name)
-                result.pmass[j], result.p_true[j] = float(pmass[0]), float(p_true[0])
+            _read_forks(model, tokenizer, setup, prompt, splice, gen, cache, answer_ids, true_name, result,
+                        int(fork_batch))  # fmt: skip
     finally:
         model.train(was_training)
+    return result
+
+
+@torch.no_grad()
+def probe_forks(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    tokens: Sequence[int] | Tensor,
+    method: SteeringMethod,
+    coeff: float,
+    w: int,
+    fork_points: int | Sequence[int] | np.ndarray,
+    splice: str,
+    answer_ids: Mapping[str, Sequence[int]],
+    true_name: str = "true",
+    layers: LayerSpec | None = None,
+    fork_batch: int = 64,
+    cache: DynamicCache | None = None,
+) -> ForkResult:
+    """:func:`fork_probe` on a trajectory generated elsewhere (e.g. by :func:`heal_pl.trajectory.measure_kl`).
+
+    ``tokens`` are the generated ids ``y_1 … y_g`` (``1 ≤ g ≤ w``; ``g < w`` means the rollout ended there).
+    ``cache``: the steered cache of ``x ⊕ y_<g`` (``P + g − 1`` positions, e.g. from :func:`rollout`; left as
+    it came); ``None`` = one steered forward over ``x ⊕ y_<g`` builds it. Then the forks are read as in
+    :func:`fork_probe`. Other arguments and errors as there, plus a ``cache`` of the wrong length.
+    """
+    setup = _setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, None)
+    _check_fork_batch(fork_batch)
+    gen = _check_tokens(tokens, int(w))
+    if cache is not None and _croppable(cache).get_seq_length() != len(setup.prompt_ids) + len(gen) - 1:
+        raise ValueError(f"cache holds {cache.get_seq_length()} positions; prompt ⊕ tokens[:-1] needs "
+                         f"{len(setup.prompt_ids) + len(gen) - 1}")
+    was_training = model.training
+    try:
+        model.eval()
+        with method.steering(model, coeff, layers):
+            cache = _prefill(model, setup.prompt_ids, gen) if cache is None else cache
+            result = _nan_result(setup, gen, coeff, int(w))
+            _read_forks(model, tokenizer, setup, prompt, splice, gen, cache, answer_ids, true_name, result,
+                        int(fork_batch))  # fmt: skip
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _recompute_forks(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, setup: _Setup, prompt: str, splice: str, gen: list[int],
+    answer_ids: Mapping[str, Sequence[int]], true_name: str, result: ForkResult,
+) -> ForkResult:
+    device = next(model.parameters()).device
+    for j, t in enumerate(setup.forks.tolist()):
+        if t > len(gen):
+            break
+        seq = setup.prompt_ids + gen[:t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice)
+        logits = model(input_ids=torch.tensor([seq], device=device), use_cache=False).logits[:, -1]
+        pmass, p_true = probe_from_logits(logits, answer_ids, true_name)
+        result.pmass[j], result.p_true[j] = float(pmass[0]), float(p_true[0])
     return result
 
 
@@ -280,13 +409,36 @@ def fork_probe_recompute(
             new_ids, new_mask = greedy_generate(model, ids, torch.ones_like(ids), int(w), setup.eos, pad_id)
             gen = new_ids[0, : int(new_mask[0].sum())].tolist()
             result = _nan_result(setup, gen, coeff, int(w))
-            for j, t in enumerate(setup.forks.tolist()):
-                if t > len(gen):
-                    break
-                seq = setup.prompt_ids + gen[:t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice)
-                logits = model(input_ids=torch.tensor([seq], device=device), use_cache=False).logits[:, -1]
-                pmass, p_true = probe_from_logits(logits, answer_ids, true_name)
-                result.pmass[j], result.p_true[j] = float(pmass[0]), float(p_true[0])
+            _recompute_forks(model, tokenizer, setup, prompt, splice, gen, answer_ids, true_name, result)
+    finally:
+        model.train(was_training)
+    return result
+
+
+@torch.no_grad()
+def probe_forks_recompute(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    tokens: Sequence[int] | Tensor,
+    method: SteeringMethod,
+    coeff: float,
+    w: int,
+    fork_points: int | Sequence[int] | np.ndarray,
+    splice: str,
+    answer_ids: Mapping[str, Sequence[int]],
+    true_name: str = "true",
+    layers: LayerSpec | None = None,
+) -> ForkResult:
+    """The reference for :func:`probe_forks`: one full cache-free forward per fork on the given ``tokens``."""
+    setup = _setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, None)
+    gen = _check_tokens(tokens, int(w))
+    was_training = model.training
+    try:
+        model.eval()
+        with method.steering(model, coeff, layers):
+            result = _nan_result(setup, gen, coeff, int(w))
+            _recompute_forks(model, tokenizer, setup, prompt, splice, gen, answer_ids, true_name, result)
     finally:
         model.train(was_training)
     return result

@@ -13,7 +13,15 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from heal_pl.forks import ForkResult, fork_probe, fork_probe_recompute
+from heal_pl.forks import (
+    ForkResult,
+    fork_probe,
+    fork_probe_recompute,
+    packed_fork_mask,
+    probe_forks,
+    probe_forks_recompute,
+    rollout,
+)
 from heal_pl.models import tiny_tokenizer
 from heal_pl.probes import answer_token_ids, probe_from_logits
 from heal_pl.steering import AdapterSteering, SteeringVector
@@ -193,3 +201,61 @@ def test_adapter_steering_cached_equals_recomputed(tokenizer) -> None:
     assert_same(cached, fork_probe_recompute(model, tokenizer, PROMPT, method, 2.0, 16, 5, SPLICE, ids,
                                              eos_token_id=[]))
     assert cached.fork_points.tolist() == [0, 5, 10, 15, 16] and np.isfinite(cached.pmass).all()
+
+
+def test_packed_mask_matches_a_loop_reference() -> None:
+    keeps, lens, cached = [3, 5, 5, 1], [2, 3, 1, 2], 6
+    mask = packed_fork_mask(keeps, lens, cached, torch.float32)
+    Q = sum(lens)
+    assert mask.shape == (1, 1, Q, cached + Q)
+    ref = np.zeros((Q, cached + Q), dtype=bool)
+    q = 0
+    for j, (k, n) in enumerate(zip(keeps, lens, strict=True)):
+        start = sum(lens[:j])
+        for i in range(n):
+            ref[q, :k] = True  # the cache cropped to k positions
+            ref[q, cached + start : cached + start + i + 1] = True  # own segment, causal
+            q += 1
+    allowed = (mask[0, 0] == 0).numpy()
+    np.testing.assert_array_equal(allowed, ref)
+    assert torch.all(mask[0, 0][~torch.from_numpy(ref)] == torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_probe_forks_on_given_tokens_equals_recompute(attn: str, tokenizer) -> None:
+    model = lively()
+    model.set_attn_implementation(attn)
+    ids = answer_token_ids(tokenizer)
+    vec = random_vector(2)
+    ref = fork_probe_recompute(model, tokenizer, PROMPT, vec, COEFF, W, STEP, SPLICE, ids, eos_token_id=[])
+    tokens = ref.tokens[:23]  # a trajectory that "ended" at 23 tokens: forks 24, 28, 30 are past its end
+    given = probe_forks(model, tokenizer, PROMPT, tokens, vec, COEFF, W, STEP, SPLICE, ids)
+    assert given.gen_len == 23 and np.isnan(given.pmass[given.fork_points > 23]).all()
+    assert_same(given, probe_forks_recompute(model, tokenizer, PROMPT, tokens, vec, COEFF, W, STEP, SPLICE, ids))
+    # forks packed two per forward, and on the rollout's own cache, give the same numbers
+    assert_same(given, probe_forks(model, tokenizer, PROMPT, tokens, vec, COEFF, W, STEP, SPLICE, ids, fork_batch=2))
+    prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    with vec.steering(model, COEFF), torch.no_grad():
+        gen, cache = rollout(model, prompt_ids, W, torch.tensor([], dtype=torch.long))
+    n_cache = cache.get_seq_length()
+    on_cache = probe_forks(model, tokenizer, PROMPT, gen, vec, COEFF, W, STEP, SPLICE, ids, cache=cache)
+    assert cache.get_seq_length() == n_cache == len(prompt_ids) + W - 1  # left as it came
+    assert_same(on_cache, ref)
+
+
+def test_probe_forks_bad_input(tokenizer) -> None:
+    model = lively()
+    ids = answer_token_ids(tokenizer)
+    vec = random_vector()
+    args = (vec, COEFF, 8, 2, SPLICE, ids)
+    with pytest.raises(ValueError, match="tokens holds 0 generated ids; need 1 <= len"):
+        probe_forks(model, tokenizer, PROMPT, [], *args)
+    with pytest.raises(ValueError, match="tokens holds 9 generated ids.*w=8"):
+        probe_forks(model, tokenizer, PROMPT, list(range(5, 14)), *args)
+    with pytest.raises(ValueError, match="fork_batch=0 must be an integer >= 1"):
+        probe_forks(model, tokenizer, PROMPT, [5, 6], *args, fork_batch=0)
+    prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        _, cache = rollout(model, prompt_ids, 4, torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match=rf"cache holds {len(prompt_ids) + 3} positions.*needs {len(prompt_ids) + 1}"):
+        probe_forks(model, tokenizer, PROMPT, [5, 6], *args, cache=cache)
