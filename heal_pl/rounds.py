@@ -182,6 +182,7 @@ def _heal(
     dm = HealDataModule(train_file=str(rdir / "train.jsonl"), val_fraction=0.0, model=str(folder),
                         max_length=h.max_length, batch_size=h.batch_size, seed=ctx.seed + r)  # fmt: skip
     dm.set_tokenizer(ctx.tokenizer)
+    L.seed_everything(ctx.seed + r, verbose=False)  # the fresh adapter's random A, then the fit
     module = HealModule(model=str(folder), lora=ctx.lora, barrier=ctx.barrier, round=r, lr=h.lr,
                         warmup_steps=h.warmup_steps, adapter_dir=str(rdir / "adapter"))  # fmt: skip
     if h.ref == "base" and r > 0:
@@ -192,7 +193,6 @@ def _heal(
         log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=0, enable_progress_bar=ctx.progress,
         default_root_dir=str(rdir), gradient_clip_val=1.0,
     )  # fmt: skip
-    L.seed_everything(ctx.seed + r, verbose=False)
     trainer.fit(module, datamodule=dm)
     return module, {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()}
 
