@@ -183,6 +183,8 @@ def sweep_survival(
     out_dir: str | Path,
     kl_target: float = 1.0,
     writer: Any = None,
+    tag_prefix: str = "survival/",
+    step: int = 0,
 ) -> dict[str, Any]:
     """Run the sweep of the module docstring, write every file (and TensorBoard, if ``writer``), return the summary.
 
@@ -191,7 +193,8 @@ def sweep_survival(
         method: the steering method; c_stars: ``{"+": c*, "-": c*}`` (either or both signs).
         answer_ids: from :func:`heal_pl.probes.answer_token_ids` with ``config.answer_sets()``.
         kl_target: the calibration's KL target (the dotted line of the spaghetti figure).
-        writer: a ``torch.utils.tensorboard.SummaryWriter`` (or ``None``).
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (or ``None``); tag_prefix replaces ``survival/`` in
+            its tags and the figures are written at ``step``.
 
     Returns:
         ``{"table": [row per label], "trajectories": [...], "probe_check": {...}, "fork_points": [...]}``.
@@ -237,7 +240,7 @@ def sweep_survival(
             })  # fmt: skip
     summary = {"fork_points": forks.tolist(), "c_star": dict(c_stars), "kl_target": kl_target,
                "config": asdict(config), "probe_check": check, "table": rows}  # fmt: skip
-    write_outputs(Path(out_dir), summary, trajectories, tables, kl_target, config, writer)
+    write_outputs(Path(out_dir), summary, trajectories, tables, kl_target, config, writer, tag_prefix, step)
     return {**summary, "trajectories": trajectories}
 
 
@@ -256,7 +259,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def write_outputs(
     out: Path, summary: Mapping[str, Any], trajectories: Sequence[Mapping[str, Any]], tables: Mapping[str, Mapping],
-    kl_target: float, config: SweepConfig, writer: Any = None,
+    kl_target: float, config: SweepConfig, writer: Any = None, tag_prefix: str = "survival/", step: int = 0,
 ) -> None:
     """Write the files (and TensorBoard entries) listed in the module docstring."""
     out.mkdir(parents=True, exist_ok=True)
@@ -291,16 +294,16 @@ def write_outputs(
                                title=f"α = {label} · c*  (red: after death, pmass < {config.threshold:g})")  # fmt: skip
         save_figure(fig, figures / f"spaghetti_{_slug(label)}.png")
         if writer is not None:
-            writer.add_figure(f"survival/spaghetti/{label}", fig)
+            writer.add_figure(f"{tag_prefix}spaghetti/{label}", fig, step)
     for sign in (s for s in SIGN_WORD if s in summary["c_star"]):
         mine = {lab: t for lab, t in tables.items() if lab == "0" or lab.startswith(sign)}
         fig = survival_figure(mine, title=f"Kaplan–Meier, sign {sign}, c* = {summary['c_star'][sign]:.3g}")
         save_figure(fig, figures / f"survival_{SIGN_WORD[sign]}.png")
         if writer is not None:
-            writer.add_figure(f"survival/curves/{sign}", fig)
+            writer.add_figure(f"{tag_prefix}curves/{sign}", fig, step)
             for r in rows:
                 if r["label"] == "0" or r["sign"] == sign:
                     for key in ("S_mid", "S_end", "died", "censored", "kl_p95"):
-                        writer.add_scalar(f"survival/{sign}/{key}", float(r[key]), round(100 * r["alpha"]))
+                        writer.add_scalar(f"{tag_prefix}{sign}/{key}", float(r[key]), round(100 * r["alpha"]))
     if writer is not None:
         writer.flush()

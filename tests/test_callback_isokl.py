@@ -6,6 +6,7 @@ are nearly flat, so KL(steered ‖ base) would saturate far below 1 nat; sharper
 
 from __future__ import annotations
 
+import csv
 import io
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from heal_pl.calibrate_run import chat_prompt, questions
 from heal_pl.callbacks.isokl_calibration import IsoKLCalibrationCallback
 from heal_pl.data import HealDataModule
 from heal_pl.module import HealModule
+from heal_pl.survival_sweep import SweepConfig
 from tests.helpers import lively_peft, make_batch
 from tests.test_callback_kl_barrier import ForeignModule
 
@@ -211,8 +213,34 @@ def test_module_without_peft_model_says_so(tokenizer) -> None:
         (dict(n_audit=-1), "n_audit=-1"),
         (dict(prompts=[]), "prompts is empty"),
         (dict(max_iters=0), "max_iters=0"),
+        (dict(survival={"w": 4}), "survival must be a heal_pl.survival_sweep.SweepConfig or None, got dict"),
     ],
 )
 def test_bad_arguments_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         IsoKLCalibrationCallback(**kwargs)
+
+
+def test_survival_sweep_after_calibrating(tmp_path: Path, tokenizer) -> None:
+    module = lively_heal_module()
+    dm = HealDataModule(model="tiny-llama", max_examples=4, max_length=64, batch_size=2).set_tokenizer(tokenizer)
+    sweep = SweepConfig(alphas=[0.0, 1.0, 2.0], w=6, fork_step=2, n_eval=3, threshold=0.5, batch_size=3)
+    cb = IsoKLCalibrationCallback(survival=sweep, survival_dir=str(tmp_path / "sv"), **FAST)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    fit = trainer(tmp_path, max_steps=2, logger=tb, limit_val_batches=0, callbacks=[cb])
+    fit.fit(module, datamodule=dm)
+    assert module.training  # modes restored after the sweep too
+    c_star = cb.results["+"]["c_star"]
+    assert [r["label"] for r in cb.survival_table] == ["0", "+1", "+2"]
+    assert [r["coeff"] for r in cb.survival_table] == pytest.approx([0.0, c_star, 2 * c_star])
+    assert all(r["n"] == 3 for r in cb.survival_table)
+    out = tmp_path / "sv" / "step_2"
+    with open(out / "survival.csv") as f:
+        assert [row["label"] for row in csv.DictReader(f)] == ["0", "+1", "+2"]
+    assert {p.name for p in (out / "figures").glob("*.png")} == {
+        "spaghetti_0.png", "spaghetti_plus_1.png", "spaghetti_plus_2.png", "survival_plus.png"}
+    events = EventAccumulator(tb.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"isokl/survival/spaghetti/0", "isokl/survival/spaghetti/+1",
+                                            "isokl/survival/spaghetti/+2", "isokl/survival/curves/+"}
+    assert [e.step for e in events.Scalars("isokl/survival/+/S_end")] == [0, 100, 200]

@@ -18,24 +18,35 @@ Logged through every logger of the trainer (``logger.log_metrics`` at ``trainer.
 
 The last results (one :func:`~heal_pl.isokl.calibrate_method` dict per sign, history included) are kept in
 ``callback.results`` and in the callback's ``state_dict`` (so in checkpoints).
+
+With ``survival=SweepConfig(...)`` each calibration is followed by the survival sweep of ``heal survival``
+(:func:`heal_pl.survival_sweep.sweep_survival`: α · c* per sign, forced-choice forks, Kaplan–Meier) on the
+adapter, its files in ``survival_dir/step_<global step>`` (default ``<trainer.log_dir>/survival``) and its
+figures and scalars under ``{prefix}survival/`` in the first TensorBoard logger, if any; the last sweep's
+summary table is ``callback.survival_table``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.calibrate_run import chat_prompt, questions
 from heal_pl.isokl import calibrate_method
 from heal_pl.lm import find_peft_model
+from heal_pl.probes import answer_token_ids
 from heal_pl.steering import AdapterSteering
+from heal_pl.survival_sweep import SweepConfig, sweep_survival
 from heal_pl.trajectory import STATS
 
 LOGGED = ("c_star", "stat_star", "converged", "evaluations", "audit_ratio")
@@ -43,6 +54,19 @@ LOGGED = ("c_star", "stat_star", "converged", "evaluations", "audit_ratio")
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+@contextlib.contextmanager
+def _evaluating(module: L.LightningModule) -> Iterator[None]:
+    """Eval mode and no gradient inside; every submodule's train/eval mode restored on exit."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class IsoKLCalibrationCallback(Callback):
@@ -63,6 +87,8 @@ class IsoKLCalibrationCallback(Callback):
         tokenizer_name: model alias / folder / Hugging Face id to load the tokenizer from when neither the
             module (``pl_module.tokenizer``) nor the datamodule (``trainer.datamodule.tokenizer``) has one.
         prefix: logged names are ``{prefix}+/c_star``, ...
+        survival: run the survival sweep after each calibration with these settings; ``None`` = no sweep.
+        survival_dir: where the sweep's files go (``None``: ``<trainer.log_dir>/survival``).
 
     Raises:
         ValueError: at construction, for any bad argument (the message names the field); at calibration time,
@@ -92,6 +118,8 @@ class IsoKLCalibrationCallback(Callback):
         every_n_val_epochs: int | None = None,
         tokenizer_name: str | None = None,
         prefix: str = "isokl/",
+        survival: SweepConfig | None = None,
+        survival_dir: str | None = None,
     ) -> None:
         signs = tuple(signs)
         bracket_ok = (
@@ -118,6 +146,8 @@ class IsoKLCalibrationCallback(Callback):
             (_is_int(batch_size) and batch_size >= 1, f"batch_size={batch_size!r} must be an integer >= 1"),
             (every_n_val_epochs is None or (_is_int(every_n_val_epochs) and every_n_val_epochs >= 1),
              f"every_n_val_epochs={every_n_val_epochs!r} must be an integer >= 1 or None (fit end only)"),
+            (survival is None or isinstance(survival, SweepConfig),
+             f"survival must be a heal_pl.survival_sweep.SweepConfig or None, got {type(survival).__name__}"),
         ]  # fmt: skip
         problems = [msg for ok, msg in checks if not ok]
         if problems:
@@ -129,6 +159,8 @@ class IsoKLCalibrationCallback(Callback):
         self.signs, self.tol, self.max_iters = signs, float(tol), max_iters
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.every_n_val_epochs, self.tokenizer_name, self.prefix = every_n_val_epochs, tokenizer_name, prefix
+        self.survival, self.survival_dir = survival, survival_dir
+        self.survival_table: list[dict[str, Any]] = []
         self.results: dict[str, dict[str, Any]] = {}
         self.val_epochs = 0  # non-sanity validation epochs seen
         self.calibrations = 0  # calibrations run (each covers every sign)
@@ -185,21 +217,33 @@ class IsoKLCalibrationCallback(Callback):
         peft_model = find_peft_model(pl_module)
         method = AdapterSteering(peft_model)
         calib, audit = self.build_prompts(tokenizer)
-        modes = [(m, m.training) for m in pl_module.modules()]
         results: dict[str, dict[str, Any]] = {}
-        try:
-            pl_module.eval()
-            with torch.no_grad():
-                for sign in self.signs:
-                    results["+" if sign > 0 else "-"] = calibrate_method(
-                        peft_model, tokenizer, method, calib, audit, target=self.target, stat=self.stat,
-                        bracket=self.bracket, sign=sign, tol=self.tol, max_iters=self.max_iters,
-                        max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                    )  # fmt: skip
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        with _evaluating(pl_module):
+            for sign in self.signs:
+                results["+" if sign > 0 else "-"] = calibrate_method(
+                    peft_model, tokenizer, method, calib, audit, target=self.target, stat=self.stat,
+                    bracket=self.bracket, sign=sign, tol=self.tol, max_iters=self.max_iters,
+                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                )  # fmt: skip
         return results
+
+    def sweep(self, trainer: L.Trainer, pl_module: L.LightningModule,
+              tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+        """The survival sweep at the last results' c* (``survival`` settings), modes restored; its table rows."""
+        if self.survival is None:
+            raise ValueError("IsoKLCalibrationCallback.sweep needs survival=SweepConfig(...) at construction")
+        peft_model = find_peft_model(pl_module)
+        root = Path(self.survival_dir) if self.survival_dir else Path(trainer.log_dir or trainer.default_root_dir)
+        out = (root if self.survival_dir else root / "survival") / f"step_{trainer.global_step}"
+        tb = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        ids = answer_token_ids(tokenizer, self.survival.answer_sets())
+        with _evaluating(pl_module):
+            summary = sweep_survival(
+                peft_model, tokenizer, AdapterSteering(peft_model), {n: r["c_star"] for n, r in self.results.items()},
+                self.survival, ids, out, kl_target=self.target, writer=tb, tag_prefix=f"{self.prefix}survival/",
+                step=trainer.global_step,
+            )  # fmt: skip
+        return summary["table"]
 
     def metrics(self) -> dict[str, float]:
         """The logged scalars of the last results (``audit_ratio`` only when there was an audit)."""
@@ -224,6 +268,10 @@ class IsoKLCalibrationCallback(Callback):
             for n, r in self.results.items()
         )
         rank_zero_info(f"heal_pl: iso-KL calibration ({when}, {self.stat} = {self.target:g} nats) {rows}")
+        if self.survival is not None:
+            self.survival_table = self.sweep(trainer, pl_module, self.tokenizer(trainer, pl_module))
+            rank_zero_info("heal_pl: survival after calibration: " + ", ".join(
+                f"α={r['label']}: S_end={r['S_end']:.2f}" for r in self.survival_table))
         return self.results
 
     # ------------------------------------------------------------------ state
