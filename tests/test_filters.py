@@ -67,3 +67,34 @@ def test_bad_inputs():
             tail_perplexity(model, tok, ["a"], ["b"], tail=bad)
     with pytest.raises(ValueError, match="completions"):
         tail_perplexity(model, tok, ["a"], [], tail=0.5)
+
+
+def test_a_single_ngram_per_kind_scores_zero_repetition():
+    # "ok": one word (no word 2-gram) and two characters (one char 2-gram, no 3- or 4-gram): nothing can repeat
+    assert repetition_share("ok") == 0.0
+    # "abcd" with n = 4: one character 4-gram and one word: still nothing to repeat
+    assert repetition_share("abcd", ns=(4,)) == 0.0
+    # two n-grams of a kind can repeat: "abab" has character 3-grams aba, bab -> distinct -> 1/2
+    assert repetition_share("abab", ns=(3,)) == pytest.approx(1 / 2)
+
+
+def test_repetition_share_is_the_max_over_kinds_and_ns():
+    text = "go go go stop"
+    words = ["go", "go", "go", "stop"]
+    chars = list(text)
+
+    def top(items, n):
+        grams = [tuple(items[i : i + n]) for i in range(len(items) - n + 1)]
+        return max(grams.count(g) for g in grams) / len(grams)
+
+    want = max(top(seq, n) for seq in (words, chars) for n in (2, 3, 4) if len(seq) >= n + 1)
+    assert repetition_share(text) == pytest.approx(want)
+    assert repetition_share(text) == pytest.approx(2 / 3)  # word 2-grams: (go, go) twice of three
+
+
+def test_filter_keeps_natural_text_and_drops_a_loop():
+    natural = "The park was quiet in the morning, and a few people walked their dogs near the river."
+    loop = "I am happy. I am happy. I am happy. I am happy. I am happy."
+    res = filter_samples([natural, loop], [5.0, 5.0], ppl_tau=10.0, rep_tau=0.3)
+    assert res[0].keep and res[0].rep < 0.3
+    assert not res[1].keep and res[1].reasons == ["repetition"] and res[1].rep >= 0.3
