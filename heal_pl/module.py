@@ -169,6 +169,9 @@ class HealModule(L.LightningModule):
         earlier rounds are baked into the student's weights. Its hidden rows go through the student's LM head,
         so the adapter must not touch the head."""
         if ref_model is not None:
+            head = base_lm(ref_model).get_output_embeddings()
+            if head is None or not torch.equal(head.weight, self.head.proj.weight):
+                raise ValueError("set_ref_model: ref_model's LM head must equal the student's (its rows go through it)")
             ref_model.requires_grad_(False).eval()
         self.__dict__["_ref_model"] = ref_model  # plain attribute: not registered, not trained, not saved
 
