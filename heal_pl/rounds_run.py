@@ -66,8 +66,8 @@ def _problems(rounds: int, coh_floor: float, n_fit: int, sampling: Sampling, fil
 
 def run_rounds(
     model: str = "smollm2-135m-instruct",
-    persona_file: str = str(DEFAULT_PERSONA_FILE),
-    dilemma_file: str = str(DEFAULT_DILEMMA_FILE),
+    persona_file: str | None = None,
+    dilemma_file: str | None = None,
     method: Literal["mean_diff", "pca"] = "mean_diff",
     layers: list[float] | list[int] | float | int = 0.5,
     rounds: int = 4,
@@ -89,8 +89,10 @@ def run_rounds(
 
     Args:
         model: model alias, folder or Hugging Face id.
-        persona_file: JSON persona pair (``pos_system`` = the trait, ``neg_system``); default care vs authority.
-        dilemma_file: JSON forced-choice probe set (single-token answers) for coherence and trait.
+        persona_file: JSON persona pair (``pos_system`` = the trait, ``neg_system``); None = the bundled
+            care vs authority pair (``heal_pl/assets/persona_pair_care_authority.json``).
+        dilemma_file: JSON forced-choice probe set (single-token answers) for coherence and trait; None = the
+            bundled ``heal_pl/assets/dilemmas_care_authority.json``.
         method: steering vector fitted each round on the current student (mean_diff | pca).
         layers: decoder blocks steered, as depth fractions (floats) or indices (ints).
         rounds: the most rounds to run; coh_floor: stop after a round whose healed coherence is below it.
@@ -112,7 +114,8 @@ def run_rounds(
     check_dose(dose.kappa_min, dose.target_share, dose.max_attempts)
     if dose.coeff <= 0:
         raise ValueError(f"dose.coeff={dose.coeff} must be > 0 (the sign is the persona pair's order)")
-    persona, dilemmas = load_persona_pair(persona_file), load_dilemmas(dilemma_file)
+    persona = load_persona_pair(persona_file or DEFAULT_PERSONA_FILE)
+    dilemmas = load_dilemmas(dilemma_file or DEFAULT_DILEMMA_FILE)
     tokenizer = load_tokenizer(model)
     dilemmas.token_ids(tokenizer)  # single-token answers, checked before any work
     qs = questions(n_fit + sampling.n_prompts)

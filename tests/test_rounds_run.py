@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from heal_pl.bake import bake_adapter
 from heal_pl.cli import main
-from heal_pl.dilemmas import load_dilemmas, next_token_logits
+from heal_pl.dilemmas import DEFAULT_DILEMMA_FILE, load_dilemmas, next_token_logits
 from heal_pl.models import load_model, tiny_tokenizer
 from heal_pl.rounds_run import run_rounds
 
@@ -132,7 +132,7 @@ def test_persona_pair_with_an_empty_side_is_refused(tmp_path: Path) -> None:
 
 
 def test_probe_answers_that_are_not_single_tokens_are_refused(tmp_path: Path) -> None:
-    data = json.loads(Path(load_dilemmas.__defaults__[0]).read_text())
+    data = json.loads(DEFAULT_DILEMMA_FILE.read_text())
     data["answers"] = {"A": ["A", " A"], "B": ["B", " B"]}  # " B" is two tokens for the tiny tokenizer
     path = tmp_path / "dilemmas.json"
     path.write_text(json.dumps(data))
