@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import shutil
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from heal_pl.adapters.lora import LoRASpec
@@ -252,8 +254,6 @@ def run_round(ctx: RoundsContext, student: PreTrainedModel, r: int) -> tuple[Pre
 
 def run_loop(ctx: RoundsContext, student: PreTrainedModel, rounds: int) -> RoundsState:
     """Rounds ``state.next_round … rounds − 1`` (stopping early), persisting after each one."""
-    from tqdm.auto import tqdm
-
     state = ctx.state
     for r in tqdm(range(state.next_round, rounds), desc="rounds", disable=not ctx.progress):
         student, metrics = run_round(ctx, student, r)
@@ -263,7 +263,7 @@ def run_loop(ctx: RoundsContext, student: PreTrainedModel, rounds: int) -> Round
             state.finished.append(metrics)
             state.event("round", **metrics)
         if stop is not None:
-            state.stopped = {"round": r, "reason": stop}
+            state.stopped = {"round": r, "reason": stop, "metrics": metrics}
             state.event("stop", round=r, reason=stop)
             log.warning("heal rounds: %s", stop)
         state.save()
@@ -271,7 +271,5 @@ def run_loop(ctx: RoundsContext, student: PreTrainedModel, rounds: int) -> Round
             break
     student_folder = state.out / "student"
     if student_folder.is_dir():  # the working copy HealModule loaded; the adapters are the record
-        import shutil
-
         shutil.rmtree(student_folder, ignore_errors=True)
     return state
