@@ -6,9 +6,20 @@
 
     x = log c,   f(x) = log stat(c) − log target          (root: f = 0)
 
-1. evaluate at the geometric middle ``sqrt(lo · hi)`` of the search range; double ``c`` while
-   ``stat < target`` (halve while ``stat ≥ target``), never leaving ``[lo, hi]``, until the target is
-   bracketed by a *lower* end ``a`` (``stat(a) < target``) and an *upper* end ``b`` (``stat(b) ≥ target``);
+1. evaluate at the geometric middle ``x_0 = log sqrt(lo · hi)`` of the search range, then step towards
+   the target until it is bracketed by a *lower* end ``a`` (``stat(a) < target``) and an *upper* end
+   ``b`` (``stat(b) ≥ target``), never leaving ``[lo, hi]``. Each step is a Newton step on the line
+   ``f(x) ≈ f_n + k · (x − x_n)``:
+
+       x_{n+1} = x_n − f_n / k,     k = prior_slope                     (first step)
+                                    k = (f_n − f_{n−1}) / (x_n − x_{n−1})   (secant, later steps)
+
+   so a power law ``a · c^k`` is hit exactly by the second step when ``k = prior_slope`` and by the third
+   otherwise. Safeguards: the prior slope replaces a secant slope that is not ``> 0`` (noise, a
+   non-monotone stat); a step moves ``c`` by at most a factor ``MAX_STEP = 16``; when ``f_n`` is not
+   finite (``stat ≤ 0`` or ``inf``) the step is a doubling (halving). ``prior_slope=None`` gives the
+   plain doubling (halving) search of SPEC §3 instead. Per-token KL grows like ``c²`` for small
+   steering (a second-order expansion of KL in the logit change), hence the default ``prior_slope = 2``;
 2. regula falsi with the Illinois rule on ``f``:
 
        x_new = x_a − f_a · (x_b − x_a) / (f_b − f_a)
@@ -61,7 +72,9 @@ class Calibration:
         return len(self.history)
 
 
-def _check_args(target: float, bracket: tuple[float, float], tol: float, max_iters: int) -> None:
+def _check_args(
+    target: float, bracket: tuple[float, float], tol: float, max_iters: int, prior_slope: float | None
+) -> None:
     problems = []
     if not (math.isfinite(target) and target > 0):
         problems.append(f"target={target!r} must be a finite number > 0")
@@ -79,8 +92,32 @@ def _check_args(target: float, bracket: tuple[float, float], tol: float, max_ite
         problems.append(f"tol={tol!r} must be a finite number > 0")
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
         problems.append(f"max_iters={max_iters!r} must be an integer >= 1")
+    if prior_slope is not None and not (math.isfinite(prior_slope) and prior_slope > 0):
+        problems.append(f"prior_slope={prior_slope!r} must be a finite number > 0, or None (doubling)")
     if problems:
         raise ValueError("calibrate: " + "; ".join(problems))
+
+
+MAX_STEP = 16.0  # the largest factor one extrapolated bracketing step may move c by
+
+
+def _bracketing_step(
+    c: float, f: float, prev: tuple[float, float] | None, prior_slope: float | None, up: bool
+) -> float:
+    """The next ``c`` of stage 1: a Newton step in log–log (see the module docstring), or a doubling.
+
+    ``prev`` is the previous ``(x, f)`` with a finite ``f``; ``up`` says the target lies above ``c``.
+    The step always moves towards the target, by a factor in ``(1, MAX_STEP]``.
+    """
+    if prior_slope is None or not math.isfinite(f):
+        return 2.0 * c if up else 0.5 * c
+    x, k = math.log(c), prior_slope
+    if prev is not None and prev[0] != x:
+        secant = (f - prev[1]) / (x - prev[0])
+        if math.isfinite(secant) and secant > 0:
+            k = secant
+    step = min(abs(f / k), math.log(MAX_STEP))
+    return math.exp(x + step) if up else math.exp(x - step)
 
 
 def _log_ratio(s: float, target: float) -> float:
@@ -94,6 +131,7 @@ def calibrate(
     bracket: tuple[float, float] = (0.01, 100.0),
     tol: float = 0.05,
     max_iters: int = 12,
+    prior_slope: float | None = 2.0,
 ) -> Calibration:
     """Find ``c*`` in ``[lo, hi]`` with ``|stat(c*) − target| < tol`` (see the module docstring).
 
@@ -104,21 +142,25 @@ def calibrate(
             The first evaluation is at ``sqrt(lo · hi)``.
         tol: absolute tolerance on ``stat`` (same unit as ``target``), ``> 0``.
         max_iters: the most evaluations of ``stat``, bracketing included, ``≥ 1``.
+        prior_slope: the exponent ``k`` of ``stat ∝ c^k`` assumed for the first bracketing step (``> 0``);
+            ``None`` brackets by doubling / halving instead.
 
     Returns:
         a :class:`Calibration`; ``converged=False`` when ``tol`` was not met, with ``c_star`` the closest
         evaluated point.
 
     Raises:
-        ValueError: a bad ``target``, ``bracket``, ``tol`` or ``max_iters`` (all problems in one message).
+        ValueError: a bad ``target``, ``bracket``, ``tol``, ``max_iters`` or ``prior_slope`` (all in one message).
         FloatingPointError: ``stat`` returned NaN.
 
     Example:
-        >>> cal = calibrate(lambda c: c**2, target=4.0)   # stat(1) = 1, then doubling: stat(2) = 4
-        >>> cal.c_star, cal.converged, cal.history
-        (2.0, True, [(1.0, 1.0), (2.0, 4.0)])
+        >>> cal = calibrate(lambda c: c**3, target=8.0)   # stat(1) = 1; prior slope 2: c = sqrt(8)
+        >>> [round(c, 6) for c, _ in cal.history]            # then the secant slope 3 gives c = 2
+        [1.0, 2.828427, 2.0]
+        >>> cal.converged
+        True
     """
-    _check_args(target, bracket, tol, max_iters)
+    _check_args(target, bracket, tol, max_iters, prior_slope)
     lo, hi = float(bracket[0]), float(bracket[1])
     history: list[tuple[float, float]] = []
 
@@ -134,9 +176,10 @@ def calibrate(
         converged = abs(s_best - target) < tol
         return Calibration(c_best, s_best, converged, history, target, "converged" if converged else message)
 
-    # 1. geometric middle, then double / halve until the target is bracketed.
+    # 1. geometric middle, then extrapolate (or double / halve) until the target is bracketed.
     c = math.sqrt(lo * hi)
     s = evaluate(c)
+    prev: tuple[float, float] | None = None  # the previous (log c, f) with a finite f
     lower: tuple[float, float] | None = None  # (c, stat) with stat < target
     upper: tuple[float, float] | None = None  # (c, stat) with stat >= target
     while True:
@@ -154,7 +197,11 @@ def calibrate(
             return result(f"target {target} not reached inside the bracket: stat(hi={hi})={s} < target")
         if lower is None and c <= lo:
             return result(f"target {target} already exceeded at the bracket's end: stat(lo={lo})={s} >= target")
-        c = min(2.0 * c, hi) if upper is None else max(0.5 * c, lo)
+        f = _log_ratio(s, target)
+        nxt = _bracketing_step(c, f, prev, prior_slope, up=upper is None)
+        if math.isfinite(f):
+            prev = (math.log(c), f)
+        c = min(nxt, hi) if upper is None else max(nxt, lo)
         s = evaluate(c)
 
     # 2. regula falsi in (log c, log stat) with the Illinois rule; geometric bisection as fallback.

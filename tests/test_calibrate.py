@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from heal_pl.calibrate import Calibration, calibrate
+from heal_pl.calibrate import MAX_STEP, Calibration, calibrate
 
 
 class Recorder:
@@ -61,8 +61,8 @@ def test_power_laws_converge_in_few_evaluations(k: float) -> None:
 
 
 def test_power_law_interpolation_is_exact_in_log_log() -> None:
-    """Bracketed by doubling at c = 2, 4; one regula-falsi step lands on the root of c^2 = 10."""
-    cal = calibrate(lambda c: c**2, 10.0, tol=1e-9)
+    """Doubling mode: bracketed at c = 2, 4; one regula-falsi step lands on the root of c^2 = 10."""
+    cal = calibrate(lambda c: c**2, 10.0, tol=1e-9, prior_slope=None)
     assert [c for c, _ in cal.history[:3]] == [1.0, 2.0, 4.0]
     assert cal.evaluations == 4
     assert cal.c_star == pytest.approx(math.sqrt(10.0), rel=1e-12)
@@ -125,6 +125,66 @@ def plain_regula_falsi_evaluations(fn: Callable[[float], float], target: float, 
     return limit
 
 
+# ----------------------------------------------------------------------------- extrapolated bracketing
+
+
+@pytest.mark.parametrize("k", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("bracket", [(1e-3, 1e3), (0.5, 128.0)])
+def test_power_laws_need_at_most_three_evaluations(k: float, bracket: tuple[float, float]) -> None:
+    """a · c^k is a line in log-log: the prior-slope step is exact for k = 2, the secant step for any k.
+
+    c* is checked against the closed-form root in float64, with a tolerance far below the default.
+    """
+    counts = []
+    for a in (0.02, 0.3, 1.7):
+        for target in (0.5, 1.0, 2.0):
+            root = (target / a) ** (1 / k)
+            if not bracket[0] * 2 <= root <= bracket[1] / 2:
+                continue
+            rec = Recorder(lambda c, a=a: a * c**k)
+            cal = calibrate(rec, target, bracket=bracket, tol=1e-9 * target)
+            check_result(cal, rec, target, 1e-9 * target, bracket)
+            assert cal.converged, (k, a, target, cal.history)
+            assert cal.c_star == pytest.approx(root, rel=1e-9)
+            first_jump = k * abs(math.log(root) - math.log(math.sqrt(bracket[0] * bracket[1]))) / 2.0
+            expected = 2 if k == 2.0 else 3
+            if first_jump <= math.log(MAX_STEP):  # the prior step was not clipped
+                assert cal.evaluations == expected, (a, target, cal.history)
+            counts.append(cal.evaluations)
+    assert counts and max(counts) <= 4
+
+
+def test_default_search_beats_doubling_on_power_laws() -> None:
+    """Over a grid of power laws, the extrapolating search needs fewer evaluations than doubling."""
+    new, old = [], []
+    for k in (0.8, 1.3, 2.0, 2.7):
+        for target in (0.5, 1.0, 2.0):
+            fn = lambda c, k=k: 0.01 * c**k  # noqa: E731
+            new.append(calibrate(fn, target, bracket=(0.5, 128.0)).evaluations)
+            old.append(calibrate(fn, target, bracket=(0.5, 128.0), prior_slope=None).evaluations)
+    assert statistics.median(new) <= 3 < statistics.median(old)
+    assert all(n <= o for n, o in zip(new, old, strict=True))
+
+
+def test_extrapolated_steps_are_clipped() -> None:
+    """stat far below the target: each bracketing step moves c by at most MAX_STEP, and reaches the root."""
+    rec = Recorder(lambda c: 1e-12 * c**2)
+    cal = calibrate(rec, 1.0, bracket=(1e-3, 1e9), tol=1e-6)
+    ratios = [c1 / c0 for (c0, _), (c1, _) in zip(rec.calls, rec.calls[1:], strict=False)]
+    assert ratios[0] == pytest.approx(MAX_STEP) and all(r <= MAX_STEP * (1 + 1e-12) for r in ratios)
+    assert cal.converged and cal.c_star == pytest.approx(1e6, rel=1e-6)
+
+
+def test_nonincreasing_secant_falls_back_to_the_prior_slope() -> None:
+    """stat(1) = 0.2, stat(c₂) = 0.1 < stat(1): the secant slope is negative, so the next step uses k = 2 again."""
+    rec = Recorder(lambda c: 0.2 if c == 1.0 else 0.1 * max(1.0, c / 3.0) ** 4)
+    cal = calibrate(rec, 1.0, bracket=(0.1, 10.0))
+    c2 = math.sqrt(1.0 / 0.2)  # prior slope 2 from stat(1) = 0.2
+    assert rec.calls[1][0] == pytest.approx(c2)
+    assert rec.calls[2][0] == pytest.approx(c2 * math.sqrt(1.0 / 0.1))  # prior slope 2 again from stat = 0.1
+    assert cal.converged
+
+
 @pytest.mark.parametrize(
     ("fn", "target"),
     [
@@ -134,8 +194,11 @@ def plain_regula_falsi_evaluations(fn: Callable[[float], float], target: float, 
     ids=["upper-end-kept", "lower-end-kept"],
 )
 def test_illinois_rule_beats_plain_regula_falsi_on_kinked_curves(fn: Callable[[float], float], target: float) -> None:
-    """Plain regula falsi keeps the far end of a kinked curve and crawls; Illinois halves that end's f."""
-    cal = calibrate(fn, target)
+    """Plain regula falsi keeps the far end of a kinked curve and crawls; Illinois halves that end's f.
+
+    Doubling mode, so that the search enters regula falsi with the bracket [1, 2] around the kink.
+    """
+    cal = calibrate(fn, target, prior_slope=None)
     assert [c for c, _ in cal.history[:2]] == [1.0, 2.0]  # bracketed by [1, 2]
     assert cal.converged and cal.evaluations <= 10
     assert plain_regula_falsi_evaluations(fn, target, 1.0, 2.0, 0.05) > 40
@@ -208,6 +271,8 @@ def test_nan_stat_raises() -> None:
         ({"tol": -0.1}, "tol"),
         ({"max_iters": 0}, "max_iters"),
         ({"max_iters": 2.5}, "max_iters"),
+        ({"prior_slope": 0.0}, "prior_slope"),
+        ({"prior_slope": float("inf")}, "prior_slope"),
     ],
 )
 def test_bad_input(kwargs: dict, field: str) -> None:
