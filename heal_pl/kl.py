@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from heal_pl.fused_head import FusedHeadStats
+from heal_pl.fused_head import FusedHeadStats, workspace
 
 Agg = Literal["mean", "rmse", "p95", "max"]
 Reg = Literal["kl_rev", "kl_fwd", "nll"]
@@ -245,16 +245,6 @@ def _frozen_linear(head: Head | None) -> bool:
     return isinstance(head, nn.Linear) and not any(p.requires_grad for p in head.parameters())
 
 
-def _fused_chunk(
-    student: Tensor, ref: Tensor | None, targets: Tensor, head: nn.Linear, ref_head: Head | None, reg: str
-) -> tuple[Tensor, Tensor]:
-    logq = None
-    if ref is not None:
-        with torch.no_grad():
-            logq = torch.log_softmax((ref_head(ref) if ref_head is not None else ref).float(), dim=-1)
-    return FusedHeadStats.apply(student, head.weight, head.bias, logq, targets, reg == "kl_rev")
-
-
 def token_stats(
     student: Tensor,
     ref: Tensor | None,
@@ -277,8 +267,10 @@ def token_stats(
         reg: ``kl_rev`` → KL(student ‖ ref); ``kl_fwd`` → KL(ref ‖ student); ``nll`` → KL is 0.
         chunk_size: rows per chunk. At most one chunk of ``[chunk_size, V]`` float32 values is alive
             at a time, in the forward and in the backward pass. When ``head`` is a frozen ``nn.Linear``
-            (the usual LoRA case) each chunk's row gradients are taken in the forward pass
-            (``heal_pl.fused_head``); otherwise each chunk runs under activation checkpointing.
+            (the usual LoRA case) and ``ref_head`` is the same head, each chunk's row gradients are
+            taken in the forward pass, in one ``[3 · chunk_size, V]`` float32 workspace reused by
+            every chunk (``heal_pl.fused_head``); otherwise each chunk runs under activation
+            checkpointing.
 
     Returns:
         ``TokenStats(kl, nll)``, both float32 ``[N]``.
@@ -296,13 +288,17 @@ def token_stats(
         empty = student.new_zeros(0, dtype=torch.float32) + student.float().sum() * 0.0
         return TokenStats(empty, empty)
     use_ckpt = torch.is_grad_enabled()  # the student rows or a trainable head may need gradients
-    fused = use_ckpt and student.requires_grad and _frozen_linear(head)
+    fused = use_ckpt and student.requires_grad and _frozen_linear(head) and (ref is None or ref_head is head)
+    if fused:
+        ws = workspace(min(chunk_size, n), head.weight.shape[0], student.device, with_ref=ref is not None)
     kls, nlls = [], []
     for i in range(0, n, chunk_size):
         sl = slice(i, i + chunk_size)
         args = (student[sl], None if ref is None else ref[sl], targets[sl], head, ref_head, reg)
         if fused:
-            kl, nll = _fused_chunk(*args)
+            kl, nll = FusedHeadStats.apply(
+                student[sl], head.weight, head.bias, args[1], targets[sl], reg == "kl_rev", ws
+            )
         elif use_ckpt:
             kl, nll = checkpoint(_chunk_stats, *args, use_reentrant=False)
         else:
