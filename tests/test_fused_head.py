@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heal_pl.kl import token_stats
+from heal_pl.kl import naive_token_stats, token_stats
 
 
 def reference(h: torch.Tensor, ref: torch.Tensor, W: torch.Tensor, b: torch.Tensor, y: torch.Tensor, reg: str):
@@ -72,3 +72,56 @@ def test_fused_under_bf16_autocast_is_close_and_float32() -> None:
     exact = token_stats(h.detach(), ref, y, head=head)
     assert stats.kl.dtype == torch.float32 and h.grad.dtype == torch.float32 and torch.isfinite(h.grad).all()
     torch.testing.assert_close(stats.kl, exact.kl, rtol=0.1, atol=0.05)
+
+
+@pytest.mark.parametrize("reg", ["kl_rev", "kl_fwd"])
+def test_masked_vocabulary_zero_log_zero(reg: str) -> None:
+    """A bias of −inf on some tokens (p = q = 0 there): 0 · log 0 = 0, finite KL and gradients.
+
+    The fast path's ``p · (log p − log q)`` is NaN there; the fused kernel must fall back to masking,
+    and agree with the naive full-tensor reference (which masks by ``p == 0``; float64 logits).
+    """
+    g = torch.Generator().manual_seed(2)
+    N, H, V = 9, 6, 25
+    head = torch.nn.Linear(H, V).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+        head.bias.copy_(torch.randn(V, generator=g))
+        head.bias[[3, 11, 20]] = -float("inf")
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    ref, y = torch.randn(N, H, generator=g), torch.randint(0, 3, (N,), generator=g)
+    stats = token_stats(h, ref, y, head=head, reg=reg, chunk_size=4)
+    (stats.kl.sum() + stats.nll.sum()).backward()
+
+    h64 = h.detach().double().requires_grad_()
+    W64, b64 = head.weight.double(), head.bias.double()
+    naive = naive_token_stats(
+        torch.cat([h64 @ W64.T + b64, h64[:1] @ W64.T]).unsqueeze(0),  # positions 0..N-1 predict 1..N
+        torch.cat([ref.double() @ W64.T + b64, ref[:1].double() @ W64.T]).unsqueeze(0),
+        torch.cat([torch.tensor([-100]), y]).unsqueeze(0),
+        reg=reg,
+    )
+    (naive.kl.sum() + naive.nll.sum()).backward()
+    assert torch.isfinite(stats.kl).all() and torch.isfinite(h.grad).all()
+    torch.testing.assert_close(stats.kl.double(), naive.kl.detach().double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.nll.double(), naive.nll.detach().double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_different_ref_head_is_not_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ref rows through another head (not the student's) take the checkpointed path, with the same maths."""
+    from heal_pl import kl as kl_module
+
+    calls: list[int] = []
+    original = kl_module.FusedHeadStats.apply
+    monkeypatch.setattr(kl_module.FusedHeadStats, "apply", lambda *a: calls.append(1) or original(*a))
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(4, 11).requires_grad_(False)
+    other = torch.nn.Linear(4, 11).requires_grad_(False)
+    h, ref = torch.randn(5, 4, generator=g, requires_grad=True), torch.randn(5, 4, generator=g)
+    y = torch.randint(0, 11, (5,), generator=g)
+    stats = token_stats(h, ref, y, head=head, ref_head=other, chunk_size=2)
+    assert calls == []
+    logp = torch.log_softmax(head(h.detach()).double(), -1)
+    logq = torch.log_softmax(other(ref).double(), -1)
+    torch.testing.assert_close(stats.kl.double(), (logp.exp() * (logp - logq)).sum(-1), rtol=1e-5, atol=1e-6)
