@@ -1,23 +1,54 @@
 """Step time of SFT + KL barrier ÷ SFT alone, side by side in one process.
 
-    python benchmarks/barrier_cost.py --batch 8 --seq 256 --steps 5
+    python benchmarks/barrier_cost.py --batch 8 --seq 256 --steps 2 --before 6a79050
 
 Both arms run HealModule's own loss (forward, backward, AdamW step) on the same random-token batch
 (completion = the last 3/4 of each row); they alternate step by step so machine noise hits both.
-The barrier adds one no-grad forward of the base (adapter off) and the chunked KL; the floor is
-≈ 1.33 (one extra forward on top of forward + backward ≈ 3 forwards).
+The barrier adds one no-grad forward of the base (adapter off) and the chunked KL through the LM head.
+
+``--before REV`` adds the same two arms with ``heal_pl/kl.py`` and ``heal_pl/fused_head.py`` as they
+were at git revision ``REV`` (loaded from ``git show``), so an optimisation is measured against the
+code it replaced in the same run. The last row times the ref's no-grad backbone forward alone:
+``1 + ref forward ÷ sft`` is the floor of the ratio for this step (no head, no KL).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
+import types
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from heal_pl.kl import KLBarrier
+import heal_pl.module as module_py
+from heal_pl.kl import KLBarrier, counted_positions, token_stats
+from heal_pl.lm import ref_rows
 from heal_pl.module import HealModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_old_token_stats(rev: str) -> Callable[..., object]:
+    """``token_stats`` of ``heal_pl/kl.py`` at ``rev``, importing that revision's ``fused_head.py``."""
+    def source(path: str) -> str:
+        return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout  # fmt: skip
+
+    fused = types.ModuleType("heal_pl.fused_head")
+    exec(compile(source("heal_pl/fused_head.py"), f"{rev}:heal_pl/fused_head.py", "exec"), fused.__dict__)
+    current = sys.modules["heal_pl.fused_head"]
+    sys.modules["heal_pl.fused_head"] = fused  # the old kl.py imports the old fused head
+    try:
+        kl = sys.modules["heal_pl.kl_before"] = types.ModuleType("heal_pl.kl_before")  # dataclasses look it up
+        exec(compile(source("heal_pl/kl.py"), f"{rev}:heal_pl/kl.py", "exec"), kl.__dict__)
+    finally:
+        sys.modules["heal_pl.fused_head"] = current
+    return kl.token_stats
 
 
 def main() -> None:
@@ -25,8 +56,9 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--agg", default="rmse")
+    p.add_argument("--before", default=None, help="git revision of kl.py / fused_head.py to compare against")
     a = p.parse_args()
 
     torch.manual_seed(0)
@@ -37,11 +69,18 @@ def main() -> None:
     labels[:, : a.seq // 4] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
-    arms = {"sft": KLBarrier(reg="nll"), f"sft+{a.agg}": KLBarrier(agg=a.agg, tau=0.0)}
-    times: dict[str, list[float]] = {name: [] for name in arms}
+    barriers = {"sft": KLBarrier(reg="nll"), f"sft+{a.agg}": KLBarrier(agg=a.agg, tau=0.0)}
+    impls = {"": token_stats}
+    if a.before:
+        impls = {f" ({a.before})": load_old_token_stats(a.before), " (now)": token_stats}
+    arms = [(name + tag, barrier, fn) for tag, fn in impls.items() for name, barrier in barriers.items()]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in arms}
+    times["ref forward only"] = []
+    counted = counted_positions(labels, batch["attention_mask"])
     for step in range(a.steps + 1):  # step 0 warms up
-        for name, barrier in arms.items():
+        for name, barrier, fn in arms:
             module.barrier = barrier
+            module_py.token_stats = fn
             t0 = time.perf_counter()
             loss, _, _ = module.loss_terms(batch)
             loss.backward()
@@ -49,11 +88,23 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             if step:
                 times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["sft"])
-    print(f"model={a.model} batch={a.batch}x{a.seq} threads={torch.get_num_threads()} steps={a.steps}")
-    print("| arm | median step (s) | ÷ sft |\n|---|---|---|")
-    for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.2f} | {statistics.median(ts) / base:.2f} |")
+        t0 = time.perf_counter()
+        ref_rows(module.student, ids, batch["attention_mask"], counted)
+        if step:
+            times["ref forward only"].append(time.perf_counter() - t0)
+    module_py.token_stats = token_stats
+    print(f"model={a.model} batch={a.batch}x{a.seq} counted rows={counted.targets.numel()} "
+          f"threads={torch.get_num_threads()} steps={a.steps} (median of each)")  # fmt: skip
+    print("| arm | median step (s) | ÷ its sft |\n|---|---|---|")
+    for tag in impls:
+        base = statistics.median(times["sft" + tag])
+        for name in barriers:
+            t = statistics.median(times[name + tag])
+            print(f"| {name + tag} | {t:.2f} | {t / base:.2f} |")
+    ref = statistics.median(times["ref forward only"])
+    base = statistics.median(times["sft" + list(impls)[-1]])
+    floor = f"floor 1 + {ref:.2f}/{base:.2f} = {1 + ref / base:.2f}"
+    print(f"| ref forward only (no grad, adapter off) | {ref:.2f} | {floor} |")
 
 
 if __name__ == "__main__":
