@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_old_token_stats(rev: str) -> Callable[..., object]:
     """``token_stats`` of ``heal_pl/kl.py`` at ``rev``, importing that revision's ``fused_head.py``."""
+
     def source(path: str) -> str:
         return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True,
                               text=True).stdout  # fmt: skip

@@ -4,19 +4,27 @@
 
 1. Evaluations: a mean_diff vector (pirate vs plain assistant, mid depth) is calibrated for each target
    (p95 nats) and both signs on 8 questions × 32 tokens; the table gives c*, converged and the number of
-   trajectory measurements each search needed, and their median (target: ≤ 4).
+   trajectory measurements each search needed, and their median (target: ≤ 4), for the default search
+   (extrapolated bracketing, ``prior_slope=2``) and, side by side, the doubling search of SPEC §3
+   (``prior_slope=None``). Greedy trajectories are deterministic, so a coefficient measured by both
+   searches is measured once and reused (each search still counts it as one of its evaluations).
 2. Measurement time: ``measure_kl`` of 8 prompts × ``--tokens`` tokens at a fixed coefficient, batched
-   (batch 8, left padding) vs one prompt at a time (batch 1), alternated ``--repeats`` times in one process.
+   (batch 8, left padding) vs one prompt at a time (batch 1), alternated ``--repeats`` times in one process
+   (``--repeats 0`` skips it).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
+from typing import Any
 
 import torch
 
+import heal_pl.isokl as isokl
+from heal_pl.calibrate import calibrate
 from heal_pl.calibrate_run import NEUTRAL, PIRATE, chat_prompt, questions
 from heal_pl.isokl import calibrate_method
 from heal_pl.models import load_model, load_tokenizer
@@ -39,15 +47,29 @@ def main() -> None:
     vector = SteeringVector.fit(model, tok, pos, neg, method="mean_diff", layers=0.5)
     prompts = [chat_prompt(tok, q, None) for q in qs[16:24]]
 
-    rows, evals = [], []
+    searches = {"extrapolated": calibrate, "doubling": functools.partial(calibrate, prior_slope=None)}
+    cache: dict[tuple, Any] = {}
+
+    def cached_measure_kl(*args: Any, **kwargs: Any) -> Any:  # (model, tok, texts, method, coeff, ...)
+        key = (tuple(args[2]), *args[4:], *sorted(kwargs.items()))
+        if key not in cache:
+            cache[key] = measure_kl(*args, **kwargs)
+        return cache[key]
+
+    isokl.measure_kl = cached_measure_kl
+    rows, evals = [], {name: [] for name in searches}
     with torch.no_grad():
         for target in a.targets:
             for sign in (1, -1):
-                r = calibrate_method(model, tok, vector, prompts, target=target, bracket=(0.5, 128.0), sign=sign,
-                                     max_iters=10, max_new_tokens=32)  # fmt: skip
-                evals.append(r["evaluations"])
-                rows.append(f"| {target} | {'+' if sign > 0 else '-'} | {r['c_star']:.3g} | {r['stat_star']:.3f} | "
-                            f"{r['converged']} | {r['evaluations']} |")  # fmt: skip
+                for name, search in searches.items():
+                    isokl.calibrate = search
+                    r = calibrate_method(model, tok, vector, prompts, target=target, bracket=(0.5, 128.0), sign=sign,
+                                         max_iters=10, max_new_tokens=32)  # fmt: skip
+                    evals[name].append(r["evaluations"])
+                    path = " → ".join(f"{h['c']:.3g}:{h['p95']:.2f}" for h in r["history"])
+                    rows.append(f"| {target} | {'+' if sign > 0 else '-'} | {name} | {r['c_star']:.3g} | "
+                                f"{r['stat_star']:.3f} | {r['converged']} | {r['evaluations']} | {path} |")  # fmt: skip
+        isokl.calibrate, isokl.measure_kl = calibrate, measure_kl
         times: dict[int, list[float]] = {8: [], 1: []}
         for _ in range(a.repeats):
             for bs in times:
@@ -56,12 +78,16 @@ def main() -> None:
                 times[bs].append(time.perf_counter() - t0)
 
     print(f"model={a.model} threads={torch.get_num_threads()}")
-    print("| target p95 | sign | c* | p95 at c* | converged | evaluations |\n|---|---|---|---|---|---|")
+    print("| target p95 | sign | search | c* | p95 at c* | converged | evaluations | c:p95 of each evaluation |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"median evaluations: {statistics.median(evals)}")
-    one, batched = statistics.median(times[1]), statistics.median(times[8])
-    print(f"\n| measure_kl, 8 prompts × {a.tokens} tokens | seconds |\n|---|---|")
-    print(f"| one prompt at a time | {one:.2f} |\n| batched (8) | {batched:.2f} |\n| speed-up | {one / batched:.2f}× |")
+    for name, counts in evals.items():
+        print(f"{name}: median evaluations {statistics.median(counts)}, total {sum(counts)}")
+    if a.repeats:
+        one, batched = statistics.median(times[1]), statistics.median(times[8])
+        print(f"\n| measure_kl, 8 prompts × {a.tokens} tokens | seconds |\n|---|---|")
+        print(f"| one prompt at a time | {one:.2f} |\n| batched (8) | {batched:.2f} |")
+        print(f"| speed-up | {one / batched:.2f}× |")
 
 
 if __name__ == "__main__":

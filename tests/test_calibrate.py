@@ -109,8 +109,9 @@ def test_history_is_call_order() -> None:
     assert cal.history is not rec.calls
 
 
-def plain_regula_falsi_evaluations(fn: Callable[[float], float], target: float, a: float, b: float,
-                                   tol: float, limit: int = 200) -> int:
+def plain_regula_falsi_evaluations(
+    fn: Callable[[float], float], target: float, a: float, b: float, tol: float, limit: int = 200
+) -> int:
     """Regula falsi in (log c, log stat) WITHOUT the Illinois rule, from the bracket [a, b]."""
     fa, fb = math.log(fn(a) / target), math.log(fn(b) / target)
     for n in range(1, limit + 1):
