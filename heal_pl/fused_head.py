@@ -59,11 +59,73 @@ def _logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) ->
         out.copy_(F.linear(x, weight, bias))
 
 
+def head_stats(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    ref: Tensor | None,
+    targets: Tensor,
+    reverse: bool,
+    ws: Tensor,
+    grads: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(kl [c], nll [c], dz)`` for one chunk, in the workspace ``ws`` (see the module docstring).
+
+    ``dz`` is the workspace view ``[∂KL/∂z; ∂NLL/∂z]`` (``[2c, V]``; ``[c, V]`` of ``∂NLL/∂z`` without a
+    ref), valid until ``ws`` is reused; ``None`` when ``grads=False`` (evaluation: no gradient passes).
+    """
+    c, vocab = h.shape[0], weight.shape[0]
+    blocks = 2 if ref is None else 3
+    if ws.numel() < blocks * c * vocab or ws.dtype != torch.float32:
+        raise ValueError(f"workspace holds {ws.numel()} {ws.dtype} values; need {blocks * c * vocab} float32")
+    g = ws[: blocks * c * vocab].view(blocks * c, vocab)
+    idx = targets.unsqueeze(-1)
+    minus_one = torch.full_like(idx, -1, dtype=torch.float32)
+    if ref is None:  # rows [0, c): z; [c, 2c): log p → ∂NLL
+        z, logp = g[:c], g[c:]
+        _logits_into(z, h, weight, bias)
+        torch.log_softmax(z, dim=-1, out=logp)
+        nll = -logp.gather(-1, idx).squeeze(-1)
+        kl = torch.zeros_like(nll)
+        if not grads:
+            return kl, nll, None
+        return kl, nll, logp.exp_().scatter_add_(-1, idx, minus_one)  # p − e_y
+    zq, mid, logp = g[:c], g[c : 2 * c], g[2 * c :]
+    _logits_into(g[: 2 * c], torch.cat([ref, h]), weight, bias)  # [z_q; z]: one matmul
+    torch.log_softmax(mid, dim=-1, out=logp)
+    torch.log_softmax(zq, dim=-1, out=mid)  # mid = log q
+    nll = -logp.gather(-1, idx).squeeze(-1)
+    if reverse:
+        diff = torch.sub(logp, mid, out=mid)  # log p − log q
+        p = logp.exp_()
+        kl = _rowdot(p, diff)
+        if not torch.isfinite(kl).all():
+            diff.masked_fill_(p == 0, 0.0)  # 0 · log 0 = 0
+            kl = _rowdot(p, diff)
+        if grads:
+            diff.sub_(kl.unsqueeze(-1)).mul_(p)  # ∂KL/∂z = p ⊙ (log p − log q − KL), in place
+    else:
+        q = torch.exp(mid, out=zq)
+        diff = mid.sub_(logp)  # log q − log p
+        kl = _rowdot(q, diff)
+        if not torch.isfinite(kl).all():
+            diff.masked_fill_(q == 0, 0.0)
+            kl = _rowdot(q, diff)
+        if grads:
+            p = logp.exp_()
+            torch.sub(p, q, out=mid)  # ∂KL/∂z = p − q
+    if not grads:
+        return kl, nll, None
+    p.scatter_add_(-1, idx, minus_one)  # ∂NLL/∂z = p − e_y (p no longer needed)
+    return kl, nll, g[c:]  # [∂KL/∂z; ∂NLL/∂z], contiguous rows [c, 3c)
+
+
 class FusedHeadStats(torch.autograd.Function):
     """``(kl [c], nll [c]) = FusedHeadStats.apply(h, weight, bias, ref, targets, reverse, ws)``.
 
     ``ref`` is the ``[c, H]`` ref hidden rows, or ``None`` for plain SFT (``kl`` is then zeros).
     ``weight``/``bias`` must not need gradients. ``ws`` is a :func:`workspace` with room for ``c`` rows.
+    The forward pass is :func:`head_stats` plus one matrix product ``dz W`` (the row gradients).
     """
 
     @staticmethod
@@ -77,46 +139,8 @@ class FusedHeadStats(torch.autograd.Function):
         reverse: bool,
         ws: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        c, vocab = h.shape[0], weight.shape[0]
-        blocks = 2 if ref is None else 3
-        if ws.numel() < blocks * c * vocab or ws.dtype != torch.float32:
-            raise ValueError(f"workspace holds {ws.numel()} {ws.dtype} values; need {blocks * c * vocab} float32")
-        g = ws[: blocks * c * vocab].view(blocks * c, vocab)
-        idx = targets.unsqueeze(-1)
-        if ref is None:  # rows [0, c): z; [c, 2c): log p → ∂NLL
-            z, logp = g[:c], g[c:]
-            _logits_into(z, h, weight, bias)
-            torch.log_softmax(z, dim=-1, out=logp)
-            nll = -logp.gather(-1, idx).squeeze(-1)
-            kl = torch.zeros_like(nll)
-            d_nll = logp.exp_().scatter_add_(-1, idx, torch.full_like(idx, -1, dtype=logp.dtype))  # p − e_y
-            grads = d_nll
-        else:
-            zq, mid, logp = g[:c], g[c : 2 * c], g[2 * c :]
-            _logits_into(g[: 2 * c], torch.cat([ref, h]), weight, bias)  # [z_q; z]: one matmul
-            torch.log_softmax(mid, dim=-1, out=logp)
-            torch.log_softmax(zq, dim=-1, out=mid)  # mid = log q
-            nll = -logp.gather(-1, idx).squeeze(-1)
-            if reverse:
-                diff = torch.sub(logp, mid, out=mid)  # log p − log q
-                p = logp.exp_()
-                kl = _rowdot(p, diff)
-                if not torch.isfinite(kl).all():
-                    diff.masked_fill_(p == 0, 0.0)  # 0 · log 0 = 0
-                    kl = _rowdot(p, diff)
-                diff.sub_(kl.unsqueeze(-1)).mul_(p)  # ∂KL/∂z = p ⊙ (log p − log q − KL), in place
-            else:
-                q = torch.exp(mid, out=zq)
-                diff = mid.sub_(logp)  # log q − log p
-                kl = _rowdot(q, diff)
-                if not torch.isfinite(kl).all():
-                    diff.masked_fill_(q == 0, 0.0)
-                    kl = _rowdot(q, diff)
-                p = logp.exp_()
-                torch.sub(p, q, out=mid)  # ∂KL/∂z = p − q
-            p.scatter_add_(-1, idx, torch.full_like(idx, -1, dtype=p.dtype))  # ∂NLL/∂z = p − e_y (p no longer needed)
-            grads = g[c:]  # [∂KL/∂z; ∂NLL/∂z], contiguous rows [c, 3c)
-        row_grads = grads @ weight.to(grads.dtype)  # [c or 2c, H]
+        kl, nll, dz = head_stats(h, weight, bias, ref, targets, reverse, ws)
+        row_grads = dz @ weight.to(dz.dtype)  # [c or 2c, H]
         ctx.has_kl = ref is not None
         ctx.h_dtype = h.dtype
         ctx.save_for_backward(row_grads)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from heal_pl.fused_head import FusedHeadStats, workspace
+from heal_pl.fused_head import FusedHeadStats, head_stats, workspace
 
 Agg = Literal["mean", "rmse", "p95", "max"]
 Reg = Literal["kl_rev", "kl_fwd", "nll"]
@@ -269,7 +269,8 @@ def token_stats(
             at a time, in the forward and in the backward pass. When ``head`` is a frozen ``nn.Linear``
             (the usual LoRA case) and ``ref_head`` is the same head, each chunk's row gradients are
             taken in the forward pass, in one ``[3 · chunk_size, V]`` float32 workspace reused by
-            every chunk (``heal_pl.fused_head``); otherwise each chunk runs under activation
+            every chunk (``heal_pl.fused_head``; without gradients, e.g. in validation, the same
+            kernel skips the gradient passes); otherwise each chunk runs under activation
             checkpointing.
 
     Returns:
@@ -287,19 +288,24 @@ def token_stats(
     if n == 0:
         empty = student.new_zeros(0, dtype=torch.float32) + student.float().sum() * 0.0
         return TokenStats(empty, empty)
-    use_ckpt = torch.is_grad_enabled()  # the student rows or a trainable head may need gradients
-    fused = use_ckpt and student.requires_grad and _frozen_linear(head) and (ref is None or ref_head is head)
+    grad_on = torch.is_grad_enabled()  # the student rows or a trainable head may need gradients
+    fused = _frozen_linear(head) and (ref is None or ref_head is head)
     if fused:
         ws = workspace(min(chunk_size, n), head.weight.shape[0], student.device, with_ref=ref is not None)
     kls, nlls = [], []
     for i in range(0, n, chunk_size):
         sl = slice(i, i + chunk_size)
         args = (student[sl], None if ref is None else ref[sl], targets[sl], head, ref_head, reg)
-        if fused:
+        if fused and grad_on and student.requires_grad:
             kl, nll = FusedHeadStats.apply(
                 student[sl], head.weight, head.bias, args[1], targets[sl], reg == "kl_rev", ws
             )
-        elif use_ckpt:
+        elif fused:  # a frozen head and rows without gradient: nothing to differentiate
+            with torch.no_grad():
+                kl, nll, _ = head_stats(
+                    student[sl], head.weight, head.bias, args[1], targets[sl], reg == "kl_rev", ws, grads=False
+                )
+        elif grad_on:
             kl, nll = checkpoint(_chunk_stats, *args, use_reentrant=False)
         else:
             kl, nll = _chunk_stats(*args)

@@ -125,3 +125,27 @@ def test_a_different_ref_head_is_not_fused(monkeypatch: pytest.MonkeyPatch) -> N
     logp = torch.log_softmax(head(h.detach()).double(), -1)
     logq = torch.log_softmax(other(ref).double(), -1)
     torch.testing.assert_close(stats.kl.double(), (logp.exp() * (logp - logq)).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reg", ["kl_rev", "kl_fwd", "nll"])
+def test_no_grad_path_uses_the_fused_kernel_and_matches_float64(reg: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under no_grad (validation) a frozen head runs the same kernel without its gradient passes."""
+    from heal_pl import kl as kl_module
+
+    flags: list[bool] = []
+    original = kl_module.head_stats
+    monkeypatch.setattr(kl_module, "head_stats", lambda *a, **k: flags.append(k["grads"]) or original(*a, **k))
+    g = torch.Generator().manual_seed(4)
+    N, H, V = 11, 8, 37
+    head = torch.nn.Linear(H, V).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+        head.bias.copy_(torch.randn(V, generator=g))
+    h, ref = torch.randn(N, H, generator=g), torch.randn(N, H, generator=g)
+    y = torch.randint(0, V, (N,), generator=g)
+    with torch.no_grad():
+        stats = token_stats(h, ref, y, head=head, reg=reg, chunk_size=4)
+    assert flags == [False, False, False]  # 3 chunks, no gradient passes
+    _, kl64, nll64 = reference(h, ref, head.weight, head.bias, y, reg)
+    torch.testing.assert_close(stats.kl.double(), kl64.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.nll.double(), nll64.detach(), rtol=1e-5, atol=1e-6)
