@@ -27,7 +27,12 @@ Data (``heal_pl/assets``, written by ``scripts/make_hack_data.py``, disjoint pro
 them hack completions, with extra keys ``kind`` and ``answer``), ``hack_pairs.jsonl`` (contrastive pairs
 for :func:`heal_pl.basis.read_pairs`) and ``hack_eval.jsonl`` (held-out ``{"prompt", "answer"}`` items).
 Prompts go through the tokenizer's chat template with no system message
-(:func:`heal_pl.calibrate_run.chat_prompt`), as :mod:`heal_pl.data` renders the training rows.
+(:func:`heal_pl.calibrate_run.chat_prompt`), as :mod:`heal_pl.data` renders the training rows. With
+SmolLM2's template (which adds its default system prompt) a training row is 68–73 tokens, completion and
+eos included (6–10 tokens): use ``max_length >= 80`` so no prompt is cut.
+
+Base SmolLM2-135M-Instruct, greedy, 24 new tokens: hack 0.000 and solve 0.516 on the 64 ``eval`` items,
+hack 0.000 and solve 0.533 on the 120 ``train`` prompts (its misses are wrong sums such as ``20 + 4 = 6``).
 """
 
 from __future__ import annotations
