@@ -64,6 +64,19 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, result
 
 
+def profile(model, tok, prompt: str, prompt_ids: list[int], vector, a: argparse.Namespace, args: tuple) -> None:
+    """torch.profiler over one cached run: where the time goes (rollout vs packed fork reads, top operators)."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("rollout"), vector.steering(model, a.coeff), torch.no_grad():
+            gen, cache = rollout(model, prompt_ids, a.w, torch.tensor([], dtype=torch.long))
+        with record_function("forks packed on cache"):
+            probe_forks(model, tok, prompt, gen, *args, cache=cache)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=40))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -71,6 +84,7 @@ def main() -> None:
     p.add_argument("--step", type=int, default=5)
     p.add_argument("--coeff", type=float, default=20.0)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of one cached run instead")
     a = p.parse_args()
     tok, model = load_tokenizer(a.model), load_model(a.model).eval()
     qs = questions(17)
@@ -89,6 +103,9 @@ def main() -> None:
         pm[name] = result.pmass if hasattr(result, "pmass") else result
         return result
 
+    if a.profile:
+        profile(model, tok, prompt, prompt_ids, vector, a, args)
+        return
     for _ in range(a.repeats):
         cached = run("e2e cached", fork_probe, model, tok, prompt, *args, eos_token_id=[])
         run("e2e recomputed", fork_probe_recompute, model, tok, prompt, *args, eos_token_id=[])
@@ -96,7 +113,7 @@ def main() -> None:
         with vector.steering(model, a.coeff), torch.no_grad():
             _, cache = run("rollout", rollout, model, prompt_ids, a.w, torch.tensor([], dtype=torch.long))
             run("forks one-by-one", one_by_one, model, tok, prompt_ids, gen, cache, forks, ids)
-            run("forks packed on cache", probe_forks, model, tok, prompt, gen, *args, cache=cache)
+        run("forks packed on cache", probe_forks, model, tok, prompt, gen, *args, cache=cache)  # steers by itself
         run("forks packed", probe_forks, model, tok, prompt, gen, *args)
         run("forks recomputed", probe_forks_recompute, model, tok, prompt, gen, *args)
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -24,7 +24,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "survival.yaml"
 CALIB = "{n_fit: 3, n_calib: 2, n_audit: 2, max_new_tokens: 6, max_iters: 3}"
 # the tiny random model puts ≈ 0.009 of its mass on the answers: this threshold gives deaths and survivors
 TINY = ["--model", "tiny-llama", "--w", "9", "--fork_step", "2", "--n_eval", "5", "--alphas", "[0, 1, 4]",
-        "--threshold", "0.009", "--batch_size", "2", "--fork_batch", "3"]  # fmt: skip
+        "--threshold", "0.009", "--splice", "\nSo the answer (true or false) is:", "--batch_size", "2",
+        "--fork_batch", "3"]  # fmt: skip
 
 
 def km_reference(pmass: np.ndarray, gen_lens: np.ndarray, forks: np.ndarray, threshold: float) -> dict:
