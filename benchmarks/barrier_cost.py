@@ -10,6 +10,8 @@ The barrier adds one no-grad forward of the base (adapter off) and the chunked K
 were at git revision ``REV`` (loaded from ``git show``), so an optimisation is measured against the
 code it replaced in the same run. The last row times the ref's no-grad backbone forward alone:
 ``1 + ref forward ÷ sft`` is the floor of the ratio for this step (no head, no KL).
+``--head-only`` times just the loss from fixed hidden rows (the head, log-softmaxes, KL and row
+gradients, forward + backward) on the same counted rows, to see the head's share without the backbone.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,6 +63,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--agg", default="rmse")
     p.add_argument("--before", default=None, help="git revision of kl.py / fused_head.py to compare against")
+    p.add_argument("--head-only", action="store_true", help="time only the loss from hidden rows (head + KL)")
     a = p.parse_args()
 
     torch.manual_seed(0)
@@ -78,34 +82,50 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name, _, _ in arms}
     times["ref forward only"] = []
     counted = counted_positions(labels, batch["attention_mask"])
+    rows = ref_rows(module.student, ids, batch["attention_mask"], counted)  # real hidden rows for --head-only
+    student_rows = (rows + 0.05 * torch.randn_like(rows)).requires_grad_()
+
+    def step_fn(barrier: KLBarrier, fn: Callable[..., Any]) -> None:
+        if a.head_only:  # the loss from hidden rows: LM head, log-softmax, KL, row gradients
+            stats = fn(student_rows, rows if barrier.active else None, counted.targets,
+                       head=module.head.fusable(), reg=barrier.reg, chunk_size=module.hparams.chunk_size)  # fmt: skip
+            (stats.nll.mean() + barrier(stats.kl).value).backward()
+            student_rows.grad = None
+            return
+        module.barrier = barrier
+        module_py.token_stats = fn
+        loss, _, _ = module.loss_terms(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     for step in range(a.steps + 1):  # step 0 warms up
         for name, barrier, fn in arms:
-            module.barrier = barrier
-            module_py.token_stats = fn
             t0 = time.perf_counter()
-            loss, _, _ = module.loss_terms(batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step_fn(barrier, fn)
             if step:
                 times[name].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        ref_rows(module.student, ids, batch["attention_mask"], counted)
-        if step:
-            times["ref forward only"].append(time.perf_counter() - t0)
+        if not a.head_only:
+            t0 = time.perf_counter()
+            ref_rows(module.student, ids, batch["attention_mask"], counted)
+            if step:
+                times["ref forward only"].append(time.perf_counter() - t0)
     module_py.token_stats = token_stats
-    print(f"model={a.model} batch={a.batch}x{a.seq} counted rows={counted.targets.numel()} "
+    print(f"model={a.model} batch={a.batch}x{a.seq} counted rows={counted.targets.numel()} head_only={a.head_only} "
           f"threads={torch.get_num_threads()} steps={a.steps} (median of each)")  # fmt: skip
-    print("| arm | median step (s) | ÷ its sft |\n|---|---|---|")
+    first = list(impls)[0]
+    print(f"| arm | median (s) | ÷ its sft | ÷ the same arm{first or ''} |\n|---|---|---|---|")
     for tag in impls:
         base = statistics.median(times["sft" + tag])
         for name in barriers:
             t = statistics.median(times[name + tag])
-            print(f"| {name + tag} | {t:.2f} | {t / base:.2f} |")
+            print(f"| {name + tag} | {t:.2f} | {t / base:.2f} | {t / statistics.median(times[name + first]):.2f} |")
+    if a.head_only:
+        return
     ref = statistics.median(times["ref forward only"])
     base = statistics.median(times["sft" + list(impls)[-1]])
     floor = f"floor 1 + {ref:.2f}/{base:.2f} = {1 + ref / base:.2f}"
-    print(f"| ref forward only (no grad, adapter off) | {ref:.2f} | {floor} |")
+    print(f"| ref forward only (no grad, adapter off) | {ref:.2f} | {floor} | |")
 
 
 if __name__ == "__main__":
