@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 STAGES = ("base", "steered", "healed")
 STYLES = {"base": ":", "steered": "--", "healed": "-"}
@@ -51,6 +52,7 @@ def trajectory_figure(runs: Mapping[str, Sequence[Mapping[str, Any]]], coh_floor
     ax_t.set_ylabel("trait: mean log p(trait answer) [nats]")
     ax_c.set_ylabel("1 − coherence (log)")
     ax_c.set_xlabel("round")
+    ax_c.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_t.legend(fontsize="x-small", ncol=max(1, len(runs)), loc="best")
     if title:
         ax_t.set_title(title)
