@@ -147,3 +147,15 @@ def test_bad_values_name_the_field(tmp_path: Path) -> None:
         _run(tmp_path, "--dose.kappa_min", "0")
     with pytest.raises(SystemExit):
         main(["rounds", "--config", str(CONFIGS / "rounds_rmse.yaml"), "--heal.ref", "other"])
+
+
+@pytest.mark.parametrize("ref", ["base", "prev"])
+def test_ref_base_leashes_to_the_original_and_prev_to_the_baked_student(ref: str, tmp_path: Path) -> None:
+    # round 1's first step: the fresh adapter is zero, so the student is S_1 = original + round 0's adapter;
+    # KL to prev (S_1) is exactly 0 there, KL to base (the original) is round 0's drift, > 0
+    _run(tmp_path, "--rounds", "2", "--heal.ref", ref, "--heal.lr", "0.05")
+    first = {tag: values[0][1] for tag, values in _scalars(tmp_path / "tb" / "round_01").items()}
+    if ref == "prev":
+        assert first["train/kl_max"] == pytest.approx(0.0, abs=1e-6)
+    else:
+        assert first["train/kl_max"] > 1e-3
