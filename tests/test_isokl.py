@@ -6,6 +6,7 @@ actually measured; the result and the audit are checked against fresh, independe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -71,8 +72,10 @@ def test_unreachable_target_is_not_converged_and_returns_the_closest_point(setup
     assert len(calls) == len(out["history"])  # no audit measurement
 
 
-def test_max_iters_keeps_the_closest_point_and_audits_there(setup) -> None:
+def test_max_iters_keeps_the_closest_point_and_audits_there(setup, monkeypatch) -> None:
     model, tokenizer, vec, calls = setup
+    # the doubling search (prior_slope=None), so that the last point evaluated is not the closest
+    monkeypatch.setattr(heal_pl.isokl, "calibrate", functools.partial(heal_pl.isokl.calibrate, prior_slope=None))
     out = calibrate_method(model, tokenizer, vec, CALIB, AUDIT, target=0.6, bracket=(0.5, 200.0), tol=0.01,
                            max_iters=2, **KW)
     (c1, s1), (c2, s2) = [(h["c"], h["p95"]) for h in out["history"]]
