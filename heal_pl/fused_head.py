@@ -12,10 +12,11 @@ keeps only the two ``[c, H]`` row gradients and the backward pass scales them by
 ``∂L/∂KL_t`` and ``∂L/∂NLL_t``. Compared with activation checkpointing of the chunk this skips the
 recomputation of both heads and both log-softmaxes in the backward pass.
 
-The work per chunk is three matrix products — ``[r; h] Wᵀ`` in one call, and ``[∂KL/∂z; ∂NLL/∂z] W``
-in one call — and a handful of passes over ``[c, V]`` float32 values, all written into one
-``[3c, V]`` workspace that the caller allocates once and reuses for every chunk (fresh ``[c, V]``
-temporaries per chunk cost page faults, not arithmetic: about half the time of the old path)::
+The work per chunk is two matrix-product calls — ``[r; h] Wᵀ`` and ``[∂KL/∂z; ∂NLL/∂z] W`` — and a
+handful of passes over ``[c, V]`` float32 values, all written into one ``[3c, V]`` workspace that the
+caller allocates once and reuses for every chunk, instead of a dozen fresh ``[c, V]`` temporaries per
+chunk (on 1,536 SmolLM2 rows, one thread: 8.9 s → 5.4 s forward + backward, of which ≈ 4.6 s are the
+matrix products)::
 
     workspace rows   [0, c)        [c, 2c)              [2c, 3c)
     (no ref: rows [0, c) hold z, rows [c, 2c) log p → ∂NLL)
