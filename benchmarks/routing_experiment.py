@@ -9,8 +9,10 @@ run it under the shared lock)::
     flock /tmp/heal_heavy.lock env OMP_NUM_THREADS=2 python benchmarks/routing_experiment.py --arm route --seed 0
     python benchmarks/routing_experiment.py --table
 
-``vanilla`` / ``erase`` / ``route`` run ``configs/{vanilla,erase,route}.yaml`` (arms none / erase / route of
-``RouteAblateEvalCallback``); ``base`` evaluates the untrained model with the same evaluation. Each run
+The seed sets ``seed_everything``, the data order (``data.seed``) and the routed adapter's frozen random
+frame (``model.routed.seed``); nothing else in these runs is random. ``vanilla`` / ``erase`` / ``route``
+run ``configs/{vanilla,erase,route}.yaml`` (arms none / erase / route of ``RouteAblateEvalCallback``);
+``base`` evaluates the untrained model with the same evaluation. Each run
 appends one row to ``<out>/results.jsonl`` (the final evaluation: hack and solve rates with delta_hack kept
 and ablated, on the held-out split) and prints the table of every row so far, averaged over seeds.
 Deployment means ablated: that is the column to compare across arms.
@@ -61,6 +63,7 @@ def run_arm(arm: str, seed: int, out: Path, extra: list[str]) -> dict[str, float
     args = [
         "fit", "--config", str(ROOT / "configs" / f"{CONFIGS[arm]}.yaml"), "--seed_everything", str(seed),
         "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", f"{arm}_seed{seed}",
+        "--data.seed", str(seed), "--model.routed.seed", str(seed),  # data order and the frozen A of the knobs
         "--trainer.enable_progress_bar", "false", *extra,
     ]  # fmt: skip
     cli = build_cli(args)
