@@ -257,6 +257,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _nan_to_none(xs: Sequence[float]) -> list[float | None]:
+    """Standard JSON has no NaN: a fork past the trajectory's end is written as null."""
+    return [None if x != x else x for x in xs]
+
+
 def write_outputs(
     out: Path, summary: Mapping[str, Any], trajectories: Sequence[Mapping[str, Any]], tables: Mapping[str, Mapping],
     kl_target: float, config: SweepConfig, writer: Any = None, tag_prefix: str = "survival/", step: int = 0,
@@ -265,8 +270,10 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     rows = summary["table"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "trajectories.json").write_text(json.dumps({"fork_points": summary["fork_points"],
-                                                       "trajectories": list(trajectories)}))  # fmt: skip
+    strict = [{**t, "pmass": _nan_to_none(t["pmass"]), "p_true": _nan_to_none(t["p_true"])} for t in trajectories]
+    (out / "trajectories.json").write_text(
+        json.dumps({"fork_points": summary["fork_points"], "trajectories": strict}, allow_nan=False)
+    )
     with open(out / "survival.csv", "w", newline="") as f:
         w = csv.DictWriter(f, TABLE_COLUMNS)
         w.writeheader()

@@ -66,11 +66,18 @@ def test_survival_config_runs_with_a_tiny_model(tmp_path: Path) -> None:
         sign, alpha = (1.0, 0.0) if r["label"] == "0" else (float(r["label"][0] + "1"), float(r["label"][1:]))
         assert float(r["coeff"]) == pytest.approx(sign * alpha * calib["+" if sign > 0 else "-"]["c_star"])
 
-    trajectories = json.loads((out / "trajectories.json").read_text())["trajectories"]
+    def no_nan(token: str) -> None:
+        raise AssertionError(f"trajectories.json is not standard JSON: {token}")
+
+    trajectories = json.loads((out / "trajectories.json").read_text(), parse_constant=no_nan)["trajectories"]
     rows = read_csv(out / "trajectories.csv")
     kl_rows = read_csv(out / "kl.csv")
     assert len(trajectories) == len(labels) * 5 and len(rows) == len(trajectories) * len(forks)
     assert len(kl_rows) == sum(t["gen_len"] for t in trajectories)
+    for t in trajectories:  # a fork past the end: NaN in the CSV, null in the JSON
+        csv_nan = [x["pmass"] == "nan" for x in rows if x["label"] == t["label"] and
+                   int(x["prompt_index"]) == t["prompt_index"]]  # fmt: skip
+        assert [p is None for p in t["pmass"]] == csv_nan
     questions = [q["prompt"] for q in load_questions("eval")[:5]]
     died_somewhere = survived_somewhere = False
     for r in table:
