@@ -10,13 +10,9 @@ window ``w`` and fork points ``0 ≤ t_0 < t_1 < … ≤ w``:
    reusing the rollout's cache (``C = P + g − 1`` positions) and feeding ONLY the splice tokens (plus
    ``y_g`` for the fork at ``t = g``, whose key/values the rollout never computed). The forks are read
    together, packed into one row (at most ``fork_batch`` forks per forward): fork ``j`` feeds
-   ``f_j = y_{k_j − P + 1} … y_t ⊕ s_t`` with ``k_j = min(P + t_j, C)`` at positions ``k_j, k_j + 1, …``, and an
-   additive attention mask [1, 1, Q, C + Q] (``Q = Σ_j |f_j|``) lets the ``i``-th token of ``f_j`` see
-
-       cache positions [0, k_j)   and   the tokens 0 … i of f_j            (nothing of the other forks)
-
-   which is exactly "crop the cache to ``k_j`` positions, then feed ``f_j``" without copying the cache;
-   the packed key/values are cropped off again afterwards (the cache leaves as it came);
+   ``f_j = y_{k_j − P + 1} … y_t ⊕ s_t`` with ``k_j = min(P + t_j, C)`` at positions ``k_j, k_j + 1, …``, under
+   the attention mask of :mod:`heal_pl.fork_mask`: exactly "crop the cache to ``k_j`` positions, then feed
+   ``f_j``" without copying the cache (the cache leaves as it came);
 3. with ``z`` the next-token logits at the end of the splice (:func:`heal_pl.probes.probe_from_logits`)
 
        pmass_t  = Σ_k p(A_k | c_t ⊕ s_t)          p_true_t = p(A_true | c_t ⊕ s_t) / pmass_t
@@ -39,7 +35,8 @@ one full cache-free forward of ``c_t ⊕ s_t`` per fork through the model's own 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,11 +44,15 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from heal_pl.fork_mask import packed_fork_mask, read_packed
 from heal_pl.lm import LMHead, base_lm
 from heal_pl.probes import THINK_OPEN, has_thinking_tokens, probe_from_logits, splice_text
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 from heal_pl.survival import fork_schedule
 from heal_pl.trajectory import _eos_ids, greedy_generate
+
+__all__ = ["ForkResult", "check_window", "fork_probe", "fork_probe_recompute", "packed_fork_mask", "probe_forks",
+           "probe_forks_recompute", "rollout"]
 
 
 @dataclass
@@ -122,17 +123,10 @@ def check_window(model: nn.Module, n_prompt: int, w: int, n_splice: int) -> None
 
 
 def _setup(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    method: SteeringMethod,
-    coeff: float,
-    w: int,
-    fork_points: int | Sequence[int] | np.ndarray,
-    splice: str,
-    eos_token_id: int | Sequence[int] | None,
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, method: SteeringMethod, coeff: float, w: int,
+    fork_points: int | Sequence[int] | np.ndarray, splice: str, eos_token_id: int | Sequence[int] | None,
 ) -> _Setup:
-    """Validate the arguments shared by both entry points (errors name the offending field)."""
+    """Validate the arguments shared by all four entry points (errors name the offending field)."""
     if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
         raise ValueError(f"w={w!r} must be an integer >= 1 (the rollout window in tokens)")
     w = int(w)
@@ -163,10 +157,26 @@ def _splice_ids(
     return _encode_text(tokenizer, splice_text(context, splice))
 
 
-def _nan_result(setup: _Setup, gen: list[int], coeff: float, w: int) -> ForkResult:
-    m = len(setup.forks)
-    return ForkResult(setup.forks, np.full(m, np.nan), np.full(m, np.nan), len(gen),
-                      torch.tensor(gen, dtype=torch.long), float(coeff), w)
+def _result(
+    setup: _Setup, gen: list[int], coeff: float, w: int, pmass: Sequence[float], p_true: Sequence[float]
+) -> ForkResult:
+    """The :class:`ForkResult`: ``pmass`` / ``p_true`` hold the reached forks (a prefix), NaN after them."""
+    m, n = len(setup.forks), len(pmass)
+    return ForkResult(setup.forks, np.concatenate([pmass, np.full(m - n, np.nan)]).astype(np.float64),
+                      np.concatenate([p_true, np.full(m - n, np.nan)]).astype(np.float64), len(gen),
+                      torch.tensor(gen, dtype=torch.long), float(coeff), int(w))
+
+
+@contextmanager
+def _steered_eval(model: nn.Module, method: SteeringMethod, coeff: float, layers: LayerSpec | None) -> Iterator[None]:
+    """Eval mode under ``method`` at ``coeff``; the model's training mode is restored afterwards."""
+    was_training = model.training
+    try:
+        model.eval()
+        with method.steering(model, coeff, layers):
+            yield
+    finally:
+        model.train(was_training)
 
 
 def rollout(model: nn.Module, prompt_ids: list[int], w: int, eos: Tensor) -> tuple[list[int], DynamicCache]:
@@ -205,48 +215,17 @@ def _prefill(model: nn.Module, prompt_ids: list[int], gen: list[int]) -> Dynamic
     return _croppable(out.past_key_values)
 
 
-def packed_fork_mask(keeps: Sequence[int], lens: Sequence[int], cached: int, dtype: torch.dtype) -> Tensor:
-    """Additive mask ``[1, 1, Q, cached + Q]`` (0 = attend, ``finfo(dtype).min`` = blocked), ``Q = Σ lens``.
-
-    Query ``i`` of segment ``j`` sees cache columns ``[0, keeps[j])`` and the columns ``cached + q`` of the
-    queries ``q ≤ i`` of its own segment (causal within the segment, blind to the other segments).
-    """
-    lens_t = torch.as_tensor(list(lens), dtype=torch.long)
-    seg = torch.repeat_interleave(torch.arange(len(lens_t)), lens_t)  # [Q] segment of each query
-    see_cache = torch.arange(cached)[None, :] < torch.as_tensor(list(keeps), dtype=torch.long)[seg][:, None]
-    q = torch.arange(seg.numel())
-    see_new = (seg[:, None] == seg[None, :]) & (q[None, :] <= q[:, None])
-    allowed = torch.cat([see_cache, see_new], dim=1)
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
-
-
-def _read_forks(
+def _read_cached(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, setup: _Setup, prompt: str, splice: str,
-    gen: list[int], cache: DynamicCache, answer_ids: Mapping[str, Sequence[int]], true_name: str,
-    result: ForkResult, fork_batch: int,
-) -> ForkResult:
-    """Fill ``result`` at every reached fork with packed forwards on ``cache`` (module docstring, step 2)."""
-    backbone, head = base_lm(model).get_decoder(), LMHead(base_lm(model))
-    device = next(model.parameters()).device
-    dtype = base_lm(model).get_input_embeddings().weight.dtype
+    gen: list[int], cache: DynamicCache, answer_ids: Mapping[str, Sequence[int]], true_name: str, fork_batch: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(pmass, p_true)`` at the reached forks, packed forwards on ``cache`` (module docstring, step 2)."""
     P, cached = len(setup.prompt_ids), cache.get_seq_length()  # cached = P + g − 1
-    reached = [(j, t) for j, t in enumerate(setup.forks.tolist()) if t <= len(gen)]
-    for start in range(0, len(reached), fork_batch):
-        chunk = reached[start : start + fork_batch]
-        keeps = [min(P + t, cached) for _, t in chunk]
-        feeds = [gen[k - P : t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice)
-                 for k, (_, t) in zip(keeps, chunk, strict=True)]  # fmt: skip
-        lens = [len(f) for f in feeds]
-        ids = torch.tensor([[i for f in feeds for i in f]], dtype=torch.long, device=device)
-        pos = torch.tensor([[k + i for k, n in zip(keeps, lens, strict=True) for i in range(n)]], device=device)
-        mask = packed_fork_mask(keeps, lens, cached, dtype).to(device)
-        out = backbone(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache.crop(cached - cache.get_seq_length())  # crop(−k) drops the k packed positions
-        ends = torch.tensor(lens).cumsum(0) - 1
-        pmass, p_true = probe_from_logits(head(out.last_hidden_state[0, ends.to(device)]), answer_ids, true_name)
-        for (j, _), pm, pt in zip(chunk, pmass.tolist(), p_true.tolist(), strict=True):
-            result.pmass[j], result.p_true[j] = pm, pt
-    return result
+    ts = [t for t in setup.forks.tolist() if t <= len(gen)]
+    keeps = [min(P + t, cached) for t in ts]
+    feeds = [gen[k - P : t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice)
+             for k, t in zip(keeps, ts, strict=True)]  # fmt: skip
+    return read_packed(model, cache, keeps, feeds, answer_ids, true_name, fork_batch)
 
 
 def _check_fork_batch(fork_batch: int) -> None:
@@ -306,35 +285,19 @@ def fork_probe(
     """
     setup = _setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, eos_token_id)
     _check_fork_batch(fork_batch)
-    was_training = model.training
-    try:
-        model.eval()
-        with method.steering(model, coeff, layers):
-            gen, cache = rollout(model, setup.prompt_ids, int(w), setup.eos)
-            result = _nan_result(setup, gen, coeff, int(w))
-            _read_forks(model, tokenizer, setup, prompt, splice, gen, cache, answer_ids, true_name, result,
-                        int(fork_batch))  # fmt: skip
-    finally:
-        model.train(was_training)
-    return result
+    with _steered_eval(model, method, coeff, layers):
+        gen, cache = rollout(model, setup.prompt_ids, int(w), setup.eos)
+        pmass, p_true = _read_cached(model, tokenizer, setup, prompt, splice, gen, cache, answer_ids, true_name,
+                                     int(fork_batch))  # fmt: skip
+    return _result(setup, gen, coeff, w, pmass, p_true)
 
 
 @torch.no_grad()
 def probe_forks(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    tokens: Sequence[int] | Tensor,
-    method: SteeringMethod,
-    coeff: float,
-    w: int,
-    fork_points: int | Sequence[int] | np.ndarray,
-    splice: str,
-    answer_ids: Mapping[str, Sequence[int]],
-    true_name: str = "true",
-    layers: LayerSpec | None = None,
-    fork_batch: int = 64,
-    cache: DynamicCache | None = None,
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, tokens: Sequence[int] | Tensor,
+    method: SteeringMethod, coeff: float, w: int, fork_points: int | Sequence[int] | np.ndarray, splice: str,
+    answer_ids: Mapping[str, Sequence[int]], true_name: str = "true", layers: LayerSpec | None = None,
+    fork_batch: int = 64, cache: DynamicCache | None = None,
 ) -> ForkResult:
     """:func:`fork_probe` on a trajectory generated elsewhere (e.g. by :func:`heal_pl.trajectory.measure_kl`).
 
@@ -349,48 +312,34 @@ def probe_forks(
     if cache is not None and _croppable(cache).get_seq_length() != len(setup.prompt_ids) + len(gen) - 1:
         raise ValueError(f"cache holds {cache.get_seq_length()} positions; prompt ⊕ tokens[:-1] needs "
                          f"{len(setup.prompt_ids) + len(gen) - 1}")
-    was_training = model.training
-    try:
-        model.eval()
-        with method.steering(model, coeff, layers):
-            cache = _prefill(model, setup.prompt_ids, gen) if cache is None else cache
-            result = _nan_result(setup, gen, coeff, int(w))
-            _read_forks(model, tokenizer, setup, prompt, splice, gen, cache, answer_ids, true_name, result,
-                        int(fork_batch))  # fmt: skip
-    finally:
-        model.train(was_training)
-    return result
+    with _steered_eval(model, method, coeff, layers):
+        cache = _prefill(model, setup.prompt_ids, gen) if cache is None else cache
+        pmass, p_true = _read_cached(model, tokenizer, setup, prompt, splice, gen, cache, answer_ids, true_name,
+                                     int(fork_batch))  # fmt: skip
+    return _result(setup, gen, coeff, w, pmass, p_true)
 
 
-def _recompute_forks(
+def _read_recompute(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, setup: _Setup, prompt: str, splice: str, gen: list[int],
-    answer_ids: Mapping[str, Sequence[int]], true_name: str, result: ForkResult,
-) -> ForkResult:
+    answer_ids: Mapping[str, Sequence[int]], true_name: str,
+) -> tuple[list[float], list[float]]:
+    """``(pmass, p_true)`` at the reached forks, one full cache-free forward of ``c_t ⊕ s_t`` each."""
     device = next(model.parameters()).device
-    for j, t in enumerate(setup.forks.tolist()):
-        if t > len(gen):
-            break
+    pmass, p_true = [], []
+    for t in (t for t in setup.forks.tolist() if t <= len(gen)):
         seq = setup.prompt_ids + gen[:t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice)
         logits = model(input_ids=torch.tensor([seq], device=device), use_cache=False).logits[:, -1]
-        pmass, p_true = probe_from_logits(logits, answer_ids, true_name)
-        result.pmass[j], result.p_true[j] = float(pmass[0]), float(p_true[0])
-    return result
+        pm, pt = probe_from_logits(logits, answer_ids, true_name)
+        pmass.append(float(pm[0]))
+        p_true.append(float(pt[0]))
+    return pmass, p_true
 
 
 @torch.no_grad()
 def fork_probe_recompute(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    method: SteeringMethod,
-    coeff: float,
-    w: int,
-    fork_points: int | Sequence[int] | np.ndarray,
-    splice: str,
-    answer_ids: Mapping[str, Sequence[int]],
-    true_name: str = "true",
-    layers: LayerSpec | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, method: SteeringMethod, coeff: float, w: int,
+    fork_points: int | Sequence[int] | np.ndarray, splice: str, answer_ids: Mapping[str, Sequence[int]],
+    true_name: str = "true", layers: LayerSpec | None = None, eos_token_id: int | Sequence[int] | None = None,
 ) -> ForkResult:
     """The reference for :func:`fork_probe` (same arguments, same result): no cache reuse.
 
@@ -401,44 +350,23 @@ def fork_probe_recompute(
     setup = _setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, eos_token_id)
     device = next(model.parameters()).device
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-    was_training = model.training
-    try:
-        model.eval()
-        with method.steering(model, coeff, layers):
-            ids = torch.tensor([setup.prompt_ids], dtype=torch.long, device=device)
-            new_ids, new_mask = greedy_generate(model, ids, torch.ones_like(ids), int(w), setup.eos, pad_id)
-            gen = new_ids[0, : int(new_mask[0].sum())].tolist()
-            result = _nan_result(setup, gen, coeff, int(w))
-            _recompute_forks(model, tokenizer, setup, prompt, splice, gen, answer_ids, true_name, result)
-    finally:
-        model.train(was_training)
-    return result
+    with _steered_eval(model, method, coeff, layers):
+        ids = torch.tensor([setup.prompt_ids], dtype=torch.long, device=device)
+        new_ids, new_mask = greedy_generate(model, ids, torch.ones_like(ids), int(w), setup.eos, pad_id)
+        gen = new_ids[0, : int(new_mask[0].sum())].tolist()
+        pmass, p_true = _read_recompute(model, tokenizer, setup, prompt, splice, gen, answer_ids, true_name)
+    return _result(setup, gen, coeff, w, pmass, p_true)
 
 
 @torch.no_grad()
 def probe_forks_recompute(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    tokens: Sequence[int] | Tensor,
-    method: SteeringMethod,
-    coeff: float,
-    w: int,
-    fork_points: int | Sequence[int] | np.ndarray,
-    splice: str,
-    answer_ids: Mapping[str, Sequence[int]],
-    true_name: str = "true",
-    layers: LayerSpec | None = None,
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, tokens: Sequence[int] | Tensor,
+    method: SteeringMethod, coeff: float, w: int, fork_points: int | Sequence[int] | np.ndarray, splice: str,
+    answer_ids: Mapping[str, Sequence[int]], true_name: str = "true", layers: LayerSpec | None = None,
 ) -> ForkResult:
     """The reference for :func:`probe_forks`: one full cache-free forward per fork on the given ``tokens``."""
     setup = _setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, None)
     gen = _check_tokens(tokens, int(w))
-    was_training = model.training
-    try:
-        model.eval()
-        with method.steering(model, coeff, layers):
-            result = _nan_result(setup, gen, coeff, int(w))
-            _recompute_forks(model, tokenizer, setup, prompt, splice, gen, answer_ids, true_name, result)
-    finally:
-        model.train(was_training)
-    return result
+    with _steered_eval(model, method, coeff, layers):
+        pmass, p_true = _read_recompute(model, tokenizer, setup, prompt, splice, gen, answer_ids, true_name)
+    return _result(setup, gen, coeff, w, pmass, p_true)
