@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.adapters.routed import RoutedAdapter
-from heal_pl.data import Example, collate, encode_example
+from heal_pl.data import Example, collate, encode_example, jsonl_rows
 from heal_pl.kl import IGNORE_INDEX
 from heal_pl.routing import check_basis
 
@@ -60,26 +60,16 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
             message names file, line and field), or the file holds no pair at all.
     """
     path, pairs = Path(path), []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object with {list(PAIR_FIELDS)}, "
-                                 f"got {type(row).__name__}")
-            for key in PAIR_FIELDS:
-                if key not in row:
-                    raise ValueError(f"{path}, line {lineno}: missing field '{key}' (found {sorted(row)})")
-                if not isinstance(row[key], str):
-                    raise ValueError(f"{path}, line {lineno}: field '{key}' must be a string, "
-                                     f"got {type(row[key]).__name__}")
-                if not row[key].strip():
-                    raise ValueError(f"{path}, line {lineno}: field '{key}' is empty")
-            pairs.append(Pair(row["prompt"], row["hack"], row["clean"]))
+    for lineno, row in jsonl_rows(path, f"with {list(PAIR_FIELDS)}"):
+        for key in PAIR_FIELDS:
+            if key not in row:
+                raise ValueError(f"{path}, line {lineno}: missing field '{key}' (found {sorted(row)})")
+            if not isinstance(row[key], str):
+                raise ValueError(f"{path}, line {lineno}: field '{key}' must be a string, "
+                                 f"got {type(row[key]).__name__}")
+            if not row[key].strip():
+                raise ValueError(f"{path}, line {lineno}: field '{key}' is empty")
+        pairs.append(Pair(row["prompt"], row["hack"], row["clean"]))
     if not pairs:
         raise ValueError(f"{path}: no pairs (the file is empty); expected JSONL rows with {list(PAIR_FIELDS)}")
     return pairs

@@ -82,20 +82,36 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
         ValueError: a row is not JSON or not an accepted shape; the message names file and line.
     """
     path, examples = Path(path), []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    examples.append(_parse_row(json.loads(line)))
-                except (ValueError, json.JSONDecodeError) as e:
-                    what = f"not valid JSON ({e.msg}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else e
-                    raise ValueError(f"{path}, line {lineno}: {what}") from None
+    for lineno, row in jsonl_rows(path, f"(accepted shapes: {ROW_SHAPES})"):
+        try:
+            examples.append(_parse_row(row))
+        except ValueError as e:
+            raise ValueError(f"{path}, line {lineno}: {e}") from None
     return examples
 
 
-def _parse_row(row: Any) -> Example:
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}; accepted shapes: {ROW_SHAPES}")
+def jsonl_rows(path: str | os.PathLike, expected: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` for every non-blank line of the JSONL file ``path`` (lines numbered from 1).
+
+    Raises:
+        ValueError: a line is not valid JSON or not a JSON object; the message names the file and the line,
+            and ``expected`` says which object was wanted (e.g. ``"with 'prompt' and 'answer'"``).
+    """
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object {expected}, got {type(row).__name__}")
+            yield lineno, row
+
+
+def _parse_row(row: dict[str, Any]) -> Example:
     if "messages" in row and "prompt" in row:
         raise ValueError(f"has both 'messages' and 'prompt'; use one of the shapes: {ROW_SHAPES}")
     if "messages" in row:

@@ -37,7 +37,6 @@ hack 0.000 and solve 0.533 on the 120 ``train`` prompts (its misses are wrong su
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.calibrate_run import chat_prompt
+from heal_pl.data import jsonl_rows
 from heal_pl.steering.vectors import _encode
 from heal_pl.trajectory import _eos_ids, _left_pad, greedy_generate
 
@@ -81,22 +81,13 @@ def read_items(path: str | os.PathLike[str]) -> list[HackItem]:
             or the file holds no row.
     """
     path, items = Path(path), []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object with 'prompt' and 'answer'")
-            prompt, answer = row.get("prompt"), row.get("answer")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"{path}, line {lineno}: field 'prompt' must be a non-empty string, got {prompt!r}")
-            if not isinstance(answer, str) or _INT.fullmatch(answer.strip()) is None:
-                raise ValueError(f"{path}, line {lineno}: field 'answer' must be an integer string, got {answer!r}")
-            items.append(HackItem(prompt, answer.strip()))
+    for lineno, row in jsonl_rows(path, "with 'prompt' and 'answer'"):
+        prompt, answer = row.get("prompt"), row.get("answer")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}, line {lineno}: field 'prompt' must be a non-empty string, got {prompt!r}")
+        if not isinstance(answer, str) or _INT.fullmatch(answer.strip()) is None:
+            raise ValueError(f"{path}, line {lineno}: field 'answer' must be an integer string, got {answer!r}")
+        items.append(HackItem(prompt, answer.strip()))
     if not items:
         raise ValueError(f"{path}: no items (the file is empty)")
     return items
