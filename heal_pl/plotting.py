@@ -138,12 +138,13 @@ def spaghetti_figure(
     return fig
 
 
-def survival_figure(tables: Mapping[str, Mapping], title: str = "") -> Figure:
+def survival_figure(tables: Mapping[str, Mapping], title: str = "", horizon: float | None = None) -> Figure:
     """Kaplan–Meier step curves, one per α label, on one axis with shaded confidence bands.
 
     ``tables`` maps an α label to a :func:`heal_pl.survival.survival_table` result; its ``"curve"``
     (``timeline``, ``S``, ``lower``, ``upper``) is drawn with ``where="post"``. One line per label, in order,
-    with the label as its legend entry.
+    with the label as its legend entry. With ``horizon`` (the last fork) every curve is held flat from its
+    last time point to the horizon, so a curve whose events all happen at fork 0 is a line, not a dot.
     """
     if not tables:
         raise ValueError("tables must hold at least one α label")
@@ -156,12 +157,15 @@ def survival_figure(tables: Mapping[str, Mapping], title: str = "") -> Figure:
         curve = table["curve"]
         t = np.asarray(curve["timeline"], dtype=np.float64)
         s = np.asarray(curve["S"], dtype=np.float64)
+        lower = np.asarray(curve["lower"], dtype=np.float64)
+        upper = np.asarray(curve["upper"], dtype=np.float64)
         if t.shape != s.shape:
             raise ValueError(f"tables[{label!r}]['curve']: timeline and S lengths differ")
+        if horizon is not None and t.size and t[-1] < horizon:
+            t, s, lower, upper = (np.append(x, v) for x, v in ((t, horizon), (s, s[-1]), (lower, lower[-1]),
+                                                               (upper, upper[-1])))  # fmt: skip
         (line,) = ax.step(t, s, where="post", label=str(label))
-        ax.fill_between(t, np.asarray(curve["lower"], dtype=np.float64),
-                        np.asarray(curve["upper"], dtype=np.float64),
-                        step="post", alpha=0.2, color=line.get_color())
+        ax.fill_between(t, lower, upper, step="post", alpha=0.2, color=line.get_color())
     ax.set_xlabel("tokens generated")
     ax.set_ylabel("S(t)")
     ax.set_ylim(0.0, 1.02)

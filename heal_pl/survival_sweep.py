@@ -304,7 +304,8 @@ def write_outputs(
             writer.add_figure(f"{tag_prefix}spaghetti/{label}", fig, step)
     for sign in (s for s in SIGN_WORD if s in summary["c_star"]):
         mine = {lab: t for lab, t in tables.items() if lab == "0" or lab.startswith(sign)}
-        fig = survival_figure(mine, title=f"Kaplan–Meier, sign {sign}, c* = {summary['c_star'][sign]:.3g}")
+        fig = survival_figure(mine, title=f"Kaplan–Meier, sign {sign}, c* = {summary['c_star'][sign]:.3g}",
+                              horizon=float(forks[-1]))
         save_figure(fig, figures / f"survival_{SIGN_WORD[sign]}.png")
         if writer is not None:
             writer.add_figure(f"{tag_prefix}curves/{sign}", fig, step)

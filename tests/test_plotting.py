@@ -125,3 +125,12 @@ def test_survival_figure_and_save(tmp_path: Path) -> None:
     assert out2.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out2.stat().st_size > 1024
     with pytest.raises(ValueError, match="curve"):
         survival_figure({"1": {}})
+
+
+def test_survival_figure_holds_curves_flat_to_the_horizon() -> None:
+    tables = {"2": _table([0], [0.0]), "1": _table([0, 10], [1.0, 0.5])}
+    ax = survival_figure(tables, horizon=32).axes[0]
+    dead, half = (line.get_xydata() for line in ax.lines)
+    assert dead[0].tolist() == [0.0, 0.0] and dead[-1].tolist() == [32.0, 0.0]  # a line, not a dot at t = 0
+    assert half[-1].tolist() == [32.0, 0.5]
+    assert survival_figure(tables).axes[0].lines[0].get_xydata().tolist() == [[0.0, 0.0]]  # no horizon: as given
