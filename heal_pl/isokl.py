@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.calibrate import calibrate
+from heal_pl.kl import check_choice
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 from heal_pl.trajectory import STATS, measure_kl
 
@@ -68,8 +69,7 @@ def calibrate_method(
         ValueError: an unknown ``stat``, a ``sign`` other than ±1, empty ``audit_prompts``, and every error of
             :func:`~heal_pl.calibrate.calibrate` (target ≤ 0, lo ≥ hi, ...) and of ``measure_kl``.
     """
-    if stat not in STATS:
-        raise ValueError(f"stat={stat!r} is not allowed; choose one of {', '.join(STATS)}")
+    check_choice("stat", stat, STATS)
     if isinstance(sign, bool) or sign not in (1, -1):
         raise ValueError(f"sign={sign!r} must be +1 or -1 (calibrate each side separately)")
     if audit_prompts is not None and len(audit_prompts) == 0:

@@ -32,11 +32,19 @@ Reg = Literal["kl_rev", "kl_fwd", "nll"]
 IGNORE_INDEX = -100
 
 
-def check_choice(field: str, value: str, allowed: object) -> None:
-    """Raise ``ValueError`` naming ``field`` and the allowed values of the ``Literal`` type ``allowed``."""
-    choices = get_args(allowed)
-    if value not in choices:
-        raise ValueError(f"{field}={value!r} is not allowed; choose one of {', '.join(choices)}")
+def choice_problem(field: str, value: object, allowed: object) -> str | None:
+    """The message naming ``field`` and the allowed values (a ``Literal`` type or a sequence), or ``None``."""
+    choices = get_args(allowed) or tuple(allowed)  # type: ignore[arg-type]
+    if value in choices:
+        return None
+    return f"{field}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}"
+
+
+def check_choice(field: str, value: object, allowed: object) -> None:
+    """Raise ``ValueError`` naming ``field`` and the allowed values of ``allowed`` (see :func:`choice_problem`)."""
+    problem = choice_problem(field, value, allowed)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def per_token_kl(logp_p: Tensor, logp_q: Tensor) -> Tensor:

@@ -24,7 +24,15 @@ from torch import Tensor
 from heal_pl.adapters.lora import LoRASpec, spectral_norms, wrap_lora
 from heal_pl.adapters.routed import RoutedSpec, wrap_routed
 from heal_pl.distributed import gather_tokens
-from heal_pl.kl import KLBarrier, TokenStats, barrier_metrics, check_finite, counted_positions, token_stats
+from heal_pl.kl import (
+    KLBarrier,
+    TokenStats,
+    barrier_metrics,
+    check_finite,
+    choice_problem,
+    counted_positions,
+    token_stats,
+)
 from heal_pl.lm import LMHead, base_lm, gather_rows, last_hidden, ref_rows
 from heal_pl.metrics import TokenKLStats
 from heal_pl.models import load_model
@@ -104,10 +112,8 @@ class HealModule(L.LightningModule):
             ]
             if not ok
         ]
-        if ref != "base":
-            problems.append(f"ref={ref!r} is not allowed; choose one of base")
-        if adapter not in ("lora", "routed"):
-            problems.append(f"adapter={adapter!r} is not allowed; choose one of lora, routed")
+        problems += [p for p in (choice_problem("ref", ref, ("base",)),
+                                 choice_problem("adapter", adapter, ("lora", "routed"))) if p]  # fmt: skip
         if adapter == "routed" and spectral_lam > 0:
             problems.append(f"spectral_lam={spectral_lam} needs adapter='lora' (no spectral penalty on routed knobs)")
         if problems:

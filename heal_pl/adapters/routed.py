@@ -29,7 +29,7 @@ import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from heal_pl.adapters.lora import DEFAULT_TARGETS, depth_range
+from heal_pl.kl import check_choice
 
 Parametrization = Literal["lora", "svd"]
 FORMAT = "heal_pl.routed/1"
@@ -69,11 +70,7 @@ class RoutedSpec:
             object.__setattr__(self, "layers", tuple(float(x) for x in self.layers))
         if self.r < 1:
             raise ValueError(f"routed.r={self.r} must be >= 1")
-        if self.parametrization not in get_args(Parametrization):
-            raise ValueError(
-                f"routed.parametrization={self.parametrization!r} is not allowed; "
-                f"choose one of {', '.join(get_args(Parametrization))}"
-            )
+        check_choice("routed.parametrization", self.parametrization, Parametrization)
         if not self.target_modules:
             raise ValueError("routed.target_modules is empty; name at least one linear layer, e.g. q_proj")
         if self.layers is not None and (len(self.layers) != 2 or not 0.0 <= self.layers[0] < self.layers[1] <= 1.0):

@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from heal_pl.kl import check_choice
 from heal_pl.lm import base_lm
 from heal_pl.steering.hooks import LayerSpec, add_to_blocks, find_blocks, layers_from
 
@@ -37,8 +38,7 @@ FORMAT = "heal_pl.steering_vector/1"
 
 
 def _check_method(method: str) -> None:
-    if method not in get_args(Method):
-        raise ValueError(f"method={method!r} is not allowed; choose one of {', '.join(get_args(Method))}")
+    check_choice("method", method, Method)
 
 
 def _unit(v: Tensor, what: str) -> Tensor:
