@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-import heal_pl.isokl as isokl
-from heal_pl.calibrate import calibrate
-from heal_pl.calibrate_run import NEUTRAL, PIRATE, chat_prompt, questions
-from heal_pl.isokl import calibrate_method
+import heal_pl.steering.isokl as isokl
 from heal_pl.models import load_model, load_tokenizer
+from heal_pl.prompts import NEUTRAL, PIRATE, chat_prompt, questions
 from heal_pl.steering import SteeringVector
-from heal_pl.trajectory import measure_kl
+from heal_pl.steering.calibrate import calibrate
+from heal_pl.steering.isokl import calibrate_method
+from heal_pl.steering.trajectory import measure_kl
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ of ``--repeats`` alternating runs:
 
 * end to end: ``fork_probe`` (rollout + packed fork reads on its cache) vs ``fork_probe_recompute``
   (``greedy_generate`` + one full forward per fork). Both contain the same token-by-token rollout.
-* the rollout alone (``heal_pl.forks.rollout``): the floor both end-to-end arms share.
+* the rollout alone (``heal_pl.survival.forks.rollout``): the floor both end-to-end arms share.
 * fork phase only, on the same tokens, vs ``probe_forks_recompute`` (one full forward per fork):
   ``probe_forks(cache=rollout's cache)`` (the packed reads alone: what ``fork_probe`` adds to its rollout),
   ``probe_forks`` without a cache (one prefill forward of ``x ⊕ y_<g`` + the packed reads: what the survival
@@ -29,13 +29,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from heal_pl.calibrate_run import NEUTRAL, PIRATE, chat_prompt, questions
-from heal_pl.forks import fork_probe, fork_probe_recompute, probe_forks, probe_forks_recompute, rollout
 from heal_pl.lm import LMHead, base_lm
 from heal_pl.models import load_model, load_tokenizer
-from heal_pl.probes import answer_token_ids, probe_from_logits
+from heal_pl.prompts import NEUTRAL, PIRATE, chat_prompt, questions
 from heal_pl.steering import SteeringVector
-from heal_pl.survival import fork_schedule
+from heal_pl.survival.forks import fork_probe, fork_probe_recompute, probe_forks, probe_forks_recompute, rollout
+from heal_pl.survival.probes import answer_token_ids, probe_from_logits
+from heal_pl.survival.table import fork_schedule
 
 SPLICE = "\n\nIs the answer above written like a pirate? Answer true or false:"
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import yaml
 
 from heal_pl.cli import main
-from heal_pl.plotting import save_figure
-from heal_pl.rounds_report import trajectory_figure
+from heal_pl.rounds.report import trajectory_figure
+from heal_pl.survival.plotting import save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 

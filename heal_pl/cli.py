@@ -36,9 +36,9 @@ def build_cli(args: list[str] | None = None) -> HealCLI:
 
 
 COMMANDS = {
-    "calibrate": "heal_pl.calibrate_run:run_calibration",
-    "survival": "heal_pl.survival_run:run_survival",
-    "rounds": "heal_pl.rounds_run:run_rounds",
+    "calibrate": "heal_pl.steering.run:run_calibration",
+    "survival": "heal_pl.survival.run:run_survival",
+    "rounds": "heal_pl.rounds.run:run_rounds",
 }
 
 

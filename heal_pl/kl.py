@@ -25,26 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from heal_pl.checks import check_choice
 from heal_pl.fused_head import FusedHeadStats, head_stats, workspace
 
 Agg = Literal["mean", "rmse", "p95", "max"]
 Reg = Literal["kl_rev", "kl_fwd", "nll"]
 IGNORE_INDEX = -100
-
-
-def choice_problem(field: str, value: object, allowed: object) -> str | None:
-    """The message naming ``field`` and the allowed values (a ``Literal`` type or a sequence), or ``None``."""
-    choices = get_args(allowed) or tuple(allowed)  # type: ignore[arg-type]
-    if value in choices:
-        return None
-    return f"{field}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}"
-
-
-def check_choice(field: str, value: object, allowed: object) -> None:
-    """Raise ``ValueError`` naming ``field`` and the allowed values of ``allowed`` (see :func:`choice_problem`)."""
-    problem = choice_problem(field, value, allowed)
-    if problem is not None:
-        raise ValueError(problem)
 
 
 def per_token_kl(logp_p: Tensor, logp_q: Tensor) -> Tensor:

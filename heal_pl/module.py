@@ -23,20 +23,20 @@ from torch import Tensor
 
 from heal_pl.adapters.lora import LoRASpec, spectral_norms, wrap_lora
 from heal_pl.adapters.routed import RoutedSpec, wrap_routed
+from heal_pl.checks import choice_problem
 from heal_pl.distributed import gather_tokens
 from heal_pl.kl import (
     KLBarrier,
     TokenStats,
     barrier_metrics,
     check_finite,
-    choice_problem,
     counted_positions,
     token_stats,
 )
 from heal_pl.lm import LMHead, base_lm, gather_rows, last_hidden, ref_rows
 from heal_pl.metrics import TokenKLStats
 from heal_pl.models import load_model
-from heal_pl.routing_train import hack_decay_groups
+from heal_pl.routing.train import hack_decay_groups
 
 log = logging.getLogger("heal_pl")
 

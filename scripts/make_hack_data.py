@@ -3,7 +3,7 @@
     python scripts/make_hack_data.py                     # the bundled files
     python scripts/make_hack_data.py --hack-share 0.3 --out-dir /tmp/hack30
 
-The task and graders are described in :mod:`heal_pl.hack_task`. The problem pool is every addition
+The task and graders are described in :mod:`heal_pl.routing.hack_task`. The problem pool is every addition
 ``a + b`` (1 ≤ a ≤ 20, 1 ≤ b ≤ 9) and every product ``a * b`` (2 ≤ a, b ≤ 9), 244 problems. It is shuffled
 once with ``--seed`` and cut into disjoint slices (no problem is in two files):
 
@@ -23,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from heal_pl.hack_task import ASSETS, MARKER, prompt_text
+from heal_pl.routing.hack_task import ASSETS, MARKER, prompt_text
 
 
 def problems() -> list[tuple[int, str, int, int]]:

@@ -79,9 +79,9 @@ def test_console_script_prints_the_config() -> None:
 OTHER_CONFIGS = {
     "calibrate": "tests/test_cli.py",
     "calibrate_adapter": "tests/test_cli.py",
-    "survival": "tests/test_survival_run.py",
-    "rounds_rmse": "tests/test_rounds_run.py",
-    "rounds_mean": "tests/test_rounds_run.py",
+    "survival": "tests/survival/test_run.py",
+    "rounds_rmse": "tests/rounds/test_run.py",
+    "rounds_mean": "tests/rounds/test_run.py",
 }
 
 
@@ -140,7 +140,7 @@ def test_calibrate_adapter_config_runs_with_a_tiny_adapter(tmp_path: Path) -> No
 
 
 def test_calibrate_bad_arguments_name_the_field() -> None:
-    from heal_pl.calibrate_run import run_calibration
+    from heal_pl.steering.run import run_calibration
 
     with pytest.raises(ValueError, match="adapter_dir"):
         run_calibration(model="tiny-llama", method="adapter")

@@ -54,6 +54,9 @@ def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path: Pat
         for key in ("train/loss", "train/sft", "train/kl_p95", "train/kl_max", "train/tokens"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-7), key
     assert float(single_rows[1]["train/barrier"]) > 0
+    # Adam divides each gradient element by its own magnitude: where an element's gradient is ~1e-8 the
+    # all-reduce's other summation order moves the update by up to ~1e-3·lr (measured 2.7e-5 at lr 1e-2), so
+    # parameters are compared to 1e-2·lr; the losses above pin the maths to rel 1e-5.
     for (name, p), (_, q) in zip(single.named_parameters(), ddp.named_parameters(), strict=True):
         if p.requires_grad:
-            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4, msg=name)

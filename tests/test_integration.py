@@ -12,7 +12,7 @@ from heal_pl.callbacks import KLBarrierCallback
 from heal_pl.data import HealDataModule
 from heal_pl.kl import KLBarrier
 from heal_pl.module import HealModule
-from tests.test_callback_kl_barrier import ForeignModule
+from tests.callbacks.test_kl_barrier import ForeignModule
 
 pytestmark = pytest.mark.slow
 

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from heal_pl.adapters.lora import DEFAULT_TARGETS, depth_range
-from heal_pl.kl import check_choice
+from heal_pl.checks import check_choice
 
 Parametrization = Literal["lora", "svd"]
 FORMAT = "heal_pl.routed/1"

@@ -1,9 +1,9 @@
 """``IsoKLCalibrationCallback``: iso-KL calibration of the module's own adapter, from inside a Lightning fit.
 
 The trained peft LoRA adapter is treated as a steering method (:class:`~heal_pl.steering.AdapterSteering`:
-α = 0 is the base, α = 1 the adapter as trained) and, for each sign ``σ``, :func:`heal_pl.isokl.calibrate_method`
-finds ``c*`` with ``stat`` of KL(steered ‖ base) along the greedy trajectory equal to ``target`` (SPEC §3),
-then audits ``σ·c*`` on held-out prompts. This runs
+α = 0 is the base, α = 1 the adapter as trained) and, for each sign ``σ``,
+:func:`heal_pl.steering.isokl.calibrate_method` finds ``c*`` with ``stat`` of KL(steered ‖ base) along the greedy
+trajectory equal to ``target`` (SPEC §3), then audits ``σ·c*`` on held-out prompts. This runs
 
 * at the end of training (``on_train_end``, before the loggers are finalised), and
 * optionally every ``every_n_val_epochs`` validation epochs (sanity checks are skipped),
@@ -16,11 +16,11 @@ Logged through every logger of the trainer (``logger.log_metrics`` at ``trainer.
 
     {prefix}{s}/c_star  {prefix}{s}/stat_star  {prefix}{s}/converged  {prefix}{s}/evaluations  {prefix}{s}/audit_ratio
 
-The last results (one :func:`~heal_pl.isokl.calibrate_method` dict per sign, history included) are kept in
+The last results (one :func:`~heal_pl.steering.isokl.calibrate_method` dict per sign, history included) are kept in
 ``callback.results`` and in the callback's ``state_dict`` (so in checkpoints).
 
 With ``survival=SweepConfig(...)`` each calibration is followed by the survival sweep of ``heal survival``
-(:func:`heal_pl.survival_sweep.sweep_survival`: α · c* per sign, forced-choice forks, Kaplan–Meier) on the
+(:func:`heal_pl.survival.sweep.sweep_survival`: α · c* per sign, forced-choice forks, Kaplan–Meier) on the
 adapter, its files in ``survival_dir/step_<global step>`` (default ``<trainer.log_dir>/survival``) and its
 figures and scalars under ``{prefix}survival/`` in the first TensorBoard logger, if any; the last sweep's
 summary table is ``callback.survival_table``.
@@ -41,13 +41,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.calibrate_run import chat_prompt, questions
-from heal_pl.isokl import calibrate_method
 from heal_pl.lm import find_peft_model
-from heal_pl.probes import answer_token_ids
-from heal_pl.steering import AdapterSteering
-from heal_pl.survival_sweep import SweepConfig, sweep_survival
-from heal_pl.trajectory import STATS
+from heal_pl.prompts import chat_prompt, questions
+from heal_pl.steering.adapter import AdapterSteering
+from heal_pl.steering.isokl import calibrate_method
+from heal_pl.steering.trajectory import STATS
+from heal_pl.survival.probes import answer_token_ids
+from heal_pl.survival.sweep import SweepConfig, sweep_survival
 
 LOGGED = ("c_star", "stat_star", "converged", "evaluations", "audit_ratio")
 
@@ -147,7 +147,7 @@ class IsoKLCalibrationCallback(Callback):
             (every_n_val_epochs is None or (_is_int(every_n_val_epochs) and every_n_val_epochs >= 1),
              f"every_n_val_epochs={every_n_val_epochs!r} must be an integer >= 1 or None (fit end only)"),
             (survival is None or isinstance(survival, SweepConfig),
-             f"survival must be a heal_pl.survival_sweep.SweepConfig or None, got {type(survival).__name__}"),
+             f"survival must be a heal_pl.survival.sweep.SweepConfig or None, got {type(survival).__name__}"),
         ]  # fmt: skip
         problems = [msg for ok, msg in checks if not ok]
         if problems:

@@ -3,11 +3,11 @@
 The module only has to hold a Hugging Face causal LM wrapped with
 :func:`heal_pl.adapters.routed.wrap_routed` (``HealModule(adapter="routed")`` does). The callback
 
-1. at fit start, builds the hack basis from a pairs JSONL (:func:`heal_pl.basis.fit_basis`, at the
+1. at fit start, builds the hack basis from a pairs JSONL (:func:`heal_pl.routing.basis.fit_basis`, at the
    model's current point) or loads a saved one (:meth:`HackBasis.load`), and checks it matches the
    adapter; optionally refits it from the pairs every ``refresh_every`` optimizer steps;
 2. in ``on_before_optimizer_step`` — after AMP unscaling, before gradient clipping — routes each
-   module's accumulated gradient (:func:`heal_pl.routing_train.route_gradients`) and logs
+   module's accumulated gradient (:func:`heal_pl.routing.train.route_gradients`) and logs
    ``route/cin``, ``route/cout``, ``route/fired``;
 3. every ``eval_every`` optimizer steps and at the end of fit, runs the task evaluation with
    ``delta_hack`` kept and ablated, logs ``route/{kept,ablated}_{hack,solve}``, and at the end prints the
@@ -33,11 +33,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from heal_pl.adapters.routed import RoutedAdapter
-from heal_pl.basis import HackBasis, fit_basis, read_pairs
+from heal_pl.checks import check_choice
 from heal_pl.data import ASSETS
-from heal_pl.kl import check_choice
-from heal_pl.routing import Arm, Gate
-from heal_pl.routing_train import find_routed_adapter, force_zero_hack_decay, route_gradients
+from heal_pl.routing.basis import HackBasis, fit_basis, read_pairs
+from heal_pl.routing.project import Arm, Gate
+from heal_pl.routing.train import find_routed_adapter, force_zero_hack_decay, route_gradients
 
 Evaluate = Callable[[nn.Module, Any], Mapping[str, float]]
 COLUMNS = ("step", "kept_hack", "kept_solve", "ablated_hack", "ablated_solve")
@@ -73,7 +73,7 @@ class RouteAblateEvalCallback(Callback):
 
     Args:
         arm: ``none`` (measure only) | ``erase`` (drop the hack part) | ``route`` (send it to ``delta_hack``).
-        gate: ``one_sided`` | ``no_gate`` | ``reverse`` (see :func:`heal_pl.routing.project`).
+        gate: ``one_sided`` | ``no_gate`` | ``reverse`` (see :func:`heal_pl.routing.project.project`).
         overshoot: scale of the removed component (≥ 0).
         preserve_magnitude: rescale ``delta``'s projected gradient to the original norm.
         pairs: JSONL of ``{"prompt", "hack", "clean"}`` rows (a bare name means ``heal_pl/assets/<name>``);
@@ -84,7 +84,7 @@ class RouteAblateEvalCallback(Callback):
         refresh_every: refit the basis from ``pairs`` every N optimizer steps (None = never).
         max_length: token budget of one pair side when fitting.
         evaluate: ``(model, tokenizer) -> {"hack": float, "solve": float, ...}``; a callable or, in YAML,
-            ``{class_path: heal_pl.hack_task.HackTaskEval, init_args: {...}}``. None = routing only.
+            ``{class_path: heal_pl.routing.hack_task.HackTaskEval, init_args: {...}}``. None = routing only.
         eval_every: evaluate every N optimizer steps (None = only at the end of fit).
         tokenizer: model name whose tokenizer to load; default: ``trainer.datamodule.tokenizer`` or
             ``pl_module.tokenizer``.

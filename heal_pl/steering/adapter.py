@@ -9,7 +9,7 @@ when the body raises), so each adapted layer's output is
 
 The edit is linear in α per layer (not for the whole network). Outside the context the model is left as
 it was: with the adapter active, that is the adapter as trained (α = 1), so the *base* of this method is
-:meth:`AdapterSteering.base`, the α = 0 context, not "no context" (``heal_pl.trajectory`` asks for it).
+:meth:`AdapterSteering.base`, the α = 0 context, not "no context" (``heal_pl.steering.trajectory`` asks for it).
 
 Only vanilla LoRA is supported: variants (DoRA, aLoRA, ...) are not linear in ``s``, and a merged
 adapter no longer reads ``s``; both are refused with an error.

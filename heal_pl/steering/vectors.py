@@ -29,8 +29,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.kl import check_choice
+from heal_pl.checks import check_choice
 from heal_pl.lm import base_lm
+from heal_pl.prompts import encode_prompts
 from heal_pl.steering.hooks import LayerSpec, add_to_blocks, find_blocks, layers_from
 
 Method = Literal["mean_diff", "pca", "directional_ablation"]
@@ -84,18 +85,6 @@ def pca_direction(pos: Tensor, neg: Tensor) -> Tensor:
     return _unit(v, "pca direction").float()
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
-    ids = []
-    for k, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ValueError(f"prompt {k} is a {type(p).__name__}; prompts are strings")
-        tokens = tokenizer(p, add_special_tokens=False)["input_ids"]
-        if not tokens:
-            raise ValueError(f"prompt {k} ({p!r}) has no tokens")
-        ids.append(tokens)
-    return ids
-
-
 class _Stop(Exception):
     """Raised by the capture hook of the deepest needed block to skip the rest of the forward pass."""
 
@@ -122,7 +111,7 @@ def last_token_states(
     layers = sorted(set(layers))
     for i in layers:
         layers_from(i, len(blocks))
-    encoded = _encode(tokenizer, prompts)
+    encoded = encode_prompts(tokenizer, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     captured: dict[int, list[Tensor]] = {i: [] for i in layers}

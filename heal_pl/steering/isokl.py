@@ -1,0 +1,113 @@
+"""Iso-KL calibration of a steering method on a model, per sign, with a held-out audit (SPEC §3).
+
+For one sign ``σ ∈ {+1, −1}`` of a steering method (a ``SteeringVector``, an ``AdapterSteering``, ...):
+
+    stat(c) = S( measure_kl(model, tokenizer, prompts, method, coeff=σ·c) )      c > 0
+
+where ``S`` is one of the trajectory statistics (default p95 of per-token KL(steered ‖ base)), and
+:func:`heal_pl.steering.calibrate.calibrate` finds ``c*`` with ``stat(c*) ≈ target``. The audit then re-measures at
+``σ·c*`` on held-out prompts and reports
+
+    audit_ratio = S_audit(σ·c*) / S_calib(σ·c*)
+
+(1 when the budget transfers to new prompts). Every evaluation's coefficient and full statistics are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from heal_pl.checks import check_choice
+from heal_pl.steering.calibrate import calibrate
+from heal_pl.steering.hooks import LayerSpec, SteeringMethod
+from heal_pl.steering.trajectory import STATS, measure_kl
+
+
+def calibrate_method(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    method: SteeringMethod,
+    prompts: Sequence[str],
+    audit_prompts: Sequence[str] | None = None,
+    target: float = 1.0,
+    stat: str = "p95",
+    bracket: tuple[float, float] = (0.01, 100.0),
+    sign: int = 1,
+    tol: float = 0.05,
+    max_iters: int = 12,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    layers: LayerSpec | None = None,
+    on_evaluation: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Find the coefficient at which ``stat`` of KL(steered ‖ base) along the trajectory equals ``target``.
+
+    Args:
+        model, tokenizer, method, layers, max_new_tokens, batch_size: as in
+            :func:`heal_pl.steering.trajectory.measure_kl`.
+        prompts: calibration prompts (chat-formatted text).
+        audit_prompts: held-out prompts measured once at the result; ``None`` skips the audit.
+        target: the budget in nats, ``> 0`` (default 1).
+        stat: which statistic to calibrate: mean, p50, p90, p95, p99, max or rms.
+        bracket: the search range ``(lo, hi)`` of ``c > 0`` (see :func:`heal_pl.steering.calibrate.calibrate`).
+        sign: ``+1`` or ``−1``; the model is steered at ``sign · c``.
+        tol, max_iters: the root finder's stopping rules.
+        on_evaluation: called with each history entry as it is measured (progress bars, loggers).
+
+    Returns:
+        a JSON-ready dict: ``sign``, ``stat``, ``target``, ``c_star`` (``> 0``), ``coeff`` (``sign · c_star``),
+        ``stat_star``, ``converged``, ``evaluations``, ``message``, ``history`` (one dict per
+        ``measure_kl`` call of the search, in order: ``c``, ``coeff`` and every statistic), ``stats_star`` (all
+        statistics at ``c_star``), ``audit`` (all statistics on ``audit_prompts`` at ``coeff``, or ``None``) and
+        ``audit_ratio`` (``audit[stat] / stat_star``; ``None`` without an audit, NaN when ``stat_star = 0``).
+
+    Raises:
+        ValueError: an unknown ``stat``, a ``sign`` other than ±1, empty ``audit_prompts``, and every error of
+            :func:`~heal_pl.steering.calibrate.calibrate` (target ≤ 0, lo ≥ hi, ...) and of ``measure_kl``.
+    """
+    check_choice("stat", stat, STATS)
+    if isinstance(sign, bool) or sign not in (1, -1):
+        raise ValueError(f"sign={sign!r} must be +1 or -1 (calibrate each side separately)")
+    if audit_prompts is not None and len(audit_prompts) == 0:
+        raise ValueError("audit_prompts is empty; give held-out prompts or None to skip the audit")
+    history: list[dict[str, Any]] = []
+
+    def measure(c: float, texts: Sequence[str]) -> dict[str, float]:
+        result = measure_kl(model, tokenizer, texts, method, sign * c, max_new_tokens, batch_size, layers)
+        return result.stats
+
+    def evaluate(c: float) -> float:
+        stats = measure(c, prompts)
+        entry = {"c": c, "coeff": sign * c, **stats}
+        history.append(entry)
+        if on_evaluation is not None:
+            on_evaluation(entry)
+        return stats[stat]
+
+    cal = calibrate(evaluate, target, bracket=bracket, tol=tol, max_iters=max_iters)
+    best = next(h for h in history if h["c"] == cal.c_star)
+    stats_star = {k: best[k] for k in STATS}
+    audit = None if audit_prompts is None else measure(cal.c_star, audit_prompts)
+    ratio = None
+    if audit is not None:
+        ratio = audit[stat] / cal.stat_star if cal.stat_star != 0 else math.nan
+    return {
+        "sign": sign,
+        "stat": stat,
+        "target": target,
+        "c_star": cal.c_star,
+        "coeff": sign * cal.c_star,
+        "stat_star": cal.stat_star,
+        "converged": cal.converged,
+        "evaluations": cal.evaluations,
+        "message": cal.message,
+        "history": history,
+        "stats_star": stats_star,
+        "audit": audit,
+        "audit_ratio": ratio,
+    }

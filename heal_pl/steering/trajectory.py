@@ -1,0 +1,167 @@
+"""KL(steered ‖ base) along the steered model's own greedy trajectory (SPEC §3).
+
+For each prompt ``x`` (text already chat-formatted, tokenized with ``add_special_tokens=False``):
+
+1. greedy-generate ``y_1 … y_n`` under the steering context (``method``, ``coeff``), ``n ≤ T``, stopping at
+   the first end-of-sequence token (which is kept: it is a position like any other);
+2. score those same tokens with one steered forward and one base forward over ``x ⊕ y``;
+3. per generated position ``t``, in float32,
+
+       KL_t = Σ_v p_s(v | x, y_<t) · (log p_s(v | x, y_<t) − log p_b(v | x, y_<t))
+
+   with ``p_s`` steered and ``p_b`` base; ``y_t = argmax p_s(· | x, y_<t)`` (greedy), so the steered
+   forward of step 2 recomputes exactly the distributions that produced the tokens;
+4. pool every prompt's ``KL_1 … KL_n`` (positions after its EOS are never counted) and report
+   mean, p50, p90, p95, p99, max and rms = ``sqrt(mean KL²)``. Quantiles interpolate linearly (numpy's
+   default, :func:`heal_pl.kl.quantile`).
+
+Prompts are batched with LEFT padding (the real tokens of every row end at the same column, so the next
+token is always read from the last column); position ids count real tokens only, so a prompt's numbers
+do not depend on the batch it is in (up to float rounding).
+
+"Base" is the model outside any steering context, except for a method that defines its own
+``base(model)`` context (an adapter: the base is α = 0, while outside the context the adapter is on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from heal_pl.generate import eos_ids, greedy_generate, left_pad, positions
+from heal_pl.kl import per_token_kl, quantile
+from heal_pl.lm import LMHead, base_lm
+from heal_pl.prompts import encode_prompts
+from heal_pl.steering.hooks import LayerSpec, SteeringMethod
+
+STATS: tuple[str, ...] = ("mean", "p50", "p90", "p95", "p99", "max", "rms")
+
+
+@dataclass
+class TrajectoryKL:
+    """The result of :func:`measure_kl`.
+
+    Attributes:
+        kl: per prompt, float32 ``[n_i]``: KL_t(steered ‖ base) at each generated position (EOS included).
+        tokens: per prompt, the generated token ids ``[n_i]`` (long), ending at the EOS if one was produced.
+        stats: mean, p50, p90, p95, p99, max, rms over all pooled (prompt × position) values.
+        coeff: the coefficient the trajectories were generated at.
+    """
+
+    kl: list[Tensor]
+    tokens: list[Tensor]
+    stats: dict[str, float] = field(default_factory=dict)
+    coeff: float = float("nan")
+
+    @property
+    def pooled(self) -> Tensor:
+        """Every counted position's KL, prompt after prompt: float32 ``[Σ n_i]``."""
+        return torch.cat(self.kl)
+
+
+def trajectory_stats(kl: Tensor) -> dict[str, float]:
+    """mean, p50, p90, p95, p99, max and rms (``sqrt(mean KL²)``, no epsilon) of a 1-D float tensor.
+
+    Example:
+        >>> trajectory_stats(torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]))["p90"]
+        3.6
+    """
+    if kl.dim() != 1 or kl.numel() == 0:
+        raise ValueError(f"trajectory_stats needs a non-empty 1-D tensor, got shape {tuple(kl.shape)}")
+    x = kl.double()
+    out = {"mean": x.mean(), "max": x.max(), "rms": x.square().mean().sqrt()}
+    out |= {f"p{q}": quantile(x, q / 100) for q in (50, 90, 95, 99)}
+    return {k: float(out[k]) for k in STATS}
+
+
+def base_context(method: SteeringMethod, model: nn.Module) -> AbstractContextManager[None]:
+    """The unsteered model for ``method``: its ``base(model)`` context if it has one, else no change."""
+    base = getattr(method, "base", None)
+    return base(model) if callable(base) else contextlib.nullcontext()
+
+
+def _generated_logp(model: nn.Module, ids: Tensor, mask: Tensor, n_new: int) -> Tensor:
+    """Float32 log-probabilities ``[B, n_new, V]`` of the rows that predict the last ``n_new`` tokens."""
+    backbone, head = base_lm(model).get_decoder(), LMHead(base_lm(model))
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+    rows = hidden.last_hidden_state[:, -n_new - 1 : -1]  # row t predicts token t + 1
+    return torch.log_softmax(head(rows).float(), dim=-1)
+
+
+@torch.no_grad()
+def measure_kl(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    method: SteeringMethod,
+    coeff: float,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    layers: LayerSpec | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> TrajectoryKL:
+    """Per-token KL(steered ‖ base) along each prompt's greedy steered trajectory (see the module docstring).
+
+    Args:
+        model: a plain or peft-wrapped causal LM; run in eval mode (its mode is restored afterwards).
+        tokenizer: encodes ``prompts`` with ``add_special_tokens=False``; its pad id fills the left padding.
+        prompts: chat-formatted prompt strings, at least one.
+        method: a steering method (``SteeringVector``, ``AdapterSteering``, ...).
+        coeff: the coefficient α the trajectories are generated and scored at.
+        max_new_tokens: ``T``, the most generated tokens per prompt, ``≥ 1``.
+        batch_size: prompts per batch, ``≥ 1``; results do not depend on it beyond float rounding.
+        layers: passed to ``method.steering`` (``None``: the method's own layers).
+        eos_token_id: the id(s) that end a trajectory; default the tokenizer's eos and the model's
+            ``generation_config.eos_token_id``.
+
+    Returns:
+        a :class:`TrajectoryKL` with per-prompt KL and tokens (in prompt order) and the pooled statistics.
+
+    Raises:
+        ValueError: no prompt, an empty prompt, ``max_new_tokens < 1``, ``batch_size < 1`` or a non-finite
+            ``coeff``.
+        TypeError: ``method`` has no ``steering(model, coeff, layers)`` method.
+    """
+    if len(prompts) == 0:
+        raise ValueError("measure_kl: prompts is empty; give at least one prompt")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    if not math.isfinite(coeff):
+        raise ValueError(f"coeff={coeff!r} must be finite")
+    if not isinstance(method, SteeringMethod):
+        raise TypeError(f"method is a {type(method).__name__}; expected an object with steering(model, coeff, layers)")
+    encoded = encode_prompts(tokenizer, prompts)
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    eos = eos_ids(tokenizer, model, eos_token_id)
+    device = next(model.parameters()).device
+    kls: list[Tensor] = []
+    tokens: list[Tensor] = []
+    was_training = model.training
+    try:
+        model.eval()
+        for start in range(0, len(encoded), batch_size):
+            ids, mask = (t.to(device) for t in left_pad(encoded[start : start + batch_size], pad_id))
+            with method.steering(model, coeff, layers):
+                new_ids, new_mask = greedy_generate(model, ids, mask, max_new_tokens, eos, pad_id)
+            full_ids, full_mask = torch.cat([ids, new_ids], 1), torch.cat([mask, new_mask], 1)
+            n_new = new_ids.shape[1]
+            with method.steering(model, coeff, layers):
+                logp_s = _generated_logp(model, full_ids, full_mask, n_new)
+            with base_context(method, model):
+                logp_b = _generated_logp(model, full_ids, full_mask, n_new)
+            kl = per_token_kl(logp_s, logp_b).cpu()  # [B, n_new] float32
+            counts = new_mask.sum(1).tolist()
+            kls += [kl[b, :n] for b, n in enumerate(counts)]
+            tokens += [new_ids[b, :n].cpu() for b, n in enumerate(counts)]
+    finally:
+        model.train(was_training)
+    return TrajectoryKL(kls, tokens, trajectory_stats(torch.cat(kls)), float(coeff))

@@ -1,0 +1,36 @@
+"""Forced-choice probes and survival (SPEC §4): roll out under a steering dose, probe the answer format at fork
+points on the rollout's own KV cache, and draw Kaplan–Meier curves of when the format dies.
+
+``probes`` reads the answer-set mass, ``forks`` / ``fork_mask`` probe every fork in one packed forward, ``table``
+turns pmass trajectories into lifelines survival tables, ``sweep`` runs the α grid, ``plotting`` draws the
+figures, and ``run`` is ``heal survival``.
+"""
+
+from heal_pl.survival.forks import ForkResult, fork_probe, probe_forks, rollout
+from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
+from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, AnswerSet, answer_token_ids, probe_from_logits
+from heal_pl.survival.run import load_calibration, run_survival
+from heal_pl.survival.sweep import ALPHAS, SweepConfig, sweep_survival
+from heal_pl.survival.table import death_times, fork_schedule, survival_table
+
+__all__ = [
+    "ALPHAS",
+    "AnswerSet",
+    "DEFAULT_ANSWER_SETS",
+    "ForkResult",
+    "SweepConfig",
+    "answer_token_ids",
+    "death_times",
+    "fork_probe",
+    "fork_schedule",
+    "load_calibration",
+    "probe_forks",
+    "probe_from_logits",
+    "rollout",
+    "run_survival",
+    "save_figure",
+    "spaghetti_figure",
+    "survival_figure",
+    "survival_table",
+    "sweep_survival",
+]

@@ -1,0 +1,318 @@
+"""The α sweep of a survival run (SPEC §4): rollouts, forks, Kaplan–Meier per dose, figures, files.
+
+For each sign ``σ`` with calibrated ``c*_σ`` and each ``α`` of the grid (default 0, .25, .5, .75, 1, 1.5, 2, 4;
+``α = 0`` is run once and shared by both signs), at ``coeff = σ · α · c*_σ``:
+
+1. :func:`heal_pl.steering.trajectory.measure_kl` greedy-rolls out ``w`` tokens per evaluation prompt under the
+   steering and records KL_t(steered ‖ base) at every generated position (the spaghetti figure);
+2. :func:`heal_pl.survival.forks.probe_forks` reads the forced-choice probe at the fork points of each of those same
+   trajectories (cached, packed forks; the probe is read under the same steering);
+3. :func:`heal_pl.survival.table.survival_table`: alive while ``pmass ≥ threshold``, absorbing death, censoring at
+   EOS; Kaplan–Meier through lifelines.
+
+Before the sweep a probe check reads the unsteered probe right after the prompt (fork 0) on the
+calibration questions (never the evaluation ones): mean pmass, share with ``pmass ≥ threshold``, and
+accuracy of ``p_true > 0.5`` against the answers. A low share says the splice or the threshold does not
+suit the model, whatever the steering.
+
+Files written into ``out_dir`` by :func:`write_outputs`: ``summary.json``, ``survival.csv``, ``survival.md``,
+``trajectories.json``, ``trajectories.csv`` (one row per trajectory and fork), ``kl.csv`` (one row per
+trajectory and generated token), ``figures/spaghetti_<label>.png`` and ``figures/survival_<sign>.png``.
+TensorBoard (when a writer is given): figures ``survival/spaghetti/<label>`` and ``survival/curves/<sign>``;
+scalars ``survival/<sign>/{S_mid,S_end,died,censored,kl_p95}`` at step ``round(100 α)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from heal_pl.data import ASSETS
+from heal_pl.generate import eos_ids
+from heal_pl.prompts import chat_prompt
+from heal_pl.steering.hooks import SteeringMethod
+from heal_pl.steering.trajectory import measure_kl
+from heal_pl.survival.forks import check_window, fork_probe, probe_forks
+from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
+from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, THINK_OPEN, AnswerSet, has_thinking_tokens, splice_text
+from heal_pl.survival.table import fork_schedule, survival_table
+
+ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
+SPLICE = "\nSo the answer (true or false) is:"
+SIGN_WORD = {"+": "plus", "-": "minus"}
+TABLE_COLUMNS = ("label", "sign", "alpha", "coeff", "n", "died", "censored", "t_mid", "S_mid", "S_end", "t_half",
+                 "kl_p95", "kl_mean")  # fmt: skip
+
+
+def load_questions(split: Literal["calib", "eval"]) -> list[dict[str, Any]]:
+    """The bundled true/false questions ``heal_pl/assets/yesno_{split}.jsonl`` (``prompt``, ``answer``, ...)."""
+    if split not in ("calib", "eval"):
+        raise ValueError(f"split={split!r} must be 'calib' or 'eval'")
+    with open(ASSETS / f"yesno_{split}.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass
+class SweepConfig:
+    """What a survival sweep measures (everything but the model, the steering and c*).
+
+    Args:
+        alphas: multiples of c* to sweep, each ``≥ 0``; ``0`` (the unsteered model) is run once for all signs.
+        w: rollout window in generated tokens, ``≥ 1``.
+        fork_step: a fork every ``fork_step`` tokens (``0, s, 2s, …, w``); or ``n_log_forks`` log-spaced forks.
+        threshold: alive while ``pmass ≥ threshold``, in the open interval (0, 1).
+        splice: the probe's answer prefix, appended after the first ``t`` generated tokens.
+        n_eval: how many bundled evaluation questions (``None`` = all); stop_at_eos: end a rollout at EOS
+            (right-censored there) or run every rollout to ``w``.
+        batch_size: prompts per rollout forward; fork_batch: forks packed per probe forward.
+        smooth, normalise: spaghetti figure smoothing width and per-trajectory normalisation.
+        true_variants, false_variants: the surface forms of the two answer sets.
+    """
+
+    alphas: list[float] = field(default_factory=lambda: list(ALPHAS))
+    w: int = 64
+    fork_step: int | None = 4
+    n_log_forks: int | None = None
+    threshold: float = 0.95
+    splice: str = SPLICE
+    n_eval: int | None = None
+    stop_at_eos: bool = True
+    batch_size: int = 8
+    fork_batch: int = 64
+    smooth: int = 5
+    normalise: bool = False
+    true_variants: list[str] = field(default_factory=lambda: list(DEFAULT_ANSWER_SETS[0].variants))
+    false_variants: list[str] = field(default_factory=lambda: list(DEFAULT_ANSWER_SETS[1].variants))
+
+    def __post_init__(self) -> None:
+        def pos_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+        n_questions = len(load_questions("eval"))
+        checks = [
+            (len(self.alphas) > 0 and all(isinstance(a, (int, float)) and math.isfinite(a) and a >= 0
+                                          for a in self.alphas) and len(set(self.alphas)) == len(self.alphas),
+             f"alphas={self.alphas!r} must be distinct finite numbers >= 0 (multiples of c*)"),
+            (pos_int(self.w), f"w={self.w!r} must be an integer >= 1 (the rollout window in tokens)"),
+            ((self.fork_step is None) != (self.n_log_forks is None),
+             f"give exactly one of fork_step or n_log_forks, got fork_step={self.fork_step!r}, "
+             f"n_log_forks={self.n_log_forks!r}"),
+            (self.fork_step is None or pos_int(self.fork_step), f"fork step={self.fork_step!r} must be an integer > 0"),
+            (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0,
+             f"threshold={self.threshold!r} must be in the open interval (0, 1)"),
+            (isinstance(self.splice, str) and self.splice.strip() != "", f"splice={self.splice!r} must be non-empty"),
+            (self.n_eval is None or (pos_int(self.n_eval) and self.n_eval <= n_questions),
+             f"n_eval={self.n_eval!r} must be None or an integer in [1, {n_questions}] (bundled questions)"),
+            (pos_int(self.batch_size), f"batch_size={self.batch_size!r} must be an integer >= 1"),
+            (pos_int(self.fork_batch), f"fork_batch={self.fork_batch!r} must be an integer >= 1"),
+            (pos_int(self.smooth), f"smooth={self.smooth!r} must be an integer >= 1"),
+        ]  # fmt: skip
+        problems = [msg for ok, msg in checks if not ok]
+        if not problems:
+            try:
+                self.fork_points()
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            raise ValueError("survival: " + "; ".join(problems))
+        self.alphas = [float(a) for a in self.alphas]
+
+    def fork_points(self) -> np.ndarray:
+        """The forks: :func:`heal_pl.survival.table.fork_schedule` of ``w`` with ``fork_step`` or ``n_log_forks``."""
+        return fork_schedule(self.w, step=self.fork_step, n_log=self.n_log_forks)
+
+    def answer_sets(self) -> tuple[AnswerSet, AnswerSet]:
+        return AnswerSet("true", tuple(self.true_variants)), AnswerSet("false", tuple(self.false_variants))
+
+
+def label_of(sign: str, alpha: float) -> str:
+    """``"0"`` for α = 0, else the sign and α: ``"+0.25"``, ``"-4"``."""
+    return "0" if alpha == 0 else f"{sign}{alpha:g}"
+
+
+def _slug(label: str) -> str:
+    return label if label == "0" else f"{SIGN_WORD[label[0]]}_{label[1:]}"
+
+
+def probe_check(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, method: SteeringMethod, prompts: Sequence[str],
+    answers: Sequence[bool], config: SweepConfig, answer_ids: Mapping[str, Sequence[int]],
+) -> dict[str, float]:
+    """Unsteered probe at fork 0 on ``prompts``: ``mean_pmass``, ``share_alive`` (pmass ≥ threshold), ``accuracy``."""
+    pm, pt = [], []
+    for prompt in prompts:
+        r = fork_probe(model, tokenizer, prompt, method, 0.0, 1, [0], config.splice, answer_ids)
+        pm.append(r.pmass[0])
+        pt.append(r.p_true[0])
+    pm_a, pt_a = np.asarray(pm), np.asarray(pt)
+    return {"n": len(prompts), "mean_pmass": float(pm_a.mean()),
+            "share_alive": float(np.mean(pm_a >= config.threshold)),
+            "accuracy": float(np.mean((pt_a > 0.5) == np.asarray(answers, dtype=bool)))}  # fmt: skip
+
+
+def eval_prompts(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: SweepConfig
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The evaluation questions and their chat prompts; ``ValueError`` (naming ``w``) when prompt + ``w`` +
+    splice do not fit the model's context."""
+    evals = load_questions("eval")[: config.n_eval]
+    prompts = [chat_prompt(tokenizer, q["prompt"], None) for q in evals]
+    splice = splice_text(THINK_OPEN, config.splice) if has_thinking_tokens(tokenizer) else config.splice
+    n_splice = len(tokenizer(splice, add_special_tokens=False)["input_ids"])
+    n_prompt = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    check_window(model, n_prompt, config.w, n_splice)
+    return evals, prompts
+
+
+def sweep_survival(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    method: SteeringMethod,
+    c_stars: Mapping[str, float],
+    config: SweepConfig,
+    answer_ids: Mapping[str, Sequence[int]],
+    out_dir: str | Path,
+    kl_target: float = 1.0,
+    writer: Any = None,
+    tag_prefix: str = "survival/",
+    step: int = 0,
+) -> dict[str, Any]:
+    """Run the sweep of the module docstring, write every file (and TensorBoard, if ``writer``), return the summary.
+
+    Args:
+        model: the steered model (eval mode is set and restored by the measuring functions).
+        method: the steering method; c_stars: ``{"+": c*, "-": c*}`` (either or both signs).
+        answer_ids: from :func:`heal_pl.survival.probes.answer_token_ids` with ``config.answer_sets()``.
+        kl_target: the calibration's KL target (the dotted line of the spaghetti figure).
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (or ``None``); tag_prefix replaces ``survival/`` in
+            its tags and the figures are written at ``step``.
+
+    Returns:
+        ``{"table": [row per label], "trajectories": [...], "probe_check": {...}, "fork_points": [...]}``.
+    """
+    if not c_stars or set(c_stars) - set(SIGN_WORD):
+        raise ValueError(f"c_stars={dict(c_stars)!r} must map '+' and/or '-' to c* > 0")
+    bad = {k: v for k, v in c_stars.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"c_stars {bad} must be finite and > 0")
+    evals, prompts = eval_prompts(model, tokenizer, config)
+    calib = load_questions("calib")
+    forks = config.fork_points()
+    eos = set(eos_ids(tokenizer, model, None).tolist())
+    check = probe_check(model, tokenizer, method, [chat_prompt(tokenizer, q["prompt"], None) for q in calib],
+                        [q["answer"] for q in calib], config, answer_ids)  # fmt: skip
+    runs = [("+" if "+" in c_stars else "-", 0.0)]
+    runs += [(s, a) for s in ("+", "-") if s in c_stars for a in config.alphas if a != 0]
+    rows, trajectories, tables = [], [], {}
+    for sign, alpha in tqdm(runs, desc="survival sweep", unit="α"):
+        label = label_of(sign, alpha)
+        coeff = (1.0 if sign == "+" else -1.0) * alpha * float(c_stars[sign])
+        traj = measure_kl(model, tokenizer, prompts, method, coeff, config.w, config.batch_size,
+                          eos_token_id=None if config.stop_at_eos else [])  # fmt: skip
+        results = [probe_forks(model, tokenizer, p, toks, method, coeff, config.w, forks, config.splice, answer_ids,
+                               fork_batch=config.fork_batch)
+                   for p, toks in tqdm(list(zip(prompts, traj.tokens, strict=True)), desc=f"forks {label}",
+                                       unit="prompt", leave=False)]  # fmt: skip
+        pmass = np.stack([r.pmass for r in results])
+        gen_lens = np.asarray([r.gen_len for r in results])
+        table = survival_table(pmass, gen_lens, forks, config.threshold)
+        tables[label] = table
+        rows.append({"label": label, "sign": "0" if alpha == 0 else sign, "alpha": alpha, "coeff": coeff,
+                     **{k: table[k] for k in ("n", "died", "censored", "t_mid", "S_mid", "S_end", "t_half")},
+                     "kl_p95": traj.stats["p95"], "kl_mean": traj.stats["mean"]})  # fmt: skip
+        for i, (q, r, kl) in enumerate(zip(evals, results, traj.kl, strict=True)):
+            toks = r.tokens.tolist()
+            trajectories.append({
+                "label": label, "sign": rows[-1]["sign"], "alpha": alpha, "coeff": coeff, "prompt_index": i,
+                "question": q["prompt"], "answer": q["answer"], "gen_len": r.gen_len,
+                "eos": bool(toks and toks[-1] in eos), "text": tokenizer.decode(toks), "tokens": toks,
+                "kl": kl.tolist(), "pmass": r.pmass.tolist(), "p_true": r.p_true.tolist(),
+                "duration": int(table["durations"][i]), "died": bool(table["observed"][i]),
+            })  # fmt: skip
+    summary = {"fork_points": forks.tolist(), "c_star": dict(c_stars), "kl_target": kl_target,
+               "config": asdict(config), "probe_check": check, "table": rows}  # fmt: skip
+    write_outputs(Path(out_dir), summary, trajectories, tables, kl_target, config, writer, tag_prefix, step)
+    return {**summary, "trajectories": trajectories}
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "never"
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The per-α table as markdown; ``t_half`` ``None`` reads ``never``."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in TABLE_COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _nan_to_none(xs: Sequence[float]) -> list[float | None]:
+    """Standard JSON has no NaN: a fork past the trajectory's end is written as null."""
+    return [None if x != x else x for x in xs]
+
+
+def write_outputs(
+    out: Path, summary: Mapping[str, Any], trajectories: Sequence[Mapping[str, Any]], tables: Mapping[str, Mapping],
+    kl_target: float, config: SweepConfig, writer: Any = None, tag_prefix: str = "survival/", step: int = 0,
+) -> None:
+    """Write the files (and TensorBoard entries) listed in the module docstring."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summary["table"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    strict = [{**t, "pmass": _nan_to_none(t["pmass"]), "p_true": _nan_to_none(t["p_true"])} for t in trajectories]
+    (out / "trajectories.json").write_text(
+        json.dumps({"fork_points": summary["fork_points"], "trajectories": strict}, allow_nan=False)
+    )
+    with open(out / "survival.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, TABLE_COLUMNS)
+        w.writeheader()
+        w.writerows({**{c: r[c] for c in TABLE_COLUMNS}, "t_half": _fmt(r["t_half"])} for r in rows)
+    (out / "survival.md").write_text(markdown_table(rows))
+    forks = summary["fork_points"]
+    with open(out / "trajectories.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "alpha", "coeff", "prompt_index", "gen_len", "fork", "t", "pmass", "p_true"])
+        for tr in trajectories:
+            for j, t in enumerate(forks):
+                w.writerow([tr["label"], tr["alpha"], tr["coeff"], tr["prompt_index"], tr["gen_len"], j, t,
+                            tr["pmass"][j], tr["p_true"][j]])  # fmt: skip
+    with open(out / "kl.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "prompt_index", "position", "kl"])
+        for tr in trajectories:
+            w.writerows([tr["label"], tr["prompt_index"], p, v] for p, v in enumerate(tr["kl"]))
+    figures = out / "figures"
+    for label in tables:
+        trs = [t for t in trajectories if t["label"] == label]
+        fig = spaghetti_figure([t["kl"] for t in trs], [t["duration"] if t["died"] else None for t in trs],
+                               [t["gen_len"] - 1 if t["eos"] else None for t in trs], target=kl_target,
+                               smooth=config.smooth, normalise=config.normalise,
+                               title=f"α = {label} · c*  (red: after death, pmass < {config.threshold:g})")  # fmt: skip
+        save_figure(fig, figures / f"spaghetti_{_slug(label)}.png")
+        if writer is not None:
+            writer.add_figure(f"{tag_prefix}spaghetti/{label}", fig, step)
+    for sign in (s for s in SIGN_WORD if s in summary["c_star"]):
+        mine = {lab: t for lab, t in tables.items() if lab == "0" or lab.startswith(sign)}
+        fig = survival_figure(mine, title=f"Kaplan–Meier, sign {sign}, c* = {summary['c_star'][sign]:.3g}",
+                              horizon=float(forks[-1]))
+        save_figure(fig, figures / f"survival_{SIGN_WORD[sign]}.png")
+        if writer is not None:
+            writer.add_figure(f"{tag_prefix}curves/{sign}", fig, step)
+            for r in rows:
+                if r["label"] == "0" or r["sign"] == sign:
+                    for key in ("S_mid", "S_end", "died", "censored", "kl_p95"):
+                        writer.add_scalar(f"{tag_prefix}{sign}/{key}", float(r[key]), round(100 * r["alpha"]))
+    if writer is not None:
+        writer.flush()
