@@ -124,6 +124,6 @@ def test_callback_batch_without_labels_says_so() -> None:
     cb.setup(None, foreign, "fit")  # type: ignore[arg-type]
     try:
         with pytest.raises(ValueError, match="labels"):
-            cb._batch_logits({"input_ids": torch.zeros(1, 3)}, [], "step 0")
+            cb._student({"input_ids": torch.zeros(1, 3)}, [], "step 0")
     finally:
         cb.teardown(None, foreign, "fit")  # type: ignore[arg-type]
