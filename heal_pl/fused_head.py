@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_BLOCK_BYTES = 2**25  # a bf16/fp16 head is upcast at most this many float32 bytes of its vocabulary at a time
+_BLOCK_BYTES = 2**23  # a bf16/fp16 head is upcast at most this many float32 bytes of its vocabulary at a time
 
 
 @dataclass(frozen=True)
