@@ -5,9 +5,9 @@ Lightning restores the step and batch counters but not the data order: it asks t
 resume only if the loader has ``state_dict``/``load_state_dict``, and otherwise restarts the epoch's
 iteration from its first batch. Two more things decide the rest of the run:
 
-* the data position — which epoch's permutation, and how many of its batches are done. The data module saves
-  it (:func:`data_state`, :func:`resume_point`) and its :class:`~heal_pl.data.EpochShuffleSampler` skips those batches' indices
-  (``skip = batches_done · batch_size``) in that epoch only;
+* the data position — which epoch's permutation, and how many of its batches are done. The data module
+  saves it (:func:`data_state`, :func:`resume_point`) and its :class:`~heal_pl.data.EpochShuffleSampler`
+  skips those batches' indices (``skip = batches_done · batch_size``) in that epoch only;
 * the global RNG (LoRA dropout). :func:`rng_state` is saved with the checkpoint and :func:`set_rng_state`
   puts it back right before the first training batch after the resume, so no RNG draw made while resuming
   (sanity validation, model init) reaches the masks. DataLoaders carry their own generator, so creating an

@@ -145,5 +145,6 @@ def test_resume_point_mid_epoch_and_at_epoch_ends() -> None:
 @pytest.mark.parametrize("field", sorted(SETTINGS))
 def test_resume_mid_epoch_with_other_data_settings_names_the_setting(field: str) -> None:
     state = {"epoch": 0, "batches_done": 2, **SETTINGS}
-    with pytest.raises(ValueError, match=rf"data\.{field}={SETTINGS[field]} in the checkpoint, {SETTINGS[field] + 1} now"):
+    expected = rf"data\.{field}={SETTINGS[field]} in the checkpoint, {SETTINGS[field] + 1} now"
+    with pytest.raises(ValueError, match=expected):
         resume_point(state, {**SETTINGS, field: SETTINGS[field] + 1})
