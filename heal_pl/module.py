@@ -243,9 +243,20 @@ class HealModule(L.LightningModule):
         checkpoint[RNG_KEY] = rng_state()  # the dropout masks of the steps after a resume (heal_pl.resume)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        source = f"checkpoint {self.trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
+        trained_on = checkpoint.get("hyper_parameters", {}).get("model", self.hparams.model)
+        if trained_on != self.hparams.model:
+            raise ValueError(f"{source} was trained with model={trained_on!r}, but this run has "
+                             f"model={self.hparams.model!r}")  # fmt: skip
         missing = self.trainable_names() - set(checkpoint["state_dict"])
         if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
+            raise KeyError(f"{source} lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
+        shapes = {k: tuple(p.shape) for k, p in self.named_parameters()}
+        wrong = [f"{k} is {tuple(v.shape)} there, {shapes[k]} here"
+                 for k, v in checkpoint["state_dict"].items() if shapes.get(k, tuple(v.shape)) != tuple(v.shape)]
+        if wrong:
+            raise ValueError(f"{source} holds an adapter of another shape (model.lora / model.routed differ?): "
+                             f"{wrong[0]} ({len(wrong)} tensors differ)")  # fmt: skip
         self.__dict__["_resume_rng"] = checkpoint.get(RNG_KEY)  # put back before the next train batch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -128,7 +128,7 @@ def run_survival(
         steering: Any = AdapterSteering.from_pretrained(lm, calib_config["adapter_dir"])  # type: ignore[arg-type]
         steered = steering.model
     else:
-        steering, steered = SteeringVector.load(Path(calib_json).parent / "vector.safetensors"), lm
+        steering, steered = SteeringVector.load(Path(calib_json).parent / "vector.safetensors", model=lm), lm
     writer = SummaryWriter(str(out))
     try:
         summary = sweep_survival(steered, tokenizer, steering, {n: float(results[n]["c_star"]) for n in names},
