@@ -13,13 +13,13 @@ and the figures (files and TensorBoard tags listed in :mod:`heal_pl.survival.swe
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
 
 from torch.utils.tensorboard import SummaryWriter
 
+from heal_pl.checks import read_json_object
 from heal_pl.journal import Journal
 from heal_pl.models import load_model, load_tokenizer
 from heal_pl.steering.adapter import AdapterSteering
@@ -39,7 +39,7 @@ def load_calibration(calib_json: str | Path, model: str) -> tuple[dict[str, Any]
     path = Path(calib_json)
     if not path.is_file():
         raise ValueError(f"calib_json={str(path)!r} does not exist; run `heal calibrate` or leave calib_json unset")
-    data = json.loads(path.read_text())
+    data = read_json_object(path, "calib_json")
     if not {"config", "results"} <= set(data):
         raise ValueError(f"calib_json={str(path)!r} is not a heal calibrate output (needs 'config' and 'results')")
     if data["config"].get("model") != model:
