@@ -10,17 +10,43 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
+import torch
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from heal_pl.data import HealDataModule
+from heal_pl.journal import config_changes
 from heal_pl.module import HealModule
 
 
 class HealCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.model")
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a ``--ckpt_path`` whose model settings differ from the config's: LightningCLI would silently
+        replace the config's values by the checkpoint's (a checkpoint of another model, another LoRA rank, ...)."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            ours = self.config[sub]["model"].as_dict()
+            common = [k for k in ours if k in saved]
+            changes = config_changes(_flat({k: saved[k] for k in common}), _flat({k: ours[k] for k in common}))
+            if changes:
+                raise ValueError(f"ckpt_path={str(ckpt_path)!r} was written with other model settings: "
+                                 + "; ".join(f"model.{c}" for c in changes)
+                                 + ". Resume with the checkpoint's settings, or start a new run without ckpt_path")
+        super()._parse_ckpt_path()
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    """One level of nesting as dotted keys: ``{"lora": {"r": 4}}`` -> ``{"lora.r": 4}``."""
+    return {f"{k}.{kk}" if isinstance(v, dict) else k: vv
+            for k, v in d.items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}  # fmt: skip
 
 
 def build_cli(args: list[str] | None = None) -> HealCLI:

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.kl import IGNORE_INDEX
+from heal_pl.resume import data_state, resume_point
 
 log = logging.getLogger("heal_pl")
 
@@ -220,18 +221,23 @@ class EpochShuffleSampler(Sampler[int]):
     """Epoch ``e`` visits ``torch.randperm(n, generator=Generator().manual_seed(seed + e))``.
 
     Lightning calls ``set_epoch`` at the start of every epoch (also after resuming from a checkpoint),
-    so the order depends on ``(seed, epoch)`` only. Under DDP Lightning swaps in its own distributed sampler.
+    so the order depends on ``(seed, epoch)`` only. ``resume=(epoch, skip)`` (a run resumed mid-epoch,
+    :mod:`heal_pl.resume`) drops the first ``skip`` indices of that epoch's permutation, once; ``len`` stays
+    ``n``, as Lightning counts the skipped batches as done. Under DDP Lightning swaps in its own distributed
+    sampler.
     """
 
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int = 0, resume: tuple[int, int] | None = None) -> None:
+        self.n, self.seed, self.epoch, self.resume = n, seed, 0, resume
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(self.n, generator=generator).tolist()
+        skip = self.resume[1] if self.resume is not None and self.resume[0] == self.epoch else 0
+        self.resume = None
+        yield from torch.randperm(self.n, generator=generator).tolist()[skip:]
 
     def __len__(self) -> int:
         return self.n
@@ -300,6 +306,8 @@ class HealDataModule(L.LightningDataModule):
         self.train_set: list[dict[str, list[int]]] = []
         self.val_set: list[dict[str, list[int]]] = []
         self._ready = False
+        self._train_sampler: EpochShuffleSampler | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, indices to skip) from a mid-epoch checkpoint
 
     def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> HealDataModule:
         """Use ``tokenizer`` instead of loading the model's (call before ``setup``)."""
@@ -362,13 +370,30 @@ class HealDataModule(L.LightningDataModule):
         return DataLoader(
             rows, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False, num_workers=workers,
             collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id), persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(self.hparams.seed),  # iterators draw nothing from the global RNG
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, EpochShuffleSampler(len(self.train_set), self.hparams.seed))
+        self._train_sampler = EpochShuffleSampler(len(self.train_set), self.hparams.seed, self._resume)
+        self._resume = None
+        return self._loader(self.train_set, self._train_sampler)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._loader(self.val_set) if self.val_set else []
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         return self.val_dataloader()
+
+    # ------------------------------------------------------------------ exact resume (heal_pl.resume)
+
+    def _settings(self) -> dict[str, int]:
+        return {"seed": self.hparams.seed, "batch_size": self.hparams.batch_size, "n_train": len(self.train_set)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position (epoch, finished batches) and settings, saved in every checkpoint written while fitting."""
+        return data_state(self.trainer, self._train_sampler, self._settings())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A mid-epoch checkpoint: the next train loader skips the batches its run had finished (see
+        :func:`heal_pl.resume.resume_point`, which raises when the data settings changed)."""
+        self._resume = resume_point(state, self._settings(), self.trainer.world_size if self.trainer else 1)

@@ -37,6 +37,7 @@ from heal_pl.kl import (
 from heal_pl.lm import LMHead, base_dropout_off, base_lm, check_head, gather_rows, last_hidden, ref_rows
 from heal_pl.metrics import TokenKLStats
 from heal_pl.models import load_model
+from heal_pl.resume import RNG_KEY, rng_state, set_rng_state
 from heal_pl.routing.train import hack_decay_groups
 
 log = logging.getLogger("heal_pl")
@@ -253,11 +254,28 @@ class HealModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[RNG_KEY] = rng_state()  # the dropout masks of the steps after a resume (heal_pl.resume)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        source = f"checkpoint {self.trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
+        trained_on = checkpoint.get("hyper_parameters", {}).get("model", self.hparams.model)
+        if trained_on != self.hparams.model:
+            raise ValueError(f"{source} was trained with model={trained_on!r}, but this run has "
+                             f"model={self.hparams.model!r}")  # fmt: skip
         missing = self.trainable_names() - set(checkpoint["state_dict"])
         if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
+            raise KeyError(f"{source} lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
+        shapes = {k: tuple(p.shape) for k, p in self.named_parameters()}
+        wrong = [f"{k} is {tuple(v.shape)} there, {shapes[k]} here"
+                 for k, v in checkpoint["state_dict"].items() if shapes.get(k, tuple(v.shape)) != tuple(v.shape)]
+        if wrong:
+            raise ValueError(f"{source} holds an adapter of another shape (model.lora / model.routed differ?): "
+                             f"{wrong[0]} ({len(wrong)} tensors differ)")  # fmt: skip
+        self.__dict__["_resume_rng"] = checkpoint.get(RNG_KEY)  # put back before the next train batch
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if (state := self.__dict__.pop("_resume_rng", None)) is not None:
+            set_rng_state(state)
 
     def on_train_end(self) -> None:
         root = self.trainer.log_dir or self.trainer.default_root_dir  # log_dir is a collective under DDP

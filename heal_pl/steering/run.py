@@ -11,13 +11,13 @@ KL(steered ‖ base) along the greedy trajectory of the next ``n_calib`` questio
 
 Writes into ``out_dir``: ``calib.json`` (config + full results), ``history.csv`` (every evaluation),
 ``summary.csv`` (one row per sign), ``audit.csv``, ``vector.safetensors`` (when a vector was fitted)
-and TensorBoard scalars under ``calibrate/``.
+and TensorBoard scalars under ``calibrate/``. Every finished evaluation is recorded in ``out_dir/journal/``
+(:mod:`heal_pl.journal`): rerun the same config with the same ``out_dir`` after a kill and it continues from them.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +26,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from heal_pl.journal import Journal, atomic_path, write_json
 from heal_pl.models import load_model, load_tokenizer
 from heal_pl.prompts import NEUTRAL, PIRATE, chat_prompt, questions
 from heal_pl.steering.adapter import AdapterSteering
@@ -85,6 +86,7 @@ def run_calibration(
         raise ValueError("heal calibrate: " + "; ".join(problems))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / "journal", {k: v for k, v in config.items() if k != "out_dir"}, "heal calibrate")
     tokenizer, lm = load_tokenizer(model), load_model(model)
     qs = questions(n_fit + n_calib + n_audit)
     fit_q, calib_q, audit_q = qs[:n_fit], qs[n_fit : n_fit + n_calib], qs[n_fit + n_calib :]
@@ -94,8 +96,13 @@ def run_calibration(
     else:
         pos = [chat_prompt(tokenizer, q, pos_system) for q in fit_q]
         neg = [chat_prompt(tokenizer, q, neg_system) for q in fit_q]
-        steering = SteeringVector.fit(lm, tokenizer, pos, neg, method=method, layers=layers, model_name=model)
-        steering.save(out / "vector.safetensors")
+        if journal.get("vector") is not None and (out / "vector.safetensors").is_file():  # a rerun: the same vector
+            steering = SteeringVector.load(out / "vector.safetensors")
+        else:
+            steering = SteeringVector.fit(lm, tokenizer, pos, neg, method=method, layers=layers, model_name=model)
+            with atomic_path(out / "vector.safetensors") as tmp:
+                steering.save(tmp)
+            journal.record("vector", {"file": "vector.safetensors"})
         target_model = lm
     calib_prompts = [chat_prompt(tokenizer, q, None) for q in calib_q]
     audit_prompts = [chat_prompt(tokenizer, q, None) for q in audit_q]
@@ -117,7 +124,7 @@ def run_calibration(
             result = calibrate_method(
                 target_model, tokenizer, steering, calib_prompts, audit_prompts, target=target, stat=stat,
                 bracket=tuple(bracket), sign=sign, tol=tol, max_iters=max_iters, max_new_tokens=max_new_tokens,
-                batch_size=batch_size, on_evaluation=on_eval,
+                batch_size=batch_size, on_evaluation=on_eval, journal=journal,
             )  # fmt: skip
         bar.close()
         for key in ("c_star", "stat_star", "evaluations", "audit_ratio"):
@@ -131,7 +138,7 @@ def run_calibration(
 
 
 def _write_outputs(out: Path, config: dict[str, Any], results: dict[str, Any], stat: str) -> None:
-    (out / "calib.json").write_text(json.dumps({"config": config, "results": results}, indent=2, default=str))
+    write_json(out / "calib.json", {"config": config, "results": results}, indent=2, default=str)  # atomic
     with open(out / "history.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["sign", "evaluation", "c", "coeff", *STATS])
