@@ -118,6 +118,7 @@ def read_forks(
             mask = plan.masks(lambda w: batched_fork_mask(ks, width, kmax, dtype, w).to(device))  # noqa: B023
             rows = sorted(set(n - 1 for n in lens))
             logits = _forward(model, ids, pos, mask, read_cache(model, cache, ks), torch.tensor(rows, device=device))
-            logits = logits[torch.arange(len(fs), device=device), torch.tensor([rows.index(n - 1) for n in lens])]
+            logits = logits[torch.arange(len(fs), device=device),
+                            torch.tensor([rows.index(n - 1) for n in lens], device=device)]
         pmass[start : start + len(fs)], p_true[start : start + len(fs)] = _probe(logits, answer_ids, true_name)
     return pmass, p_true
