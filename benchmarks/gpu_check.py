@@ -212,7 +212,8 @@ def main() -> None:
     for r in results:
         detail = r["out"] if r["check"].startswith("routing") else table_lines(r["out"])[:300]
         if r["check"] == "forks == recompute" and forks:
-            detail = ", ".join(f"{k}: max rel {v['max_rel']:.1e}" for k, v in forks.items())
+            detail = ", ".join(f"{k}: max rel {v['max_rel']:.1e}" if v["same_tokens"] else f"{k}: greedy tokens differ"
+                               for k, v in forks.items())  # fmt: skip
         if r["check"].startswith("fit") and fits.get(r["check"].split()[1]):
             f = fits[r["check"].split()[1]]
             detail = f"{f['steps']} steps, route metrics {f['route']}"
