@@ -15,6 +15,8 @@ A fork ``j`` reads on "the rollout's cache cropped to its first ``k_j`` position
 
 Anything else (another cache layer class, chunked attention, an attention kernel that takes no 4-D mask) gets no
 plan: the forks are recomputed (:func:`heal_pl.survival.forks.fork_probe_recompute`), with one log line.
+
+:func:`rollout` (greedy, snapshotting at the forks) and :func:`prefill` (from given tokens) build the cache.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from heal_pl.generate import cache_kwargs
 from heal_pl.lm import base_lm
 
 try:  # the layer classes of transformers' per-layer caches; older versions lack some (then: no plan)
@@ -216,3 +219,63 @@ def read_cache(model: nn.Module, cache: ForkCache, keeps: Sequence[int]) -> Fork
                 dst.recurrent_states[s].copy_(torch.cat(rec))
             dst.has_previous_state[s] = src.has_previous_state[s]
     return out
+
+
+def rollout(
+    model: nn.Module, prompt_ids: list[int], w: int, eos: Tensor, forks: Sequence[int] | None = None
+) -> tuple[list[int], ForkCache]:
+    """Greedy ``y_1 … y_g`` (current context) and the :class:`~heal_pl.survival.fork_cache.ForkCache` of
+    ``x ⊕ y_<g`` (``P + g − 1`` positions; sliding-window layers keep every position).
+
+    On a cache with recurrent (linear-attention) layers the fixed-size state is snapshotted after ``P + t``
+    positions for each ``t`` in ``forks`` (``None``: after every step) and after the last step.
+
+    Raises:
+        ValueError: the model's cache cannot be forked exactly (:func:`~heal_pl.survival.fork_cache.fork_plan`).
+    """
+    plan = require_plan(model)
+    cache = new_cache(model, plan)
+    want = None if forks is None else {int(t) for t in forks}
+    device = next(model.parameters()).device
+    eos_set = set(eos.tolist())
+    cur = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    pos = torch.arange(len(prompt_ids), device=device)[None]
+    gen: list[int] = []
+    for step in range(w):
+        logits = model(input_ids=cur, position_ids=pos, use_cache=True, logits_to_keep=1,
+                       **cache_kwargs(model, cache)).logits  # fmt: skip
+        if want is None or step in want:
+            snapshot(cache, len(prompt_ids) + step)
+        nxt = int(logits[0, -1].argmax(-1))
+        gen.append(nxt)
+        if nxt in eos_set or len(gen) == w:
+            break
+        cur, pos = torch.tensor([[nxt]], device=device), pos[:, -1:] + 1
+    if cache.get_seq_length() not in cache.states:
+        snapshot(cache, cache.get_seq_length())  # the fork at t = g starts here
+    return gen, cache
+
+
+def require_plan(model: nn.Module) -> ForkPlan:
+    plan = fork_plan(model)
+    if plan is None:
+        raise ValueError(f"model: the cache of {type(base_lm(model)).__name__} cannot be forked exactly (see the "
+                         "log line); use fork_probe_recompute")
+    return plan
+
+
+def prefill(model: nn.Module, plan: ForkPlan, prompt_ids: list[int], gen: list[int], keeps: list[int]) -> ForkCache:
+    """The cache of ``x ⊕ y_<g`` (``P + g − 1`` positions) in the current (steering) context: one forward, or one
+    per stretch between fork points on a cache with recurrent layers (snapshotted at each ``keeps``)."""
+    device = next(model.parameters()).device
+    backbone, cache = base_lm(model).get_decoder(), new_cache(model, plan)
+    seq = (prompt_ids + gen)[:-1]
+    cuts = sorted({k for k in keeps if 0 < k < len(seq)} | {len(seq)}) if plan.mode == "batched" else [len(seq)]
+    start = 0
+    for end in cuts:
+        backbone(input_ids=torch.tensor([seq[start:end]], dtype=torch.long, device=device),
+                 position_ids=torch.arange(start, end, device=device)[None], use_cache=True,
+                 **cache_kwargs(backbone, cache))  # fmt: skip
+        snapshot(cache, end)
+        start = end
+    return cache

@@ -4,15 +4,13 @@ For one prompt ``x`` (``P`` tokens, encoded without special tokens), a steering 
 window ``w`` and fork points ``0 ≤ t_0 < t_1 < … ≤ w``:
 
 1. greedy-roll out ``y_1 … y_g`` under the steering context, ``g ≤ w`` (``gen_len``), stopping at the first
-   end-of-sequence token (kept, like :mod:`heal_pl.steering.trajectory`); the KV cache of ``x ⊕ y_<g`` is kept;
+   end-of-sequence token (kept, like :mod:`heal_pl.steering.trajectory`); the cache of ``x ⊕ y_<g`` is kept
+   (``C = P + g − 1`` positions; what each layer kind keeps: :mod:`heal_pl.survival.fork_cache`);
 2. at each fork ``t_j ≤ g`` (``t = 0``: right after the prompt; ``t = g``: after the last generated token, the
-   EOS included) the probe reads the context ``c_t = x ⊕ y_1 … y_t`` followed by the splice ``s_t``,
-   reusing the rollout's cache (``C = P + g − 1`` positions) and feeding ONLY the splice tokens (plus
-   ``y_g`` for the fork at ``t = g``, whose key/values the rollout never computed). The forks are read
-   together, packed into one row (at most ``fork_batch`` forks per forward): fork ``j`` feeds
-   ``f_j = y_{k_j − P + 1} … y_t ⊕ s_t`` with ``k_j = min(P + t_j, C)`` at positions ``k_j, k_j + 1, …``, under
-   the attention mask of :mod:`heal_pl.survival.fork_mask`: exactly "crop the cache to ``k_j`` positions, then feed
-   ``f_j``" without copying the cache (the cache leaves as it came);
+   EOS included) fork ``j`` feeds ONLY ``f_j = y_{k_j − P + 1} … y_t ⊕ s_t`` (the splice ``s_t``, plus ``y_g`` at
+   ``t = g``, whose key/values the rollout never computed) at positions ``k_j, k_j + 1, …``, ``k_j = min(P + t_j,
+   C)``, on the cache "cropped to ``k_j``" by a mask (at most ``fork_batch`` forks per forward;
+   :mod:`heal_pl.survival.fork_mask`); the cache leaves as it came;
 3. with ``z`` the next-token logits at the end of the splice (:func:`heal_pl.survival.probes.probe_from_logits`)
 
        pmass_t  = Σ_k p(A_k | c_t ⊕ s_t)          p_true_t = p(A_true | c_t ⊕ s_t) / pmass_t
@@ -44,10 +42,10 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.generate import cache_kwargs, eos_ids, greedy_generate
+from heal_pl.generate import eos_ids, greedy_generate
 from heal_pl.lm import base_lm
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
-from heal_pl.survival.fork_cache import ForkCache, ForkPlan, fork_plan, new_cache, snapshot
+from heal_pl.survival.fork_cache import ForkCache, fork_plan, prefill, rollout
 from heal_pl.survival.fork_mask import packed_fork_mask, read_forks
 from heal_pl.survival.probes import THINK_OPEN, has_thinking_tokens, probe_from_logits, splice_text
 from heal_pl.survival.table import fork_schedule
@@ -180,66 +178,6 @@ def _steered_eval(model: nn.Module, method: SteeringMethod, coeff: float, layers
         model.train(was_training)
 
 
-def rollout(
-    model: nn.Module, prompt_ids: list[int], w: int, eos: Tensor, forks: Sequence[int] | None = None
-) -> tuple[list[int], ForkCache]:
-    """Greedy ``y_1 … y_g`` (current context) and the :class:`~heal_pl.survival.fork_cache.ForkCache` of
-    ``x ⊕ y_<g`` (``P + g − 1`` positions; sliding-window layers keep every position).
-
-    On a cache with recurrent (linear-attention) layers the fixed-size state is snapshotted after ``P + t``
-    positions for each ``t`` in ``forks`` (``None``: after every step) and after the last step.
-
-    Raises:
-        ValueError: the model's cache cannot be forked exactly (:func:`~heal_pl.survival.fork_cache.fork_plan`).
-    """
-    plan = _require_plan(model)
-    cache = new_cache(model, plan)
-    want = None if forks is None else {int(t) for t in forks}
-    device = next(model.parameters()).device
-    eos_set = set(eos.tolist())
-    cur = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    pos = torch.arange(len(prompt_ids), device=device)[None]
-    gen: list[int] = []
-    for step in range(w):
-        logits = model(input_ids=cur, position_ids=pos, use_cache=True, logits_to_keep=1,
-                       **cache_kwargs(model, cache)).logits  # fmt: skip
-        if want is None or step in want:
-            snapshot(cache, len(prompt_ids) + step)
-        nxt = int(logits[0, -1].argmax(-1))
-        gen.append(nxt)
-        if nxt in eos_set or len(gen) == w:
-            break
-        cur, pos = torch.tensor([[nxt]], device=device), pos[:, -1:] + 1
-    if cache.get_seq_length() not in cache.states:
-        snapshot(cache, cache.get_seq_length())  # the fork at t = g starts here
-    return gen, cache
-
-
-def _require_plan(model: nn.Module) -> ForkPlan:
-    plan = fork_plan(model)
-    if plan is None:
-        raise ValueError(f"model: the cache of {type(base_lm(model)).__name__} cannot be forked exactly (see the "
-                         "log line); use fork_probe_recompute")
-    return plan
-
-
-def _prefill(model: nn.Module, plan: ForkPlan, prompt_ids: list[int], gen: list[int], keeps: list[int]) -> ForkCache:
-    """The cache of ``x ⊕ y_<g`` (``P + g − 1`` positions) in the current (steering) context: one forward, or one
-    per stretch between fork points on a cache with recurrent layers (snapshotted at each ``keeps``)."""
-    device = next(model.parameters()).device
-    backbone, cache = base_lm(model).get_decoder(), new_cache(model, plan)
-    seq = (prompt_ids + gen)[:-1]
-    cuts = sorted({k for k in keeps if 0 < k < len(seq)} | {len(seq)}) if plan.mode == "batched" else [len(seq)]
-    start = 0
-    for end in cuts:
-        backbone(input_ids=torch.tensor([seq[start:end]], dtype=torch.long, device=device),
-                 position_ids=torch.arange(start, end, device=device)[None], use_cache=True,
-                 **cache_kwargs(backbone, cache))  # fmt: skip
-        snapshot(cache, end)
-        start = end
-    return cache
-
-
 def _read_cached(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, setup: _Setup, prompt: str, splice: str,
     gen: list[int], cache: ForkCache, answer_ids: Mapping[str, Sequence[int]], true_name: str, fork_batch: int,
@@ -356,7 +294,7 @@ def probe_forks(
                                      answer_ids, true_name, layers)  # fmt: skip
     with _steered_eval(model, method, coeff, layers):
         if cache is None:
-            cache = _prefill(model, plan, setup.prompt_ids, gen, _keeps(setup, gen, cached))
+            cache = prefill(model, plan, setup.prompt_ids, gen, _keeps(setup, gen, cached))
         pmass, p_true = _read_cached(model, tokenizer, setup, prompt, splice, gen, cache, answer_ids, true_name,
                                      int(fork_batch))  # fmt: skip
     return _result(setup, gen, coeff, w, pmass, p_true)

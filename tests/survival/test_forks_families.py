@@ -65,7 +65,9 @@ def test_the_gemma3_window_is_shorter_than_the_rollout_and_matters(tokenizer, mo
     ids, vec = answer_token_ids(tokenizer), random_vector()
     ref = fork_probe_recompute(model, tokenizer, PROMPT, vec, COEFF, W, STEP, SPLICE, ids, eos_token_id=[])
     # read without the window (as if every layer were full attention): the numbers move, so the tests above see it
-    monkeypatch.setattr("heal_pl.survival.forks.fork_plan", lambda m: dataclasses.replace(plan, window=10**6))
+    no_window = dataclasses.replace(plan, window=10**6)
+    monkeypatch.setattr("heal_pl.survival.forks.fork_plan", lambda m: no_window)
+    monkeypatch.setattr("heal_pl.survival.fork_cache.fork_plan", lambda m: no_window)  # the rollout's cache
     wrong = fork_probe(model, tokenizer, PROMPT, vec, COEFF, W, STEP, SPLICE, ids, eos_token_id=[])
     assert np.nanmax(np.abs(wrong.pmass - ref.pmass) / ref.pmass) > 1e-2
 
