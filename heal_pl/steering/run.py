@@ -26,8 +26,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from heal_pl.hardware import load_on
 from heal_pl.journal import Journal, atomic_path, write_json
-from heal_pl.models import load_model, load_tokenizer
+from heal_pl.models import Dtype, load_tokenizer
 from heal_pl.prompts import NEUTRAL, PIRATE, chat_prompt, questions
 from heal_pl.steering.adapter import AdapterSteering
 from heal_pl.steering.isokl import calibrate_method
@@ -38,6 +39,8 @@ log = logging.getLogger("heal_pl")
 
 def run_calibration(
     model: str = "smollm2-135m-instruct",
+    device: str = "auto",
+    dtype: Dtype = "float32",
     method: Literal["mean_diff", "pca", "directional_ablation", "adapter"] = "mean_diff",
     adapter_dir: str | None = None,
     layers: list[float] | list[int] | float | int = 0.5,
@@ -60,6 +63,8 @@ def run_calibration(
 
     Args:
         model: model alias, folder or Hugging Face id.
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (:mod:`heal_pl.hardware`).
+        dtype: the dtype the weights are loaded in: ``float32``, ``bfloat16`` or ``float16``.
         method: a vector to fit (mean_diff | pca | directional_ablation) or ``adapter`` (needs ``adapter_dir``).
         adapter_dir: a peft adapter folder (e.g. ``runs/rmse/version_0/adapter``) for ``method: adapter``.
         layers: decoder blocks to steer, as depth fractions (floats) or indices (ints).
@@ -87,7 +92,8 @@ def run_calibration(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / "journal", {k: v for k, v in config.items() if k != "out_dir"}, "heal calibrate")
-    tokenizer, lm = load_tokenizer(model), load_model(model)
+    lm = load_on(model, device, dtype)  # device and dtype checked before any other work
+    tokenizer = load_tokenizer(model)
     qs = questions(n_fit + n_calib + n_audit)
     fit_q, calib_q, audit_q = qs[:n_fit], qs[n_fit : n_fit + n_calib], qs[n_fit + n_calib :]
     if method == "adapter":

@@ -20,8 +20,9 @@ from typing import Any, Literal
 from torch.utils.tensorboard import SummaryWriter
 
 from heal_pl.checks import read_json_object
+from heal_pl.hardware import check_dtype, load_on, resolve_device
 from heal_pl.journal import Journal
-from heal_pl.models import load_model, load_tokenizer
+from heal_pl.models import Dtype, load_tokenizer
 from heal_pl.steering.adapter import AdapterSteering
 from heal_pl.steering.run import run_calibration
 from heal_pl.steering.vectors import SteeringVector
@@ -30,7 +31,8 @@ from heal_pl.survival.sweep import ALPHAS, SPLICE, SweepConfig, eval_prompts, ma
 
 log = logging.getLogger("heal_pl")
 
-OWN = ("model", "method", "adapter_dir", "layers", "target", "stat", "signs", "out_dir")  # set by run_survival
+# set by run_survival
+OWN = ("model", "device", "dtype", "method", "adapter_dir", "layers", "target", "stat", "signs", "out_dir")
 CALIBRATION_KEYS = sorted(set(inspect.signature(run_calibration).parameters) - set(OWN))  # the `calibration` dict
 
 
@@ -50,6 +52,8 @@ def load_calibration(calib_json: str | Path, model: str) -> tuple[dict[str, Any]
 
 def run_survival(
     model: str = "smollm2-135m-instruct",
+    device: str = "auto",
+    dtype: Dtype = "float32",
     calib_json: str | None = None,
     method: Literal["mean_diff", "pca", "directional_ablation", "adapter"] = "mean_diff",
     adapter_dir: str | None = None,
@@ -78,6 +82,8 @@ def run_survival(
 
     Args:
         model: model alias, folder or Hugging Face id.
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (:mod:`heal_pl.hardware`).
+        dtype: the dtype the weights are loaded in: ``float32``, ``bfloat16`` or ``float16`` (calibration too).
         calib_json: a ``calib.json`` from ``heal calibrate`` on the same model; ``None`` = calibrate now with
             ``method``, ``adapter_dir``, ``layers``, ``target``, ``stat``, ``signs`` and ``calibration``.
         method, adapter_dir, layers, target, stat: as in ``heal calibrate`` (ignored with ``calib_json``).
@@ -108,16 +114,19 @@ def run_survival(
     if unknown:
         raise ValueError(f"survival: calibration keys {unknown} are not heal calibrate arguments; "
                          f"allowed: {CALIBRATION_KEYS}")
+    check_dtype(dtype)
+    resolve_device(device)
     out = Path(out_dir)
     journal = Journal(out / "journal", arguments, "heal survival")
     tokenizer = load_tokenizer(model)
     answer_ids = answer_token_ids(tokenizer, config.answer_sets())  # names variants missing from the vocabulary
-    lm = load_model(model)
+    lm = load_on(model, device, dtype)
     eval_prompts(lm, tokenizer, config)  # a window too long for the context fails before any calibration
     if calib_json is None:
         calib_dir = out / "calibrate"
-        run_calibration(model=model, method=method, adapter_dir=adapter_dir, layers=layers, target=target, stat=stat,
-                        signs=signs, out_dir=str(calib_dir), **extra)  # fmt: skip
+        run_calibration(model=model, device=device, dtype=dtype, method=method, adapter_dir=adapter_dir,
+                        layers=layers, target=target, stat=stat, signs=signs, out_dir=str(calib_dir),
+                        **extra)  # fmt: skip
         calib_json = str(calib_dir / "calib.json")
     calib_config, results = load_calibration(calib_json, model)
     names = ["+" if s > 0 else "-" for s in signs]
