@@ -36,6 +36,7 @@ from heal_pl.kl import (
 from heal_pl.lm import LMHead, base_lm, gather_rows, last_hidden, ref_rows
 from heal_pl.metrics import TokenKLStats
 from heal_pl.models import load_model
+from heal_pl.panels import DriftPanels
 from heal_pl.routing.train import hack_decay_groups
 
 log = logging.getLogger("heal_pl")
@@ -133,6 +134,7 @@ class HealModule(L.LightningModule):
         self.student.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode
         self.head = LMHead(base_lm(self.student))
         self.val_kl = TokenKLStats()
+        self.drift = DriftPanels()  # the val/kl_hist and val/kl_top TensorBoard panels (heal_pl.panels)
 
     # ------------------------------------------------------------------ loss
 
@@ -199,6 +201,8 @@ class HealModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _, scalars, kl = self.loss_terms(batch, f"validation at step {self.global_step} (batch {batch_idx})")
         self.val_kl.update(kl)
+        if self.barrier.active:
+            self.drift.update(kl, batch)
         per_batch = {f"val/{k}": v for k, v in scalars.items() if not k.startswith("kl_")}
         self.log_dict(per_batch, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
@@ -207,6 +211,16 @@ class HealModule(L.LightningModule):
         # (already equal on every rank; sync_dist only tells Lightning so, averaging identical values)
         self.log_dict({f"val/{k}": v for k, v in self.val_kl.compute().items()}, sync_dist=True)
         self.val_kl.reset()
+        if self.barrier.active and not self.trainer.sanity_checking:
+            self.drift.log(self.trainer, self.student, self.__dict__.get("_ref_model"))
+        self.drift.reset()
+
+    def on_validation_end(self) -> None:
+        # hp_metric (TensorBoard's HParams tab, next to the run's hparams) = val/sft, the held-out completion NLL
+        if not self.trainer.sanity_checking and "val/sft" in self.trainer.callback_metrics:
+            sft = float(self.trainer.callback_metrics["val/sft"])
+            for logger in self.loggers:
+                logger.log_metrics({"hp_metric": sft}, step=self.global_step)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _, scalars, _ = self.loss_terms(batch, f"test batch {batch_idx}")
