@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from heal_pl.adapters.card import final_validation, write_card
 from heal_pl.adapters.lora import LoRASpec, spectral_norms, wrap_lora
 from heal_pl.adapters.routed import RoutedSpec, wrap_routed
 from heal_pl.checks import choice_problem
@@ -135,6 +136,7 @@ class HealModule(L.LightningModule):
         self.head = LMHead(base_lm(self.student))
         self.val_kl = TokenKLStats()
         self.drift = DriftPanels()  # the val/kl_hist and val/kl_top TensorBoard panels (heal_pl.panels)
+        self.final_validation: dict[str, float | int] | None = None
 
     # ------------------------------------------------------------------ loss
 
@@ -221,6 +223,7 @@ class HealModule(L.LightningModule):
             sft = float(self.trainer.callback_metrics["val/sft"])
             for logger in self.loggers:
                 logger.log_metrics({"hp_metric": sft}, step=self.global_step)
+            self.final_validation = final_validation(self.trainer.callback_metrics, self.global_step)  # adapter card
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _, scalars, _ = self.loss_terms(batch, f"test batch {batch_idx}")
@@ -268,6 +271,7 @@ class HealModule(L.LightningModule):
             os.makedirs(path, exist_ok=True)
             self.routed_adapter.save(os.path.join(path, "routed.safetensors"))
             rank_zero_info(f"heal_pl: routed adapter saved to {path}/routed.safetensors")
-            return
-        self.student.save_pretrained(path)
-        rank_zero_info(f"heal_pl: adapter saved in peft format to {path}")
+        else:
+            self.student.save_pretrained(path)
+            rank_zero_info(f"heal_pl: adapter saved in peft format to {path}")
+        write_card(path, self.hparams, self.final_validation, self.global_step)  # heal_pl.json: barrier, final KL

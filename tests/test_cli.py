@@ -11,6 +11,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from heal_pl.adapters.card import read_card
 from heal_pl.cli import build_cli, main
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -43,6 +44,8 @@ def test_every_config_fits_with_a_tiny_model(config: Path, tmp_path: Path) -> No
         assert {"train/barrier", "train/barrier_fired", "train/kl_p95", "val/kl_rmse", "val/kl_max"} <= tags
     routed = spec["model"].get("adapter") == "routed"
     assert (log_dir / "adapter" / ("routed.safetensors" if routed else "adapter_config.json")).is_file()
+    card = read_card(log_dir / "adapter")  # heal_pl.json: the barrier and the final validation KL
+    assert card["barrier"]["agg"] == cli.model.barrier.agg and card["final_validation"]["step"] == 2
     if routed:  # the routing configs: routing metrics every step, the kept-vs-ablated table at the end
         assert {"route/cin", "route/cout", "route/fired", "route/kept_hack", "route/ablated_solve"} <= tags
         assert (log_dir / "route_ablate.csv").is_file()
