@@ -93,10 +93,11 @@ def test_every_config_is_a_fit_config_or_has_its_own_test() -> None:
     assert other <= set(OTHER_CONFIGS), "a new kind of config needs its own test (add it to OTHER_CONFIGS)"
 
 
-def test_calibrate_config_runs_with_a_tiny_model(tmp_path: Path) -> None:
+def test_calibrate_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import csv
     import json
 
+    caplog.set_level("INFO", logger="heal_pl")
     config = next(p for p in ALL_CONFIGS if p.stem == "calibrate")
     main([
         "calibrate", "--config", str(config), "--model", "tiny-llama", "--out_dir", str(tmp_path),
@@ -109,6 +110,7 @@ def test_calibrate_config_runs_with_a_tiny_model(tmp_path: Path) -> None:
     for sign, r in results.items():
         rows = [h for h in history if h["sign"] == sign]
         assert len(rows) == r["evaluations"] == len(r["history"]) <= 3
+        assert sum(m.startswith(f"calibrate {sign}: evaluation ") for m in caplog.messages) == r["evaluations"]
         assert r["coeff"] == pytest.approx((1 if sign == "+" else -1) * r["c_star"])
     with open(tmp_path / "summary.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
