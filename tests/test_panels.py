@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -37,7 +38,7 @@ def perturbed(seed: int = 0) -> HealModule:
 
 
 def trainer(tmp_path: Path, name: str, **kwargs) -> tuple[L.Trainer, TensorBoardLogger]:
-    logger = TensorBoardLogger(tmp_path, name=name)
+    logger = TensorBoardLogger(tmp_path, name=name, version=0)  # fixed: spawned ranks must agree on the folder
     return L.Trainer(accelerator="cpu", logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, **kwargs), logger  # fmt: skip
 
@@ -145,3 +146,18 @@ def test_drift_table_decodes_and_escapes_tokens() -> None:
     assert row[3] == "&lt;\\|im\\_end\\|&gt;"  # a special token stays visible in rendered markdown
     assert row[4] == "␣grass"
     assert "the top 1 positions hold 50.0% of the total KL" in text and "3 validation tokens" in text
+
+
+@pytest.mark.slow
+def test_ddp_panels_hold_every_rank_s_tokens(tmp_path: Path) -> None:
+    """2 CPU processes (gloo), one validation batch each: the panels equal one process validating both."""
+    one, logger_one = trainer(tmp_path, "one")
+    one.validate(perturbed(), DataLoader(BATCHES[:2], batch_size=None), verbose=False)
+    ddp, logger_ddp = trainer(tmp_path, "ddp", devices=2, strategy="ddp_spawn")
+    ddp.validate(perturbed(), DataLoader(BATCHES[:2], batch_size=None), verbose=False)
+    (hist_one, text_one, _), (hist_ddp, text_ddp, _) = read(logger_one.log_dir), read(logger_ddp.log_dir)
+    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in BATCHES[:2])
+    assert hist_ddp.num == hist_one.num == n_tokens
+    assert math.isclose(hist_ddp.sum, hist_one.sum, rel_tol=1e-5) and math.isclose(hist_ddp.max, hist_one.max,
+                                                                                     rel_tol=1e-6)
+    assert table_rows(text_ddp) == table_rows(text_one)
