@@ -19,22 +19,16 @@ from heal_pl.lm import adapter_off
 from heal_pl.models import tiny_tokenizer
 from heal_pl.module import HealModule
 from heal_pl.panels import Drift, drift_table
-from tests.callbacks.test_kl_barrier import ForeignModule
+from tests.callbacks.test_kl_barrier import ForeignModule, perturbed_heal_module
 from tests.helpers import make_batch
 
 BATCHES = [make_batch(seed=s, B=3, T=16) for s in range(3)]
 BARRIER = KLBarrier(agg="p95", tau=0.0)
 
 
-def perturbed(seed: int = 0) -> HealModule:
-    torch.manual_seed(0)
-    module = HealModule(model="tiny-llama", barrier=BARRIER, warmup_steps=1)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return module
+def perturbed() -> HealModule:
+    torch.manual_seed(0)  # LoRA's A: two modules built apart (one process, DDP) must be the same
+    return perturbed_heal_module(BARRIER)
 
 
 def trainer(tmp_path: Path, name: str, **kwargs) -> tuple[L.Trainer, TensorBoardLogger]:
