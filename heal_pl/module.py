@@ -37,7 +37,7 @@ from heal_pl.kl import (
 from heal_pl.lm import LMHead, base_lm, gather_rows, last_hidden, ref_rows
 from heal_pl.metrics import TokenKLStats
 from heal_pl.models import load_model
-from heal_pl.panels import DriftPanels
+from heal_pl.panels import DriftPanels, logged_step
 from heal_pl.routing.train import hack_decay_groups
 
 log = logging.getLogger("heal_pl")
@@ -222,7 +222,7 @@ class HealModule(L.LightningModule):
         if not self.trainer.sanity_checking and "val/sft" in self.trainer.callback_metrics:
             sft = float(self.trainer.callback_metrics["val/sft"])
             for logger in self.loggers:
-                logger.log_metrics({"hp_metric": sft}, step=self.global_step)
+                logger.log_metrics({"hp_metric": sft}, step=logged_step(self.trainer))
             self.final_validation = final_validation(self.trainer.callback_metrics, self.global_step)  # adapter card
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

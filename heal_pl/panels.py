@@ -1,7 +1,7 @@
 r"""Where the student drifted: the TensorBoard panels of a validation epoch (``HealModule``, ``KLBarrierCallback``).
 
 At the end of every validation epoch (sanity checks skipped; nothing with ``reg = nll``) two panels go to each
-``TensorBoardLogger`` of the trainer, at ``global_step``:
+``TensorBoardLogger`` of the trainer, at the step of the ``val/*`` scalars:
 
 - ``{prefix}val/kl_hist`` (histogram): the float32 per-token KL of *every* validation token, the very values
   whose mean / rmse / p95 / max are ``val/kl_*`` (gathered across DDP ranks, not sampled);
@@ -31,6 +31,12 @@ from torch import Tensor, nn
 from heal_pl.distributed import gather_tokens, world_size
 from heal_pl.kl import counted_positions
 from heal_pl.lm import adapter_off
+
+
+def logged_step(trainer: L.Trainer) -> int:
+    """The step Lightning writes ``val/*`` scalars at (``global_step − 1`` inside fit), so panels line up with them."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
 
 Logits = Callable[[Tensor, Tensor], Tensor]  # (input_ids [1, T], attention_mask [1, T]) -> logits [1, T, V]
 
@@ -127,9 +133,10 @@ class DriftPanels:
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not trainer.is_global_zero or kl.numel() == 0:
             return
+        step, text = logged_step(trainer), drift_table(kl, top, tokenizer, self.context)
         for writer in writers:
-            writer.add_histogram(f"{prefix}val/kl_hist", kl.cpu(), trainer.global_step)
-            writer.add_text(f"{prefix}val/kl_top", drift_table(kl, top, tokenizer, self.context), trainer.global_step)
+            writer.add_histogram(f"{prefix}val/kl_hist", kl.cpu(), step)
+            writer.add_text(f"{prefix}val/kl_top", text, step)
 
 
 # --------------------------------------------------------------------------- the text panel

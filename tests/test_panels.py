@@ -100,10 +100,11 @@ def test_hp_metric_is_val_sft_next_to_the_hparams(tmp_path: Path) -> None:
     t, logger = trainer(tmp_path, "fit", max_steps=2, val_check_interval=1, log_every_n_steps=1)
     t.fit(m, DataLoader(BATCHES[:2], batch_size=None), DataLoader(BATCHES, batch_size=None))
     _, _, events = read(logger.log_dir)
-    hp = [e.value for e in events.Scalars("hp_metric")]
-    sft = [e.value for e in events.Scalars("val/sft")]
-    assert hp[0] == -1 and len(hp) == 1 + len(sft) == 3  # Lightning's placeholder, then one per validation
-    assert hp[1:] == sft
+    hp = [(e.step, e.value) for e in events.Scalars("hp_metric")]
+    sft = [(e.step, e.value) for e in events.Scalars("val/sft")]
+    assert hp[0] == (0, -1) and len(hp) == 1 + len(sft) == 3  # Lightning's placeholder, then one per validation
+    assert hp[1:] == sft  # same values at the same steps
+    assert [e.step for e in events.Histograms("val/kl_hist")] == [s for s, _ in sft]
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
