@@ -88,7 +88,7 @@ def main() -> None:
     def step_fn(barrier: KLBarrier, fn: Callable[..., Any]) -> None:
         if a.head_only:  # the loss from hidden rows: LM head, log-softmax, KL, row gradients
             stats = fn(student_rows, rows if barrier.active else None, counted.targets,
-                       head=module.head.fusable(), reg=barrier.reg, chunk_size=module.hparams.chunk_size)  # fmt: skip
+                       head=module.head, reg=barrier.reg, chunk_size=module.hparams.chunk_size)  # fmt: skip
             (stats.nll.mean() + barrier(stats.kl).value).backward()
             student_rows.grad = None
             return

@@ -6,7 +6,10 @@ The loss = mean NLL + rmse KL(student ‖ ref), forward and backward, from the h
 models (random, the shapes of SmolLM2) through a frozen LM head of ``vocab × hidden``:
 
 - naive: full ``[B, T, V]`` logits and float32 log-softmax for student and ref, then mask;
-- chunked: ``heal_pl.kl.token_stats`` on the counted rows only, 256 rows at a time.
+- chunked: ``heal_pl.kl.token_stats`` on the counted rows only, 256 rows at a time;
+- chunked-bf16: the same with a bf16 head and bf16 rows (a bf16 model): the head product is float32 but the
+  weight is upcast a vocabulary block (8 MiB) at a time, never whole — the old path copied the whole
+  ``V × H`` weight to float32 for every chunk.
 
 Each arm runs in its own fresh subprocess; memory is the process's peak resident set size
 (``resource.getrusage(...).ru_maxrss``) after the run minus the peak before it — process RSS deltas,
@@ -30,9 +33,10 @@ def run_arm(arm: str, B: int, T: int, V: int, H: int, chunk: int) -> dict[str, f
 
     torch.manual_seed(0)  # the head's init: both arms (separate processes) must see the same weights
     g = torch.Generator().manual_seed(0)
-    head = torch.nn.Linear(H, V, bias=False).requires_grad_(False)
-    hs = torch.randn(B, T, H, generator=g, requires_grad=True)
-    hr = torch.randn(B, T, H, generator=g)
+    dtype = torch.bfloat16 if arm.endswith("bf16") else torch.float32
+    head = torch.nn.Linear(H, V, bias=False, dtype=dtype).requires_grad_(False)  # no float32 copy ever made
+    hs = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_()
+    hr = torch.randn(B, T, H, generator=g).to(dtype)
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[:, : T // 4] = -100
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -57,14 +61,14 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--arm", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    p.add_argument("--arm", choices=["naive", "chunked", "chunked-bf16"], help=argparse.SUPPRESS)
     a = p.parse_args()
     dims = (a.batch, a.seq, a.vocab, a.hidden, a.chunk)
     if a.arm:
         print(json.dumps(run_arm(a.arm, *dims)))
         return
     results = {}
-    for arm in ("naive", "chunked"):
+    for arm in ("naive", "chunked", "chunked-bf16"):
         out = subprocess.run([sys.executable, __file__, "--arm", arm, *sys.argv[1:]], capture_output=True, text=True)
         if out.returncode:
             sys.exit(out.stderr)
@@ -74,7 +78,8 @@ def main() -> None:
     print("| path | peak RSS Δ (MiB) | loss |\n|---|---|---|")
     for arm, r in results.items():
         print(f"| {arm} | {r['peak_mb']:.0f} | {r['loss']:.6f} |")
-    print(f"chunked ÷ naive = {results['chunked']['peak_mb'] / results['naive']['peak_mb']:.3f}")
+    print(f"chunked ÷ naive = {results['chunked']['peak_mb'] / results['naive']['peak_mb']:.3f}; "
+          f"one float32 copy of the head = {a.vocab * a.hidden * 4 / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

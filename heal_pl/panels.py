@@ -38,12 +38,13 @@ def logged_step(trainer: L.Trainer) -> int:
     return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
-Logits = Callable[[Tensor, Tensor], Tensor]  # (input_ids [1, T], attention_mask [1, T]) -> logits [1, T, V]
+Logits = Callable[[dict[str, Tensor]], Tensor]  # {input_ids, attention_mask[, position_ids]} [1, T] -> [1, T, V]
 
 
 @dataclass
 class Drift:
-    """One drifting position ``t``: ``KL_t``, the row's ids and mask through ``t``, the token at ``t + 1``."""
+    """One drifting position ``t``: ``KL_t``, the row's ids and mask (and position ids, for packed rows) through
+    ``t``, the token at ``t + 1``."""
 
     kl: float
     ids: list[int]
@@ -51,6 +52,7 @@ class Drift:
     target: int
     student_top1: int | None = None
     base_top1: int | None = None
+    positions: list[int] | None = None
 
 
 class DriftPanels:
@@ -77,14 +79,15 @@ class DriftPanels:
         self.kl.append(kl)
         if kl.numel() == 0:
             return
-        mask = batch.get("attention_mask")
+        mask, positions = batch.get("attention_mask"), batch.get("position_ids")
         counted = counted_positions(batch["labels"], mask)
         values, order = kl.topk(min(self.k, kl.numel()))
         for value, i in zip(values.tolist(), order.tolist(), strict=True):
             b, t = int(counted.batch_idx[i]), int(counted.pos_idx[i])
             row_mask = [1] * (t + 1) if mask is None else mask[b, : t + 1].tolist()
+            row_positions = None if positions is None else positions[b, : t + 1].tolist()
             self.candidates.append(Drift(value, batch["input_ids"][b, : t + 1].tolist(), row_mask,
-                                         int(counted.targets[i])))  # fmt: skip
+                                         int(counted.targets[i]), positions=row_positions))  # fmt: skip
         self.candidates = heapq.nlargest(self.k, self.candidates, key=lambda d: d.kl)
 
     def all_kl(self, device: torch.device) -> Tensor:
@@ -104,10 +107,12 @@ class DriftPanels:
             candidates = [d for part in parts for d in part or []]
         top = heapq.nlargest(self.k, candidates, key=lambda d: d.kl)
         for d in top:
-            ids = torch.tensor([d.ids], device=device)
-            mask = torch.tensor([d.mask], device=device)
-            d.student_top1 = int(student(ids, mask)[0, -1].argmax())
-            d.base_top1 = int(base(ids, mask)[0, -1].argmax())
+            inputs = {"input_ids": torch.tensor([d.ids], device=device),
+                      "attention_mask": torch.tensor([d.mask], device=device)}  # fmt: skip
+            if d.positions is not None:
+                inputs["position_ids"] = torch.tensor([d.positions], device=device)
+            d.student_top1 = int(student(inputs)[0, -1].argmax())
+            d.base_top1 = int(base(inputs)[0, -1].argmax())
         return top
 
     def log(self, trainer: L.Trainer, model: nn.Module, ref_model: nn.Module | None = None, prefix: str = "") -> None:
@@ -118,14 +123,14 @@ class DriftPanels:
         """
         device = next(model.parameters()).device
 
-        def student(ids: Tensor, mask: Tensor) -> Tensor:
-            return model(input_ids=ids, attention_mask=mask).logits
+        def student(inputs: dict[str, Tensor]) -> Tensor:
+            return model(**inputs).logits
 
-        def base(ids: Tensor, mask: Tensor) -> Tensor:
+        def base(inputs: dict[str, Tensor]) -> Tensor:
             if ref_model is not None:
-                return ref_model(input_ids=ids, attention_mask=mask).logits
+                return ref_model(**inputs).logits
             with adapter_off(model):
-                return model(input_ids=ids, attention_mask=mask).logits
+                return model(**inputs).logits
 
         kl, top = self.all_kl(device), self.top(student, base, device)
         self.reset()

@@ -162,7 +162,8 @@ def test_fit_to_a_file_writes_progress_lines(tmp_path: Path) -> None:
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "max_steps": 4, "val_check_interval": 2, "check_val_every_n_epoch": None,
-                    "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False},
+                    "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False,
+                    "default_root_dir": str(tmp_path)},  # where config.yaml goes
         "model": {"model": "tiny-llama", "barrier": {"agg": "rmse", "tau": 0.0}, "warmup_steps": 1,
                   "adapter_dir": str(tmp_path / "adapter")},
         "data": {"max_length": 48, "batch_size": 2, "max_examples": 8},
@@ -182,6 +183,7 @@ def test_fit_to_a_file_writes_progress_lines(tmp_path: Path) -> None:
                       rf" · kl_p95 {number} · kl_max {number}$", text, flags=re.M)  # fmt: skip
     assert vals == ["2", "4"]
     assert "\r" not in text, "no progress bar in a file"
+    assert (tmp_path / "config.yaml").is_file()
 
 
 def test_progress_line_format() -> None:
