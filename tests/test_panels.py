@@ -156,3 +156,27 @@ def test_ddp_panels_hold_every_rank_s_tokens(tmp_path: Path) -> None:
     assert math.isclose(hist_ddp.sum, hist_one.sum, rel_tol=1e-5) and math.isclose(hist_ddp.max, hist_one.max,
                                                                                      rel_tol=1e-6)
     assert table_rows(text_ddp) == table_rows(text_one)
+
+
+def test_top_replays_the_rows_position_ids() -> None:
+    """Packed rows: the top-1 forwards get the prefix's own position ids (and mask), not a fresh 0..t."""
+    from heal_pl.panels import DriftPanels
+
+    batch = make_batch(seed=0, B=2, T=12)
+    batch["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]] * 2)  # two documents per row
+    counted = batch["labels"][:, 1:] != -100
+    kl = torch.arange(int(counted.sum()), dtype=torch.float32)  # the last counted position has the largest KL
+    panels = DriftPanels(k=1)
+    panels.update(kl, batch)
+    seen = []
+
+    def logits(inputs: dict) -> torch.Tensor:
+        seen.append({k: v.tolist() for k, v in inputs.items()})
+        return torch.zeros(1, inputs["input_ids"].shape[1], 5)
+
+    (top,) = panels.top(logits, logits, torch.device("cpu"))
+    b = 1 if counted[1].any() else 0
+    t = int(counted[b].nonzero().max())
+    want = {"input_ids": [batch["input_ids"][b, : t + 1].tolist()], "attention_mask": [batch["attention_mask"][b,
+            : t + 1].tolist()], "position_ids": [batch["position_ids"][b, : t + 1].tolist()]}  # fmt: skip
+    assert seen == [want, want] and top.kl == kl.max().item() and top.target == int(batch["input_ids"][b, t + 1])
