@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from heal_pl.adapters.card import final_validation, write_card
 from heal_pl.adapters.lora import LoRASpec, spectral_norms, wrap_lora
 from heal_pl.adapters.routed import RoutedSpec, wrap_routed
 from heal_pl.checks import choice_problem
@@ -37,6 +38,7 @@ from heal_pl.kl import (
 from heal_pl.lm import LMHead, base_dropout_off, base_lm, check_head, gather_rows, last_hidden, ref_rows
 from heal_pl.metrics import TokenKLStats
 from heal_pl.models import load_model
+from heal_pl.panels import DriftPanels, logged_step
 from heal_pl.resume import RNG_KEY, rng_state, set_rng_state
 from heal_pl.routing.train import hack_decay_groups
 
@@ -138,6 +140,8 @@ class HealModule(L.LightningModule):
         # base modules stay in eval mode by design (HealModule.train): Lightning's warning about it is noise here
         warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training")
         self.val_kl = TokenKLStats()
+        self.drift = DriftPanels()  # the val/kl_hist and val/kl_top TensorBoard panels (heal_pl.panels)
+        self.final_validation: dict[str, float | int] | None = None
 
     def train(self, mode: bool = True) -> HealModule:
         """Train/eval switch. In train mode only the adapter's own dropout (``lora.dropout``) is on: the base
@@ -214,6 +218,8 @@ class HealModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _, scalars, kl = self.loss_terms(batch, f"validation at step {self.global_step} (batch {batch_idx})")
         self.val_kl.update(kl)
+        if self.barrier.active:
+            self.drift.update(kl, batch)
         per_batch = {f"val/{k}": v for k, v in scalars.items() if not k.startswith("kl_")}
         self.log_dict(per_batch, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
@@ -222,6 +228,17 @@ class HealModule(L.LightningModule):
         # (already equal on every rank; sync_dist only tells Lightning so, averaging identical values)
         self.log_dict({f"val/{k}": v for k, v in self.val_kl.compute().items()}, sync_dist=True)
         self.val_kl.reset()
+        if self.barrier.active and not self.trainer.sanity_checking:
+            self.drift.log(self.trainer, self.student, self.__dict__.get("_ref_model"))
+        self.drift.reset()
+
+    def on_validation_end(self) -> None:
+        # hp_metric (TensorBoard's HParams tab, next to the run's hparams) = val/sft, the held-out completion NLL
+        if not self.trainer.sanity_checking and "val/sft" in self.trainer.callback_metrics:
+            sft = float(self.trainer.callback_metrics["val/sft"])
+            for logger in self.loggers:
+                logger.log_metrics({"hp_metric": sft}, step=logged_step(self.trainer))
+            self.final_validation = final_validation(self.trainer.callback_metrics, self.global_step)  # adapter card
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _, scalars, _ = self.loss_terms(batch, f"test batch {batch_idx}")
@@ -286,6 +303,7 @@ class HealModule(L.LightningModule):
             os.makedirs(path, exist_ok=True)
             self.routed_adapter.save(os.path.join(path, "routed.safetensors"))
             rank_zero_info(f"heal_pl: routed adapter saved to {path}/routed.safetensors")
-            return
-        self.student.save_pretrained(path)
-        rank_zero_info(f"heal_pl: adapter saved in peft format to {path}")
+        else:
+            self.student.save_pretrained(path)
+            rank_zero_info(f"heal_pl: adapter saved in peft format to {path}")
+        write_card(path, self.hparams, self.final_validation, self.global_step)  # heal_pl.json: barrier, final KL

@@ -271,6 +271,10 @@ def run_loop(ctx: RoundsContext, student: PreTrainedModel, rounds: int) -> Round
         student, metrics = run_round(ctx, student, r)
         stop = metrics.pop("stop", None)
         _log_scalars(ctx, r, metrics)
+        log.info("round %d: κ=%.3g kept %d/%d; coherence %.4f -> steered %.4f -> healed %s; trait %.4f -> %s", r,
+                 metrics["kappa"], metrics["kept"], metrics["sampled"], metrics["coherence_base"],
+                 metrics["coherence_steered"], metrics.get("coherence_healed", "-"), metrics["trait_base"],
+                 metrics.get("trait_healed", "-"))  # fmt: skip
         if "coherence_healed" in metrics:
             state.finished.append(metrics)
             state.event("round", **metrics)

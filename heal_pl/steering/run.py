@@ -125,6 +125,8 @@ def run_calibration(
             step = bar.n
             writer.add_scalar(f"calibrate/{name}/c", entry["c"], step)
             writer.add_scalar(f"calibrate/{name}/{stat}", entry[stat], step)
+            log.info("calibrate %s: evaluation %d: c=%.4g %s=%.4g (target %g)", name, step, entry["c"], stat,
+                     entry[stat], target)  # fmt: skip
 
         with torch.no_grad():
             result = calibrate_method(
@@ -133,6 +135,8 @@ def run_calibration(
                 batch_size=batch_size, on_evaluation=on_eval, journal=journal,
             )  # fmt: skip
         bar.close()
+        log.info("calibrate %s: c*=%.4g %s=%.4g, %s after %d evaluations", name, result["c_star"], stat,
+                 result["stat_star"], "converged" if result["converged"] else "NOT converged", result["evaluations"])
         for key in ("c_star", "stat_star", "evaluations", "audit_ratio"):
             if result.get(key) is not None:
                 writer.add_scalar(f"calibrate/{name}/{key}", float(result[key]), 0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,7 @@ from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_fi
 from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, THINK_OPEN, AnswerSet, has_thinking_tokens, splice_text
 from heal_pl.survival.table import fork_schedule, survival_table
 
+log = logging.getLogger("heal_pl")
 ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
 SPLICE = "\nSo the answer (true or false) is:"
 SIGN_WORD = {"+": "plus", "-": "minus"}
@@ -232,6 +234,8 @@ def sweep_survival(
         rows.append({"label": label, "sign": "0" if alpha == 0 else sign, "alpha": alpha, "coeff": coeff,
                      **{k: table[k] for k in ("n", "died", "censored", "t_mid", "S_mid", "S_end", "t_half")},
                      "kl_p95": m["stats"]["p95"], "kl_mean": m["stats"]["mean"]})  # fmt: skip
+        log.info("survival α=%s (coeff %.4g): %d/%d died, S_end %.3f, t_half %s, kl_p95 %.3g", label, coeff,
+                 table["died"], table["n"], table["S_end"], table["t_half"], m["stats"]["p95"])  # fmt: skip
         for i, (q, toks) in enumerate(zip(evals, m["tokens"], strict=True)):
             trajectories.append({
                 "label": label, "sign": rows[-1]["sign"], "alpha": alpha, "coeff": coeff, "prompt_index": i,
