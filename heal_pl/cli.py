@@ -32,11 +32,6 @@ class HealCLI(LightningCLI):
         parser.link_arguments("model.model", "data.model")
         parser.add_lightning_class_args(ProgressLog, "progress")
 
-
-def configure_logging() -> None:
-    """heal_pl's INFO lines to stdout, where ``heal ... > log.txt`` sends them."""
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
-
     def _parse_ckpt_path(self) -> None:
         """Refuse a ``--ckpt_path`` whose model settings differ from the config's: LightningCLI would silently
         replace the config's values by the checkpoint's (a checkpoint of another model, another LoRA rank, ...)."""
@@ -52,6 +47,11 @@ def configure_logging() -> None:
                                  + "; ".join(f"model.{c}" for c in changes)
                                  + ". Resume with the checkpoint's settings, or start a new run without ckpt_path")
         super()._parse_ckpt_path()
+
+
+def configure_logging() -> None:
+    """heal_pl's INFO lines to stdout, where ``heal ... > log.txt`` sends them."""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
 
 
 def _flat(d: dict[str, Any]) -> dict[str, Any]:

@@ -158,7 +158,7 @@ ROWS: list[tuple[str, Callable[[Files], None], str]] = [
      r"train_file='.*empty.jsonl' has no rows"),
     ("fit: wrong row shape", lambda f: fit(f, "--data.train_file", f.jsonl("rows.jsonl", [
         {"prompt": "Hi?", "completion": "Hello."}, {"question": "Hi?", "answer": "Hello."}])),
-     r"rows.jsonl, line 2: missing keys \['prompt', 'completion'\] \(found \['answer', 'question'\]\)"),
+     r"rows.jsonl, line 2: unknown row shape: found keys \['answer', 'question'\]; accepted shapes: .*messages"),
     ("fit: row that is not JSON", lambda f: fit(f, "--data.train_file", f.write("bad.jsonl", "{prompt: Hi}\n")),
      r"bad.jsonl, line 1: not valid JSON"),
     ("fit: checkpoint of another model", lambda f: fit(f, "--ckpt_path", f.qwen_checkpoint()),
