@@ -38,6 +38,7 @@ from heal_pl.metrics import TokenKLStats
 from heal_pl.models import load_model
 from heal_pl.ref_cache import RefRowCache, example_keys, ref_fingerprint
 from heal_pl.routing.train import hack_decay_groups
+from heal_pl.shared_prefix import SharedPrefix, first_adapted_block, prefix_dropout
 
 log = logging.getLogger("heal_pl")
 
@@ -141,6 +142,7 @@ class HealModule(L.LightningModule):
         self.head = LMHead(base_lm(self.student))
         self.val_kl = TokenKLStats()
         self.ref_cache = RefRowCache(ref_cache_memory_mb * 2**20) if ref_cache else None
+        self.shared_prefix = self._shared_prefix()
 
     # ------------------------------------------------------------------ loss
 
@@ -153,8 +155,10 @@ class HealModule(L.LightningModule):
         """
         mask = batch.get("attention_mask")
         counted = counted_positions(batch["labels"], mask)
-        hidden = last_hidden(self.student, batch["input_ids"], mask)
+        with self.shared_prefix.capture():
+            hidden = last_hidden(self.student, batch["input_ids"], mask)
         ref = self._ref_rows(batch, counted) if self.barrier.active else None
+        self.shared_prefix.drop()
         stats = token_stats(
             gather_rows(hidden, counted), ref, counted.targets,
             head=self.head.fusable(), reg=self.barrier.reg, chunk_size=self.hparams.chunk_size,
@@ -198,13 +202,26 @@ class HealModule(L.LightningModule):
 
         def compute() -> Tensor:
             if ref_model is None:
-                return ref_rows(self.student, input_ids, mask, counted)
+                with self.shared_prefix.replay():
+                    return ref_rows(self.student, input_ids, mask, counted)
             with torch.no_grad():
                 return gather_rows(last_hidden(ref_model, input_ids, mask), counted)
 
         if self.ref_cache is None:
             return compute()
         return self.ref_cache.rows(example_keys(input_ids, mask, batch["labels"]), counted, compute)
+
+    def _shared_prefix(self) -> SharedPrefix:
+        """The blocks below the first adapted one, run once for student and ref (:mod:`heal_pl.shared_prefix`)."""
+        trainable = self.trainable_names()
+        lo = first_adapted_block(self.student, {id(p) for n, p in self.named_parameters() if n in trainable})
+        why = prefix_dropout(base_lm(self.student), lo) if lo > 0 else None
+        if why is not None:
+            log.info("heal_pl: blocks 0..%d are not shared between student and ref (%s can drop out)", lo - 1, why)
+            lo = 0
+        elif lo > 0:
+            log.info("heal_pl: blocks 0..%d carry no adapter: the ref's forward starts at block %d", lo - 1, lo)
+        return SharedPrefix(self.student, lo)
 
     def _check_ref_cache(self) -> None:
         """Empty the ref cache if the ref's weights (the base, or the ``set_ref_model`` model) changed."""
