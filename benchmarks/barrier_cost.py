@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--agg", default="rmse")
     p.add_argument("--layers", type=float, nargs=2, default=(0.2, 0.8), help="depth range of the partial adapter")
     p.add_argument("--head-only", action="store_true", help="time only the loss from hidden rows (head + KL)")
+    p.add_argument("--two-arms", action="store_true", help="only sft and barrier (for the scaling table)")
     a = p.parse_args()
     if a.steps < 1:
         p.error("--steps must be >= 1")
@@ -89,6 +90,9 @@ def main() -> None:
             return run
 
         arms = {"sft (head only)": head_pass(sft_only), "barrier (head only)": head_pass(barrier)}
+    elif a.two_arms:
+        sft_full = HealModule(model=a.model, barrier=sft_only)
+        arms = {name: _step(m, batch, _optimizer(m)) for name, m in {"sft": sft_full, "barrier": full}.items()}
     else:
         sft_full = HealModule(model=a.model, barrier=sft_only)
         cached = HealModule(model=a.model, barrier=barrier)
