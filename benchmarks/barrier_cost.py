@@ -82,7 +82,7 @@ def main() -> None:
 
         def head_pass(b: KLBarrier) -> Callable[[], None]:
             def run() -> None:
-                stats = token_stats(student_rows, rows if b.active else None, counted.targets, head=full.head.fusable(),
+                stats = token_stats(student_rows, rows if b.active else None, counted.targets, head=full.head,
                                     reg=b.reg, chunk_size=full.hparams.chunk_size)  # fmt: skip
                 (stats.nll.mean() + b(stats.kl).value).backward()
                 student_rows.grad = None

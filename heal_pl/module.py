@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ from heal_pl.kl import (
     counted_positions,
     token_stats,
 )
-from heal_pl.lm import LMHead, base_lm, gather_rows, last_hidden, ref_rows
+from heal_pl.lm import LMHead, base_dropout_off, base_lm, check_head, gather_rows, last_hidden, ref_rows
 from heal_pl.metrics import TokenKLStats
 from heal_pl.models import load_model
 from heal_pl.ref_cache import RefRowCache, example_keys, ref_fingerprint
@@ -138,11 +139,24 @@ class HealModule(L.LightningModule):
                 p.requires_grad_(False)
         else:
             self.student = wrap_lora(load_model(model, dtype=dtype), lora)
-        self.student.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode
+        self.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode (see HealModule.train)
         self.head = LMHead(base_lm(self.student))
+        check_head(self.student, "HealModule")
+        # base modules stay in eval mode by design (HealModule.train): Lightning's warning about it is noise here
+        warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training")
         self.val_kl = TokenKLStats()
         self.ref_cache = RefRowCache(ref_cache_memory_mb * 2**20) if ref_cache else None
         self.shared_prefix = self._shared_prefix()
+
+    def train(self, mode: bool = True) -> HealModule:
+        """Train/eval switch. In train mode only the adapter's own dropout (``lora.dropout``) is on: the base
+        model's dropout (GPT-2's 0.1, ...) stays off in the student as in the ref, so the barrier measures the
+        adapter, not dropout noise (a zero adapter reads KL 0). HF gradient checkpointing, which needs the
+        base in train mode, is not used by heal_pl."""
+        super().train(mode)
+        if mode:
+            base_dropout_off(self.student)
+        return self
 
     # ------------------------------------------------------------------ loss
 
@@ -161,7 +175,7 @@ class HealModule(L.LightningModule):
         self.shared_prefix.drop()
         stats = token_stats(
             gather_rows(hidden, counted), ref, counted.targets,
-            head=self.head.fusable(), reg=self.barrier.reg, chunk_size=self.hparams.chunk_size,
+            head=self.head, reg=self.barrier.reg, chunk_size=self.hparams.chunk_size,
         )  # fmt: skip
         check_finite(stats, where)
         local_kl = stats.kl

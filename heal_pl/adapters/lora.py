@@ -62,13 +62,28 @@ def depth_range(layers: tuple[float, float] | None, num_layers: int) -> list[int
     return list(range(first, min(last, num_layers)))
 
 
+def refuse_head(model: torch.nn.Module, chosen: list[str], field: str) -> None:
+    """Raise when a chosen (qualified) module name is the LM head: the ref's rows go through the head, so an
+    adapter there would leak into the ref and the barrier KL would be wrong (issue 12)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hit = [n for n in chosen if head is not None and model.get_submodule(n) is head]
+    if hit:
+        raise ValueError(
+            f"{field} selects {hit[0]!r}, the LM head of {type(model).__name__}: heal_pl does not adapt the head "
+            "(its ref reads the base's rows through the head, so a head adapter would leak into the ref); "
+            "adapt the decoder's linear layers only"
+        )
+
+
 def wrap_lora(model: PreTrainedModel, spec: LoRASpec) -> PeftModel:
-    """Wrap ``model`` in a fresh peft LoRA adapter; base weights are frozen by peft."""
+    """Wrap ``model`` in a fresh peft LoRA adapter; base weights are frozen by peft. The LM head is refused."""
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in spec.target_modules if t not in present]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ValueError(f"lora.target_modules {missing} not found in {type(model).__name__}; linear layers: {linear}")
+    refuse_head(model, [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in spec.target_modules],
+                "lora.target_modules")  # fmt: skip
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,

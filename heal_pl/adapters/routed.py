@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from heal_pl.adapters.lora import DEFAULT_TARGETS, depth_range
+from heal_pl.adapters.lora import DEFAULT_TARGETS, depth_range, refuse_head
 from heal_pl.checks import check_choice
 
 Parametrization = Literal["lora", "svd"]
@@ -340,6 +340,7 @@ def wrap_routed(model: nn.Module, spec: RoutedSpec) -> RoutedAdapter:
         chosen.append(name)
     if not chosen:
         raise ValueError(f"routed.layers={list(spec.layers or [])} selects no block of {num_layers}")
+    refuse_head(model, chosen, "routed.target_modules")
     model.requires_grad_(False)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")

@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerBase
 
 from heal_pl.generate import eos_ids, greedy_generate, left_pad, positions
 from heal_pl.kl import per_token_kl, quantile
-from heal_pl.lm import LMHead, base_lm
+from heal_pl.lm import LMHead, base_lm, check_head
 from heal_pl.prompts import encode_prompts
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 
@@ -139,6 +139,7 @@ def measure_kl(
         raise ValueError(f"coeff={coeff!r} must be finite")
     if not isinstance(method, SteeringMethod):
         raise TypeError(f"method is a {type(method).__name__}; expected an object with steering(model, coeff, layers)")
+    check_head(model, "measure_kl")  # the KL is read through heal_pl's head: it must be the model's own
     encoded = encode_prompts(tokenizer, prompts)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     eos = eos_ids(tokenizer, model, eos_token_id)

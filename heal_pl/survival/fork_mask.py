@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from heal_pl.lm import LMHead, base_lm
+from heal_pl.lm import LMHead, base_lm, check_head
 from heal_pl.survival.probes import probe_from_logits
 
 
@@ -47,6 +47,7 @@ def read_packed(
 
     At most ``fork_batch`` feeds per forward, in the current (steering) context; ``cache`` leaves as it came.
     """
+    check_head(model, "read_packed")
     backbone, head = base_lm(model).get_decoder(), LMHead(base_lm(model))
     device = next(model.parameters()).device
     dtype = base_lm(model).get_input_embeddings().weight.dtype

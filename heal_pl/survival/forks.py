@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from heal_pl.generate import eos_ids, greedy_generate
-from heal_pl.lm import LMHead, base_lm
+from heal_pl.lm import LMHead, base_lm, check_head
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 from heal_pl.survival.fork_mask import packed_fork_mask, read_packed
 from heal_pl.survival.probes import THINK_OPEN, has_thinking_tokens, probe_from_logits, splice_text
@@ -144,6 +144,7 @@ def _setup(
     # the longest splice: with a thinking tokenizer it may have to close an open block first
     longest = _encode_text(tokenizer, splice_text(THINK_OPEN, splice) if thinking else splice)
     check_window(model, len(prompt_ids), w, len(longest))
+    check_head(model, "fork probe")  # pmass is read through heal_pl's head: it must be the model's own
     return _Setup(prompt_ids, forks, eos_ids(tokenizer, model, eos_token_id), thinking)
 
 
