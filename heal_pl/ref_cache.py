@@ -26,7 +26,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +38,11 @@ from heal_pl.kl import IGNORE_INDEX, Counted
 log = logging.getLogger("heal_pl")
 
 
-def example_keys(input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> list[bytes]:
-    """One content key per row: a hash of its real token ids and of which of them are labelled."""
+def example_keys(
+    input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, extra: Sequence[Tensor] = ()
+) -> list[bytes]:
+    """One content key per row: a hash of its real token ids, of which of them are labelled, and of the row's
+    slice of every ``extra`` tensor (other per-row inputs of the ref's forward, e.g. ``position_ids``)."""
     ids, lab = input_ids.detach().cpu(), labels.detach().cpu()
     real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
     keys = []
@@ -47,6 +50,8 @@ def example_keys(input_ids: Tensor, attention_mask: Tensor | None, labels: Tenso
         h = hashlib.blake2b(digest_size=16)
         h.update(ids[b][real[b]].numpy().tobytes())
         h.update((lab[b][real[b]] != IGNORE_INDEX).numpy().tobytes())
+        for x in extra:
+            h.update(x[b].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         keys.append(h.digest())
     return keys
 

@@ -10,7 +10,9 @@ import lightning as L
 import pytest
 import torch
 
+import heal_pl.callbacks.kl_barrier as kl_barrier_py
 import heal_pl.module as module_py
+from heal_pl.callbacks.student_forward import head_input
 from heal_pl.data import HealDataModule
 from heal_pl.kl import KLBarrier, counted_positions
 from heal_pl.lm import ref_rows
@@ -143,3 +145,49 @@ def test_set_ref_model_and_a_changed_base_empty_the_module_cache(tmp_path: Path)
     assert len(module.ref_cache) == 3
     module.set_ref_model(tiny_model("llama"))
     assert len(module.ref_cache) == 0
+
+
+def _fit_foreign(tmp_path: Path, ref_cache: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[L.LightningModule, list]:
+    from heal_pl.callbacks import KLBarrierCallback
+    from tests.callbacks.test_kl_barrier import ForeignModule
+
+    replays: list[int] = []
+
+    def counting_head_input(*args, **kwargs):
+        replays.append(module.current_epoch)
+        return head_input(*args, **kwargs)
+
+    monkeypatch.setattr(kl_barrier_py, "head_input", counting_head_input)
+    torch.manual_seed(0)
+    peft_model = HealModule(model="tiny-llama", barrier=KLBarrier(reg="nll")).student  # a plain peft LoRA model
+    module = ForeignModule(peft_model, lr=0.5)
+    batches = [make_batch(seed=s, vocab=300) for s in range(3)]
+    callback = KLBarrierCallback(KLBarrier(agg="rmse", tau=0.0, lam=2.0), ref_cache=ref_cache)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[callback])  # fmt: skip
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    trainer.fit(module, loader)
+    return module, replays
+
+
+def test_callback_cache_skips_the_base_forward_and_reaches_the_same_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain, plain_replays = _fit_foreign(tmp_path / "plain", False, monkeypatch)
+    cached, cached_replays = _fit_foreign(tmp_path / "cached", True, monkeypatch)
+    assert plain_replays == [0, 0, 0, 1, 1, 1, 2, 2, 2] and cached_replays == [0, 0, 0]
+    for (name, p), (_, q) in zip(plain.named_parameters(), cached.named_parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_callback_keys_see_every_replayed_argument() -> None:
+    batch = make_batch(seed=0)
+    plain = example_keys(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]).clone()
+    with_pos = example_keys(batch["input_ids"], batch["attention_mask"], batch["labels"], [positions])
+    positions[1] = positions[1].flip(0)  # another packing of row 1
+    packed = example_keys(batch["input_ids"], batch["attention_mask"], batch["labels"], [positions])
+    assert with_pos != plain and packed[0] == with_pos[0] and packed[1] != with_pos[1]
