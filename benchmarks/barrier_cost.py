@@ -1,6 +1,7 @@
 """Step time of SFT + KL barrier ÷ SFT alone, every arm side by side in one process.
 
     OMP_NUM_THREADS=2 python benchmarks/barrier_cost.py --batch 8 --seq 256 --steps 5
+    python benchmarks/barrier_cost.py --device cuda --dtype bfloat16 --batch 8 --seq 512     # on a GPU
 
 Every arm runs HealModule's own loss (forward, backward, AdamW step) on the same random-token batch
 (completion = the last 3/4 of each row); the arms alternate step by step so machine noise hits all of them,
@@ -30,6 +31,7 @@ from collections.abc import Callable
 import torch
 
 from heal_pl.adapters.lora import LoRASpec
+from heal_pl.hardware import resolve_device
 from heal_pl.kl import KLBarrier, counted_positions, token_stats
 from heal_pl.lm import ref_rows
 from heal_pl.module import HealModule
@@ -43,8 +45,14 @@ def _step(module: HealModule, batch: dict[str, torch.Tensor], opt: torch.optim.O
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync(loss.device)
 
     return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _optimizer(module: HealModule) -> torch.optim.Optimizer:
@@ -60,16 +68,23 @@ def main() -> None:
     p.add_argument("--agg", default="rmse")
     p.add_argument("--layers", type=float, nargs=2, default=(0.2, 0.8), help="depth range of the partial adapter")
     p.add_argument("--head-only", action="store_true", help="time only the loss from hidden rows (head + KL)")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (heal_pl.hardware)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base weights")
     p.add_argument("--two-arms", action="store_true", help="only sft and barrier (for the scaling table)")
     a = p.parse_args()
     if a.steps < 1:
         p.error("--steps must be >= 1")
 
     torch.manual_seed(0)
+    device = resolve_device(a.device)
+
+    def make(**kwargs: object) -> HealModule:
+        return HealModule(model=a.model, dtype=a.dtype, **kwargs).to(device)  # type: ignore[arg-type]
+
     barrier, sft_only = KLBarrier(agg=a.agg, tau=0.0), KLBarrier(reg="nll")
-    full = HealModule(model=a.model, barrier=barrier)
+    full = make(barrier=barrier)
     vocab = full.head.proj.weight.shape[0]
-    ids = torch.randint(0, vocab, (a.batch, a.seq))
+    ids = torch.randint(0, vocab, (a.batch, a.seq), device=device)
     labels = ids.clone()
     labels[:, : a.seq // 4] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -86,21 +101,22 @@ def main() -> None:
                                     reg=b.reg, chunk_size=full.hparams.chunk_size)  # fmt: skip
                 (stats.nll.mean() + b(stats.kl).value).backward()
                 student_rows.grad = None
+                _sync(device)
 
             return run
 
         arms = {"sft (head only)": head_pass(sft_only), "barrier (head only)": head_pass(barrier)}
     elif a.two_arms:
-        sft_full = HealModule(model=a.model, barrier=sft_only)
+        sft_full = make(barrier=sft_only)
         arms = {name: _step(m, batch, _optimizer(m)) for name, m in {"sft": sft_full, "barrier": full}.items()}
     else:
-        sft_full = HealModule(model=a.model, barrier=sft_only)
-        cached = HealModule(model=a.model, barrier=barrier)
+        sft_full = make(barrier=sft_only)
+        cached = make(barrier=barrier)
         cached.ref_cache = RefRowCache()
         layers = tuple(a.layers)
-        sft_part = HealModule(model=a.model, barrier=sft_only, lora=LoRASpec(layers=layers))
-        shared = HealModule(model=a.model, barrier=barrier, lora=LoRASpec(layers=layers))
-        unshared = HealModule(model=a.model, barrier=barrier, lora=LoRASpec(layers=layers))
+        sft_part = make(barrier=sft_only, lora=LoRASpec(layers=layers))
+        shared = make(barrier=barrier, lora=LoRASpec(layers=layers))
+        unshared = make(barrier=barrier, lora=LoRASpec(layers=layers))
         unshared.shared_prefix = SharedPrefix(unshared.student, 0)
         span = f"[{layers[0]}, {layers[1]}]"
         modules = {
@@ -112,6 +128,7 @@ def main() -> None:
 
         def ref_only() -> None:
             ref_rows(full.student, ids, batch["attention_mask"], counted)
+            _sync(device)
 
         arms["ref forward only (no grad, adapter off)"] = ref_only
 
@@ -123,8 +140,9 @@ def main() -> None:
             if step:
                 times[name].append(time.perf_counter() - t0)
 
-    print(f"model={a.model} batch={a.batch}x{a.seq} counted rows={counted.targets.numel()} "
-          f"threads={torch.get_num_threads()} timed steps per arm={a.steps} after 1 warm-up")  # fmt: skip
+    print(f"model={a.model} device={device} dtype={a.dtype} batch={a.batch}x{a.seq} "
+          f"counted rows={counted.targets.numel()} threads={torch.get_num_threads()} "
+          f"timed steps per arm={a.steps} after 1 warm-up")  # fmt: skip
     print("| arm | min (s) | median (s) | max (s) | median ÷ its sft |\n|---|---|---|---|---|")
     base = {"": statistics.median(times[next(iter(arms))])}
     for name, ts in times.items():

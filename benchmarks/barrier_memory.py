@@ -3,6 +3,7 @@
     python benchmarks/barrier_memory.py                      # peak memory, each arm in a fresh process
     OMP_NUM_THREADS=2 python benchmarks/barrier_memory.py --speed --repeats 5    # time, arms alternated
     python benchmarks/barrier_memory.py --dtype bfloat16     # a bf16 head and bf16 hidden rows
+    python benchmarks/barrier_memory.py --device cuda        # peak CUDA memory allocated instead of RSS
 
 The loss is mean NLL + mean reverse KL(student ‖ ref) over the completion rows (all but the first quarter of
 each row), forward and backward, from random hidden rows of both models (SmolLM2's shapes by default)
@@ -19,7 +20,9 @@ through one frozen ``vocab × hidden`` LM head. Arms:
 
 Memory: each arm runs in its own subprocess; after its inputs exist the process's peak RSS is reset
 (``/proc/self/clear_refs``), and the peak (``VmHWM``) after forward + backward minus the RSS before is
-reported — process memory, not torch's allocator (the CPU allocator keeps no peak counter). Speed: every arm
+reported — process memory, not torch's allocator (the CPU allocator keeps no peak counter). With ``--device
+cuda`` the tensors live on the GPU and memory is ``torch.cuda.max_memory_allocated()`` minus the allocated
+memory before the run. Speed: every arm
 in one process, alternated, ``--repeats`` timed runs after one warm-up, min / median / max.
 """
 
@@ -51,14 +54,14 @@ def available(arm: str) -> str | None:
     return None
 
 
-def inputs(B: int, T: int, V: int, H: int, dtype: torch.dtype) -> dict[str, Tensor]:
+def inputs(B: int, T: int, V: int, H: int, dtype: torch.dtype, device: str = "cpu") -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(0)
     head = (torch.randn(V, H, generator=g) * H**-0.5).to(dtype)
     hs = torch.randn(B, T, H, generator=g).to(dtype)
     hr = (hs.float() + 0.3 * torch.randn(B, T, H, generator=g)).to(dtype)
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[:, : T // 4] = -100
-    return {"head": head, "hs": hs, "hr": hr, "labels": labels}
+    return {k: v.to(device) for k, v in {"head": head, "hs": hs, "hr": hr, "labels": labels}.items()}
 
 
 def loss_fn(arm: str, x: dict[str, Tensor], chunk: int) -> Callable[[], tuple[Tensor, Tensor]]:
@@ -77,7 +80,7 @@ def loss_fn(arm: str, x: dict[str, Tensor], chunk: int) -> Callable[[], tuple[Te
     if arm == "heal_pl token_stats":
         from heal_pl.kl import token_stats
 
-        linear = torch.nn.Linear(head.shape[1], head.shape[0], bias=False, dtype=head.dtype)
+        linear = torch.nn.Linear(head.shape[1], head.shape[0], bias=False, dtype=head.dtype, device=head.device)
         linear.weight.data = head
         linear.requires_grad_(False)
     elif arm.startswith("liger"):
@@ -88,7 +91,7 @@ def loss_fn(arm: str, x: dict[str, Tensor], chunk: int) -> Callable[[], tuple[Te
     elif arm.startswith("trl"):
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
-        mask = torch.ones(len(targets), 1, dtype=torch.long)
+        mask = torch.ones(len(targets), 1, dtype=torch.long, device=head.device)
 
     def run() -> tuple[Tensor, Tensor]:
         hs = x["hs"].detach().requires_grad_()
@@ -124,19 +127,31 @@ def _rss(field: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024  # MiB
 
 
-def measure_memory(arm: str, dims: tuple[int, int, int, int], dtype: torch.dtype, chunk: int) -> dict[str, float]:
-    x = inputs(*dims, dtype)
+def measure_memory(
+    arm: str, dims: tuple[int, int, int, int], dtype: torch.dtype, chunk: int, device: str = "cpu"
+) -> dict[str, float]:
+    from heal_pl.hardware import resolve_device
+
+    dev = resolve_device(device)
+    x = inputs(*dims, dtype, str(dev))
     run = loss_fn(arm, x, chunk)
     if "compiled" in arm:  # compile outside the measurement, as any real run does once
         loss, _ = run()
         loss.backward()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    before = _rss("VmRSS")
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev) / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = _rss("VmRSS")
     loss, hs = run()
     loss.backward()
     assert hs.grad is not None and torch.isfinite(hs.grad).all()
-    return {"peak_mib": _rss("VmHWM") - before, "loss": loss.item()}
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else _rss("VmHWM")
+    return {"peak_mib": peak - before, "loss": loss.item()}
 
 
 def main() -> None:
@@ -147,6 +162,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (heal_pl.hardware)")
     p.add_argument("--speed", action="store_true", help="time the arms (alternated, one process) instead")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--arms", nargs="*", default=list(ARMS), help="a subset of the arms")
@@ -154,7 +170,7 @@ def main() -> None:
     a = p.parse_args()
     dims, dtype = (a.batch, a.seq, a.vocab, a.hidden), getattr(torch, a.dtype)
     if a.arm:
-        print(json.dumps(measure_memory(a.arm, dims, dtype, a.chunk)))
+        print(json.dumps(measure_memory(a.arm, dims, dtype, a.chunk, a.device)))
         return
     unknown = sorted(set(a.arms) - set(ARMS))
     if unknown:
@@ -169,7 +185,9 @@ def main() -> None:
     for line in skipped:
         print(f"skipped {line}")
     if a.speed:
-        x = inputs(*dims, dtype)
+        from heal_pl.hardware import resolve_device
+
+        x = inputs(*dims, dtype, str(resolve_device(a.device)))
         runs = {arm: loss_fn(arm, x, a.chunk) for arm in arms}
         times: dict[str, list[float]] = {arm: [] for arm in arms}
         losses: dict[str, float] = {}
@@ -178,6 +196,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 loss, _ = run()
                 loss.backward()
+                if loss.device.type == "cuda":
+                    torch.cuda.synchronize(loss.device)
                 if k:
                     times[arm].append(time.perf_counter() - t0)
                 losses[arm] = loss.item()
@@ -189,13 +209,15 @@ def main() -> None:
     results = {}
     for arm in arms:
         args = [sys.executable, __file__, "--arm", arm, "--batch", str(a.batch), "--seq", str(a.seq), "--vocab",
-                str(a.vocab), "--hidden", str(a.hidden), "--dtype", a.dtype, "--chunk", str(a.chunk)]  # fmt: skip
+                str(a.vocab), "--hidden", str(a.hidden), "--dtype", a.dtype, "--chunk", str(a.chunk),
+                "--device", a.device]  # fmt: skip
         out = subprocess.run(args, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"arm {arm!r} failed:\n{out.stderr}")
         results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
     lean = results.get("lean naive (counted rows)", {}).get("peak_mib")
-    print("| arm | peak RSS Δ (MiB) | ÷ lean naive | loss |\n|---|---|---|---|")
+    what = "peak RSS Δ" if a.device == "cpu" else f"peak {a.device} allocated Δ"
+    print(f"| arm | {what} (MiB) | ÷ lean naive | loss |\n|---|---|---|---|")
     for arm, r in results.items():
         ratio = f"{r['peak_mib'] / lean:.3f}" if lean else "–"
         print(f"| {arm} | {r['peak_mib']:.0f} | {ratio} | {r['loss']:.7f} |")

@@ -15,7 +15,8 @@ The module must hold one peft-wrapped Hugging Face causal LM and feed it batches
    the base's rows go through the model's own head (:class:`heal_pl.lm.LMHead`, checked against the
    model's logits at ``setup``; a head adapter is switched off for the ref). Lightning then scales,
    accumulates and clips the sum as usual;
-3. wraps ``validation_step`` to log the exact pooled KL statistics of the validation epoch.
+3. wraps ``validation_step`` to log the exact pooled KL statistics of the validation epoch, and the
+   ``{prefix}val/kl_hist`` / ``{prefix}val/kl_top`` TensorBoard panels (``heal_pl.panels``).
 
 The value on a batch equals ``HealModule``'s barrier on that batch (same ``heal_pl.kl`` code). The callback
 leaves the student's own mode alone: if the foreign model has dropout and trains in train mode, the student's
@@ -37,6 +38,7 @@ from heal_pl.distributed import gather_tokens
 from heal_pl.kl import KLBarrier, TokenStats, barrier_metrics, check_finite, counted_positions, token_stats
 from heal_pl.lm import LMHead, adapter_off, base_lm, check_head, find_peft_model, gather_rows, head_has_adapter
 from heal_pl.metrics import TokenKLStats
+from heal_pl.panels import DriftPanels
 from heal_pl.ref_cache import RefRowCache, example_keys, ref_fingerprint
 
 
@@ -79,6 +81,7 @@ class KLBarrierCallback(Callback):
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
         self.barrier, self.round, self.chunk_size, self.prefix = barrier, round, chunk_size, prefix
         self.val_kl = TokenKLStats()
+        self.drift = DriftPanels()  # {prefix}val/kl_hist and {prefix}val/kl_top (heal_pl.panels)
         self.ref_cache = RefRowCache() if ref_cache else None
         self._captured: list[Forward] = []
         self._capturing = False
@@ -209,7 +212,9 @@ class KLBarrierCallback(Callback):
                 where = f"validation at step {self._module.global_step}"
                 student = self._student(batch, captured, where)
                 _, scalars = self.compute(batch, student.logits, where, student)
-                self.val_kl.update(scalars.pop("_kl"))
+                kl = scalars.pop("_kl")
+                self.val_kl.update(kl)
+                self.drift.update(kl, batch)
             return out
 
         return validation_step
@@ -223,7 +228,9 @@ class KLBarrierCallback(Callback):
         if self.barrier.active and not trainer.sanity_checking:
             stats = self.val_kl.compute()
             pl_module.log_dict({f"{self.prefix}val/{k}": v for k, v in stats.items()}, sync_dist=True)
+            self.drift.log(trainer, self.peft, prefix=self.prefix)
         self.val_kl.reset()
+        self.drift.reset()
 
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round}
