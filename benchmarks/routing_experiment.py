@@ -14,7 +14,8 @@ frame (``model.routed.seed``); nothing else in these runs is random. ``vanilla``
 run ``configs/{vanilla,erase,route}.yaml`` (arms none / erase / route of ``RouteAblateEvalCallback``);
 ``base`` evaluates the untrained model with the same evaluation. Each run
 appends one row to ``<out>/results.jsonl`` (the final evaluation: hack and solve rates with delta_hack kept
-and ablated, on the held-out split) and prints the table of every row so far, averaged over seeds.
+and ablated, on the held-out split) and prints the table of every row so far, averaged over the seeds of
+rows that share arm, model and overrides (rows of other settings are never pooled).
 Deployment means ablated: that is the column to compare across arms.
 """
 
@@ -72,17 +73,16 @@ def run_arm(arm: str, seed: int, out: Path, extra: list[str]) -> dict[str, float
 
 
 def table(rows: list[dict]) -> str:
-    groups: dict[str, list[dict]] = defaultdict(list)
+    """Mean ± sd over seeds of the rows that share arm, model and overrides (one line per such group)."""
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in rows:
-        groups[r["arm"]].append(r)
+        groups[(r["arm"], r.get("model", ""), " ".join(r.get("extra", [])))].append(r)
     lines = [
-        "| arm | seeds | hack kept | solve kept | hack ablated | solve ablated | min/run |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | model | overrides | seeds | hack kept | solve kept | hack ablated | solve ablated | min/run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm in ("base", "vanilla", "erase", "route"):
-        rs = groups.get(arm, [])
-        if not rs:
-            continue
+    order = {arm: i for i, arm in enumerate(("base", "vanilla", "erase", "route"))}
+    for (arm, model, extra), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], order[kv[0][0]])):
 
         def cell(key: str, rs: list[dict] = rs) -> str:
             vals = [r[key] for r in rs]
@@ -91,7 +91,8 @@ def table(rows: list[dict]) -> str:
 
         seeds = ",".join(str(r["seed"]) for r in rs)
         minutes = statistics.fmean(r["seconds"] for r in rs) / 60
-        lines.append(f"| {arm} | {seeds} | {' | '.join(cell(k) for k in KEYS)} | {minutes:.1f} |")
+        cells = " | ".join(cell(k) for k in KEYS)
+        lines.append(f"| {arm} | {model} | {extra or '–'} | {seeds} | {cells} | {minutes:.1f} |")
     return "\n".join(lines)
 
 

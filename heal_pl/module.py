@@ -39,8 +39,10 @@ from heal_pl.lm import LMHead, base_dropout_off, base_lm, check_head, gather_row
 from heal_pl.metrics import TokenKLStats
 from heal_pl.models import load_model
 from heal_pl.panels import DriftPanels, logged_step
+from heal_pl.ref_cache import RefRowCache, example_keys, ref_fingerprint
 from heal_pl.resume import RNG_KEY, rng_state, set_rng_state
 from heal_pl.routing.train import hack_decay_groups
+from heal_pl.shared_prefix import SharedPrefix, first_adapted_block, prefix_dropout
 
 log = logging.getLogger("heal_pl")
 
@@ -75,6 +77,9 @@ class HealModule(L.LightningModule):
             done by :class:`heal_pl.callbacks.RouteAblateEvalCallback`, without which ``delta_hack`` stays 0).
         routed: the routed adapter's spec (used when ``adapter="routed"``); saved as
             ``<adapter_dir>/routed.safetensors`` at train end.
+        ref_cache: keep the ref's hidden rows of every example seen (:mod:`heal_pl.ref_cache`, exact), so later
+            epochs skip the ref's forward; emptied with a log line whenever the ref changes.
+        ref_cache_memory_mb: rows kept in memory; beyond, in a memory-mapped file under ``<log_dir>/ref_cache``.
 
     Example:
         >>> module = HealModule(model="tiny-llama", barrier=KLBarrier(agg="rmse", tau=1.0))  # doctest: +SKIP
@@ -98,6 +103,8 @@ class HealModule(L.LightningModule):
         adapter_dir: str | None = None,
         adapter: Literal["lora", "routed"] = "lora",
         routed: RoutedSpec = RoutedSpec(),  # noqa: B008 (frozen dataclass)
+        ref_cache: bool = False,
+        ref_cache_memory_mb: int = 2048,
     ) -> None:
         super().__init__()
         lora = LoRASpec(**lora) if isinstance(lora, dict) else lora
@@ -113,6 +120,7 @@ class HealModule(L.LightningModule):
                 ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
                 ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
                 ("chunk_size", chunk_size, chunk_size >= 1, ">= 1"),
+                ("ref_cache_memory_mb", ref_cache_memory_mb, ref_cache_memory_mb >= 0, ">= 0"),
             ]
             if not ok
         ]
@@ -142,6 +150,8 @@ class HealModule(L.LightningModule):
         self.val_kl = TokenKLStats()
         self.drift = DriftPanels()  # the val/kl_hist and val/kl_top TensorBoard panels (heal_pl.panels)
         self.final_validation: dict[str, float | int] | None = None
+        self.ref_cache = RefRowCache(ref_cache_memory_mb * 2**20) if ref_cache else None
+        self.shared_prefix = self._shared_prefix()
 
     def train(self, mode: bool = True) -> HealModule:
         """Train/eval switch. In train mode only the adapter's own dropout (``lora.dropout``) is on: the base
@@ -164,8 +174,10 @@ class HealModule(L.LightningModule):
         """
         mask = batch.get("attention_mask")
         counted = counted_positions(batch["labels"], mask)
-        hidden = last_hidden(self.student, batch["input_ids"], mask)
-        ref = self._ref_rows(batch["input_ids"], mask, counted) if self.barrier.active else None
+        with self.shared_prefix.capture():
+            hidden = last_hidden(self.student, batch["input_ids"], mask)
+        ref = self._ref_rows(batch, counted) if self.barrier.active else None
+        self.shared_prefix.drop()
         stats = token_stats(
             gather_rows(hidden, counted), ref, counted.targets,
             head=self.head, reg=self.barrier.reg, chunk_size=self.hparams.chunk_size,
@@ -199,13 +211,60 @@ class HealModule(L.LightningModule):
                 raise ValueError("set_ref_model: ref_model's LM head must equal the student's (its rows go through it)")
             ref_model.requires_grad_(False).eval()
         self.__dict__["_ref_model"] = ref_model  # plain attribute: not registered, not trained, not saved
+        if self.ref_cache is not None:
+            self.ref_cache.clear("set_ref_model changed the ref")
+            self.ref_cache.fingerprint = None
 
-    def _ref_rows(self, input_ids: Tensor, mask: Tensor | None, counted: Any) -> Tensor:
+    def _ref_rows(self, batch: dict[str, Tensor], counted: Any) -> Tensor:
+        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
         ref_model = self.__dict__.get("_ref_model")
-        if ref_model is None:
-            return ref_rows(self.student, input_ids, mask, counted)
-        with torch.no_grad():
-            return gather_rows(last_hidden(ref_model, input_ids, mask), counted)
+
+        def compute() -> Tensor:
+            if ref_model is None:
+                with self.shared_prefix.replay():
+                    return ref_rows(self.student, input_ids, mask, counted)
+            with torch.no_grad():
+                return gather_rows(last_hidden(ref_model, input_ids, mask), counted)
+
+        if self.ref_cache is None:
+            return compute()
+        return self.ref_cache.rows(example_keys(input_ids, mask, batch["labels"]), counted, compute)
+
+    def _shared_prefix(self) -> SharedPrefix:
+        """The blocks below the first adapted one, run once for student and ref (:mod:`heal_pl.shared_prefix`)."""
+        trainable = self.trainable_names()
+        lo = first_adapted_block(self.student, {id(p) for n, p in self.named_parameters() if n in trainable})
+        why = prefix_dropout(base_lm(self.student), lo) if lo > 0 else None
+        if why is not None:
+            log.info("heal_pl: blocks 0..%d are not shared between student and ref (%s can drop out)", lo - 1, why)
+            lo = 0
+        elif lo > 0:
+            log.info("heal_pl: blocks 0..%d carry no adapter: the ref's forward starts at block %d", lo - 1, lo)
+        return SharedPrefix(self.student, lo)
+
+    def _check_ref_cache(self) -> None:
+        """Empty the ref cache if the ref's weights (the base, or the ``set_ref_model`` model) changed."""
+        if self.ref_cache is None:
+            return
+        ref_model = self.__dict__.get("_ref_model")
+        if ref_model is not None:
+            self.ref_cache.check(ref_fingerprint(("ref_model", id(ref_model)), ref_model.parameters()))
+            return
+        trainable = self.trainable_names()
+        adapter = {id(p) for n, p in self.named_parameters() if n in trainable}
+        base = [p for p in self.student.parameters() if id(p) not in adapter]
+        self.ref_cache.check(ref_fingerprint(("adapter_off", id(self.student)), base))
+
+    def on_fit_start(self) -> None:
+        if self.ref_cache is not None and self.ref_cache.spill_dir is None:
+            root = self.trainer.log_dir or self.trainer.default_root_dir
+            self.ref_cache.spill_dir = os.path.join(root, "ref_cache", f"rank{self.global_rank}")
+
+    def on_train_epoch_start(self) -> None:
+        self._check_ref_cache()
+
+    def on_validation_epoch_start(self) -> None:
+        self._check_ref_cache()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, scalars, _ = self.loss_terms(batch, f"train step {self.global_step} (batch {batch_idx})")

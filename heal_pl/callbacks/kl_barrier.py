@@ -39,6 +39,7 @@ from heal_pl.kl import KLBarrier, TokenStats, barrier_metrics, check_finite, cou
 from heal_pl.lm import LMHead, adapter_off, base_lm, check_head, find_peft_model, gather_rows, head_has_adapter
 from heal_pl.metrics import TokenKLStats
 from heal_pl.panels import DriftPanels
+from heal_pl.ref_cache import RefRowCache, example_keys, ref_fingerprint
 
 
 class KLBarrierCallback(Callback):
@@ -49,6 +50,9 @@ class KLBarrierCallback(Callback):
         round: steer → heal round, scaling ``lam`` by ``(1 + round)^lam_round_pow``.
         chunk_size: rows of ``[chunk, vocab]`` log-probabilities alive at once.
         prefix: logged names are ``{prefix}train/barrier``, ``{prefix}val/kl_p95``, ...
+        ref_cache: keep the base's hidden rows of every example seen (:mod:`heal_pl.ref_cache`, exact; keyed by
+            the example's tokens, labels and every other per-row argument of the replayed call), so later epochs
+            skip the base's forward; emptied with a log line when the base's weights change.
 
     Raises:
         ValueError: at ``setup`` when the module holds no (or several) peft models, or when heal_pl's head path
@@ -62,7 +66,12 @@ class KLBarrierCallback(Callback):
     """
 
     def __init__(
-        self, barrier: KLBarrier = KLBarrier(), round: int = 0, chunk_size: int = 256, prefix: str = ""  # noqa: B008
+        self,
+        barrier: KLBarrier = KLBarrier(),  # noqa: B008 (frozen dataclass)
+        round: int = 0,
+        chunk_size: int = 256,
+        prefix: str = "",
+        ref_cache: bool = False,
     ) -> None:
         if isinstance(barrier, dict):
             barrier = KLBarrier(**barrier)
@@ -73,6 +82,7 @@ class KLBarrierCallback(Callback):
         self.barrier, self.round, self.chunk_size, self.prefix = barrier, round, chunk_size, prefix
         self.val_kl = TokenKLStats()
         self.drift = DriftPanels()  # {prefix}val/kl_hist and {prefix}val/kl_top (heal_pl.panels)
+        self.ref_cache = RefRowCache() if ref_cache else None
         self._captured: list[Forward] = []
         self._capturing = False
         self._hook: RemovableHandle | None = None
@@ -136,11 +146,22 @@ class KLBarrierCallback(Callback):
         if self.barrier.active:
             args, kwargs = (call.args, call.kwargs) if call is not None else ((), {
                 "input_ids": batch["input_ids"], "attention_mask": mask})  # fmt: skip
-            hidden = head_input(self.peft, args, kwargs)
-            if tuple(hidden.shape[:2]) != tuple(batch["labels"].shape):
-                raise ValueError(f"{where}: the replayed forward's LM-head input is {tuple(hidden.shape)}, not "
-                                 f"[B, T, H] for labels {tuple(batch['labels'].shape)} (logits_to_keep?)")
-            ref = gather_rows(hidden, counted)
+
+
+            def ref_rows() -> Tensor:
+                hidden = head_input(self.peft, args, kwargs)
+                if tuple(hidden.shape[:2]) != tuple(batch["labels"].shape):
+                    raise ValueError(f"{where}: the replayed forward's LM-head input is {tuple(hidden.shape)}, not "
+                                     f"[B, T, H] for labels {tuple(batch['labels'].shape)} (logits_to_keep?)")
+                return gather_rows(hidden, counted)
+
+            if self.ref_cache is None:
+                ref = ref_rows()
+            else:
+                rows = batch["labels"].shape[0]
+                extra = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v.dim() and len(v) == rows]
+                ref = self.ref_cache.rows(example_keys(batch["input_ids"], mask, batch["labels"], extra), counted,
+                                          ref_rows)  # fmt: skip
         ref_head = self._ref_head if head_has_adapter(self.peft) else self.head
         stats = token_stats(
             gather_rows(logits, counted), ref, counted.targets,
@@ -197,6 +218,11 @@ class KLBarrierCallback(Callback):
             return out
 
         return validation_step
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.ref_cache is not None:  # the base = the peft model's frozen weights
+            base = [p for p in self.peft.parameters() if not p.requires_grad]
+            self.ref_cache.check(ref_fingerprint(("base", id(self.peft)), base))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.barrier.active and not trainer.sanity_checking:
