@@ -63,7 +63,7 @@ def test_default_lora_adapts_every_block_linear_never_the_head(family: str) -> N
     if family == "qwen3_5":  # the linear-attention blocks (0, 2) get their projections
         kinds = base.config.layer_types
         lin = {n.rsplit(".", 1)[-1] for n in adapted if kinds[int(n.split(".")[2])] == "linear_attention"}
-        assert LINEAR_ATTENTION <= lin
+        assert lin == LINEAR_ATTENTION | {"gate_proj", "up_proj", "down_proj"}
 
 
 @pytest.mark.parametrize("param", ["lora", "svd"])
@@ -141,3 +141,15 @@ def test_targets_as_a_string_and_bad_targets() -> None:
 def test_all_linear_without_blocks_is_an_error() -> None:
     with pytest.raises(ValueError, match="no linear layer inside numbered decoder blocks.*linear layers: \\['0'"):
         resolve_targets(nn.Sequential(nn.Linear(4, 4)), ("all-linear",), None, "routed")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3", "qwen3_5"])
+def test_heal_module_defaults_construct(family: str) -> None:
+    """The families whose layer names are not Llama's build a HealModule with the default LoRA and routed specs."""
+    from heal_pl.module import HealModule
+
+    lora = HealModule(model=f"tiny-{family}").student.get_base_model()
+    names = {n.rsplit(".", 1)[-1] for n, m in lora.named_modules() if isinstance(m, LoraLayer)}
+    assert names == EXPECTED[family]
+    routed = HealModule(model=f"tiny-{family}", adapter="routed").routed_adapter
+    assert {n.rsplit(".", 1)[-1] for n in routed.names()} == EXPECTED[family]
