@@ -183,12 +183,19 @@ def convert() -> tuple[PreTrainedModel, PreTrainedTokenizerBase, SpecialTokens]:
     return model, tok, want
 
 
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def manifest(want: SpecialTokens) -> dict[str, Any]:
     """What made a cache folder: versions of heal_pl, transformers and the GGUF package, and the special tokens."""
     return {
         "heal_pl": heal_pl.__version__,
         "transformers": transformers.__version__,
-        GGUF_DIST: importlib.metadata.version(GGUF_DIST),
+        GGUF_DIST: _version(GGUF_DIST),
         "gguf_file": GGUF_FILE,
         "special_tokens": asdict(want),
     }
