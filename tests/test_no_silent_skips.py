@@ -51,8 +51,7 @@ def test_no_eos_anywhere_is_an_error() -> None:
     model, tok = no_eos_anywhere()
     with pytest.raises(ValueError, match="no end-of-sequence id.*LlamaForCausalLM.*never stop; pass eos_token_id"):
         eos_ids(tok, model, None)
-    with pytest.raises(ValueError, match=r"eos_token_id=\[\] is empty"):
-        eos_ids(tok, model, [])
+    assert eos_ids(tok, model, []).tolist() == []  # the caller's explicit "no EOS": rollouts run to their limit
     vec = SteeringVector.fit(model, tok, POS, NEG, layers=[0])
     with pytest.raises(ValueError, match="no end-of-sequence id"):
         measure_kl(model, tok, [PROMPT], vec, 1.0, max_new_tokens=2)
