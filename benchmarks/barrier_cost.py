@@ -1,6 +1,7 @@
 """Step time of SFT + KL barrier ÷ SFT alone, side by side in one process.
 
     python benchmarks/barrier_cost.py --batch 8 --seq 256 --steps 2 --before 6a79050
+    python benchmarks/barrier_cost.py --device cuda --dtype bfloat16 --batch 8 --seq 512   # on a GPU
 
 Both arms run HealModule's own loss (forward, backward, AdamW step) on the same random-token batch
 (completion = the last 3/4 of each row); they alternate step by step so machine noise hits both.
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 import heal_pl.module as module_py
+from heal_pl.hardware import resolve_device
 from heal_pl.kl import KLBarrier, counted_positions, token_stats
 from heal_pl.lm import ref_rows
 from heal_pl.module import HealModule
@@ -64,12 +66,15 @@ def main() -> None:
     p.add_argument("--agg", default="rmse")
     p.add_argument("--before", default=None, help="git revision of kl.py / fused_head.py to compare against")
     p.add_argument("--head-only", action="store_true", help="time only the loss from hidden rows (head + KL)")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (heal_pl.hardware)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base weights")
     a = p.parse_args()
 
     torch.manual_seed(0)
-    module = HealModule(model=a.model, barrier=KLBarrier(agg=a.agg, tau=0.0))
+    device = resolve_device(a.device)
+    module = HealModule(model=a.model, barrier=KLBarrier(agg=a.agg, tau=0.0), dtype=a.dtype).to(device)
     vocab = module.head.proj.weight.shape[0]
-    ids = torch.randint(0, vocab, (a.batch, a.seq))
+    ids = torch.randint(0, vocab, (a.batch, a.seq), device=device)
     labels = ids.clone()
     labels[:, : a.seq // 4] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -88,7 +93,7 @@ def main() -> None:
     def step_fn(barrier: KLBarrier, fn: Callable[..., Any]) -> None:
         if a.head_only:  # the loss from hidden rows: LM head, log-softmax, KL, row gradients
             stats = fn(student_rows, rows if barrier.active else None, counted.targets,
-                       head=module.head.fusable(), reg=barrier.reg, chunk_size=module.hparams.chunk_size)  # fmt: skip
+                       head=module.head, reg=barrier.reg, chunk_size=module.hparams.chunk_size)  # fmt: skip
             (stats.nll.mean() + barrier(stats.kl).value).backward()
             student_rows.grad = None
             return
@@ -99,19 +104,24 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in range(a.steps + 1):  # step 0 warms up
         for name, barrier, fn in arms:
+            sync()
             t0 = time.perf_counter()
             step_fn(barrier, fn)
+            sync()
             if step:
                 times[name].append(time.perf_counter() - t0)
         if not a.head_only:
             t0 = time.perf_counter()
             ref_rows(module.student, ids, batch["attention_mask"], counted)
+            sync()
             if step:
                 times["ref forward only"].append(time.perf_counter() - t0)
     module_py.token_stats = token_stats
-    print(f"model={a.model} batch={a.batch}x{a.seq} counted rows={counted.targets.numel()} head_only={a.head_only} "
+    print(f"model={a.model} device={device} dtype={a.dtype} batch={a.batch}x{a.seq} "
+          f"counted rows={counted.targets.numel()} head_only={a.head_only} "
           f"threads={torch.get_num_threads()} steps={a.steps} (median of each)")  # fmt: skip
     first = list(impls)[0]
     print(f"| arm | median (s) | ÷ its sft | ÷ the same arm{first or ''} |\n|---|---|---|---|")

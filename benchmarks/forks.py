@@ -1,6 +1,12 @@
-"""Survival forks on SmolLM2: cached (packed reads on the rollout's KV cache) ÷ recomputed from scratch.
+"""Survival forks: cached (reads on the rollout's own cache) ÷ recomputed from scratch.
 
-    python benchmarks/forks.py --w 256 --step 5
+    python benchmarks/forks.py --w 256 --step 5                   # SmolLM2-135M (Llama: full attention)
+    python benchmarks/forks.py --shape gemma3 --w 128 --step 4    # Gemma-3-shaped: 5 sliding : 1 full, window 32
+    python benchmarks/forks.py --shape qwen3_5 --w 128 --step 4   # Qwen3.5-shaped: 3 linear attention : 1 full
+
+``--shape`` builds a randomly initialised model of that family's layer pattern at a small size (hidden 256,
+12 / 8 layers; see :func:`shaped_model`), NOT the real checkpoint: the rows show what the cache machinery costs
+on that pattern (sliding layers keep every position; recurrent layers read one row per fork from snapshots).
 
 One greedy rollout of ``w`` tokens (EOS ignored) under a mean_diff vector (pirate vs plain assistant, mid
 depth) at ``--coeff``; a true/false probe at every ``step`` tokens. Printed side by side, each the median
@@ -9,11 +15,12 @@ of ``--repeats`` alternating runs:
 * end to end: ``fork_probe`` (rollout + packed fork reads on its cache) vs ``fork_probe_recompute``
   (``greedy_generate`` + one full forward per fork). Both contain the same token-by-token rollout.
 * the rollout alone (``heal_pl.survival.forks.rollout``): the floor both end-to-end arms share.
-* fork phase only, on the same tokens, vs ``probe_forks_recompute`` (one full forward per fork):
+* fork phase only, on the same tokens, vs ``probe_forks_recompute`` (one full forward per fork, logits of the
+  last position only, ``logits_to_keep=1``):
   ``probe_forks(cache=rollout's cache)`` (the packed reads alone: what ``fork_probe`` adds to its rollout),
   ``probe_forks`` without a cache (one prefill forward of ``x ⊕ y_<g`` + the packed reads: what the survival
   sweep pays, its tokens coming from ``measure_kl``), and the previous implementation, one fork at a time on
-  a deep copy of the rollout's cache cropped to the fork.
+  a deep copy of the rollout's cache cropped to the fork (full-attention caches only).
 
 All arms return the same pmass (max differences printed).
 """
@@ -29,10 +36,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from heal_pl.families import tiny_config
+from heal_pl.generate import cache_kwargs
 from heal_pl.lm import LMHead, base_lm
-from heal_pl.models import load_model, load_tokenizer
+from heal_pl.models import load_model, load_tokenizer, tiny_tokenizer
 from heal_pl.prompts import NEUTRAL, PIRATE, chat_prompt, questions
 from heal_pl.steering import SteeringVector
+from heal_pl.survival.fork_cache import fork_plan
 from heal_pl.survival.forks import fork_probe, fork_probe_recompute, probe_forks, probe_forks_recompute, rollout
 from heal_pl.survival.probes import answer_token_ids, probe_from_logits
 from heal_pl.survival.table import fork_schedule
@@ -53,9 +63,28 @@ def one_by_one(model, tok, prompt_ids: list[int], gen: list[int], cache, forks: 
         fork.crop(keep - cached)
         feed = gen[keep - P : t] + splice
         h = backbone(input_ids=torch.tensor([feed]), position_ids=torch.arange(keep, keep + len(feed))[None],
-                     past_key_values=fork, use_cache=True).last_hidden_state  # fmt: skip
+                     use_cache=True, **cache_kwargs(backbone, fork)).last_hidden_state  # fmt: skip
         out[j] = float(probe_from_logits(head(h[:, -1]), ids)[0][0])
     return out
+
+
+SHAPES = {  # the family's layer pattern at hidden 256 (real: Gemma-3-4B 34 layers / window 1024; Qwen3.5-0.8B 24)
+    "gemma3": {"num_hidden_layers": 12, "sliding_window": 32, "head_dim": 64, "num_key_value_heads": 1,
+               "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 2},
+    "qwen3_5": {"num_hidden_layers": 8, "head_dim": 64, "linear_key_head_dim": 64, "linear_value_head_dim": 64,
+                "linear_num_key_heads": 4, "linear_num_value_heads": 8,
+                "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 2},
+}
+
+
+def shaped_model(shape: str):
+    """A random model with ``shape``'s layer pattern, hidden 256, 4 heads, intermediate 1024, seed 0."""
+    tok = tiny_tokenizer()
+    config, cls = tiny_config(shape, len(tok), tok.pad_token_id, tok.eos_token_id)
+    for key, value in {"hidden_size": 256, "intermediate_size": 1024, **SHAPES[shape]}.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    return tok, cls(config).eval()
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -80,13 +109,16 @@ def profile(model, tok, prompt: str, prompt_ids: list[int], vector, a: argparse.
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="a random model of this layer pattern instead of --model")
     p.add_argument("--w", type=int, default=256)
     p.add_argument("--step", type=int, default=5)
     p.add_argument("--coeff", type=float, default=20.0)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one cached run instead")
     a = p.parse_args()
-    tok, model = load_tokenizer(a.model), load_model(a.model).eval()
+    tok, model = shaped_model(a.shape) if a.shape else (load_tokenizer(a.model), load_model(a.model).eval())
+    name = f"{a.shape}-shaped (random, hidden 256)" if a.shape else a.model
+    full_only = a.shape is None  # the one-by-one copy/crop arm needs a croppable full-attention cache
     qs = questions(17)
     vector = SteeringVector.fit(model, tok, [chat_prompt(tok, q, PIRATE) for q in qs[:16]],
                                 [chat_prompt(tok, q, NEUTRAL) for q in qs[:16]], layers=0.5)  # fmt: skip
@@ -111,25 +143,30 @@ def main() -> None:
         run("e2e recomputed", fork_probe_recompute, model, tok, prompt, *args, eos_token_id=[])
         gen = cached.tokens.tolist()
         with vector.steering(model, a.coeff), torch.no_grad():
-            _, cache = run("rollout", rollout, model, prompt_ids, a.w, torch.tensor([], dtype=torch.long))
-            run("forks one-by-one", one_by_one, model, tok, prompt_ids, gen, cache, forks, ids)
+            _, cache = run("rollout", rollout, model, prompt_ids, a.w, torch.tensor([], dtype=torch.long),
+                           forks.tolist())
+            if full_only:
+                run("forks one-by-one", one_by_one, model, tok, prompt_ids, gen, cache, forks, ids)
         run("forks packed on cache", probe_forks, model, tok, prompt, gen, *args, cache=cache)  # steers by itself
         run("forks packed", probe_forks, model, tok, prompt, gen, *args)
         run("forks recomputed", probe_forks_recompute, model, tok, prompt, gen, *args)
     med = {k: statistics.median(v) for k, v in times.items()}
     diffs = {k: float(np.nanmax(np.abs(v - pm["e2e recomputed"]))) for k, v in pm.items()
              if k not in ("e2e recomputed", "rollout")}
-    print(f"model={a.model} w={a.w} step={a.step} forks={len(forks)} splice={len(tok(SPLICE)['input_ids'])} tokens "
+    print(f"model={name} w={a.w} step={a.step} forks={len(forks)} splice={len(tok(SPLICE)['input_ids'])} tokens "
           f"prompt={len(prompt_ids)} tokens threads={torch.get_num_threads()} repeats={a.repeats}")
     print("| what | cached (s) | recomputed (s) | recomputed ÷ cached |\n|---|---|---|---|")
+    plan = fork_plan(model)
+    reads = "packed reads" if plan.mode == "packed" else "one row per fork from snapshots"
     print(f"| end to end (rollout + forks) | {med['e2e cached']:.2f} | {med['e2e recomputed']:.2f} | "
           f"{med['e2e recomputed'] / med['e2e cached']:.2f}× |")
-    print(f"| fork phase only, packed reads on the rollout's cache | {med['forks packed on cache']:.2f} | "
+    print(f"| fork phase only, {reads} on the rollout's cache | {med['forks packed on cache']:.2f} | "
           f"{med['forks recomputed']:.2f} | {med['forks recomputed'] / med['forks packed on cache']:.2f}× |")
-    print(f"| fork phase only, prefill + packed reads | {med['forks packed']:.2f} | {med['forks recomputed']:.2f} | "
+    print(f"| fork phase only, prefill + {reads} | {med['forks packed']:.2f} | {med['forks recomputed']:.2f} | "
           f"{med['forks recomputed'] / med['forks packed']:.2f}× |")
-    print(f"| fork phase only, one-by-one copy/crop (previous) | {med['forks one-by-one']:.2f} | "
-          f"{med['forks recomputed']:.2f} | {med['forks recomputed'] / med['forks one-by-one']:.2f}× |")
+    if full_only:
+        print(f"| fork phase only, one-by-one copy/crop (previous) | {med['forks one-by-one']:.2f} | "
+              f"{med['forks recomputed']:.2f} | {med['forks recomputed'] / med['forks one-by-one']:.2f}× |")
     print(f"| rollout alone (shared floor) | {med['rollout']:.2f} | | |")
     bound = (med["rollout"] + med["forks recomputed"]) / med["rollout"]
     print(f"end-to-end ceiling with free forks: (rollout + recomputed forks) ÷ rollout = {bound:.2f}×")

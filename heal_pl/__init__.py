@@ -20,6 +20,8 @@ _PUBLIC = {
     "KLBarrierCallback": "heal_pl.callbacks",
     "IsoKLCalibrationCallback": "heal_pl.callbacks",
     "RouteAblateEvalCallback": "heal_pl.callbacks",
+    "ProgressLog": "heal_pl.callbacks",
+    "read_card": "heal_pl.adapters.card",
     "LoRASpec": "heal_pl.adapters",
     "load_model": "heal_pl.models",
     "load_tokenizer": "heal_pl.models",

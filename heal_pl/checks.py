@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import get_args
+import json
+import os
+from pathlib import Path
+from typing import Any, get_args
 
 
 def choice_problem(field: str, value: object, allowed: object) -> str | None:
@@ -18,3 +21,25 @@ def check_choice(field: str, value: object, allowed: object) -> None:
     problem = choice_problem(field, value, allowed)
     if problem is not None:
         raise ValueError(problem)
+
+
+def read_json_object(path: str | os.PathLike, field: str) -> dict[str, Any]:
+    """The JSON object in the file ``path``, given as the config field ``field``.
+
+    Raises:
+        ValueError: the file is missing, empty, not valid JSON or not a JSON object; the message names
+            ``field`` and the file.
+    """
+    where = f"{field}={os.fspath(path)!r}"
+    if not os.path.isfile(path):
+        raise ValueError(f"{where} does not exist")
+    text = Path(path).read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{where} is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must hold a JSON object, got {type(data).__name__}")
+    return data

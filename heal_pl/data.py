@@ -1,18 +1,17 @@
-r"""Chat data: JSONL rows -> token ids with an exact completion mask -> right-padded batches (SPEC §1).
+r"""Chat data: rows -> token ids with an exact completion mask -> right-padded batches (SPEC §1).
 
-Rows, one JSON object per line (blank lines skipped, unknown keys such as ``persona`` ignored)::
-
-    {"prompt": str, "completion": str, "system": str (optional)}
-    {"messages": [{"role": str, "content": str}, ..., {"role": "assistant", "content": str}]}
-
-In the second shape the last message is the completion and the earlier ones are the prompt.
+Rows come from a JSONL file or anything the Hugging Face ``datasets`` library reads (a ``save_to_disk``
+folder, parquet / JSON files, a Hub name), in TRL's or heal_pl's shapes: ``messages``, or a
+``prompt`` / ``completion`` pair whose sides are strings or lists of chat messages (``heal_pl.formats``).
 
 Encoding. Prompt text = ``tokenizer.apply_chat_template(messages, add_generation_prompt=True,
 tokenize=False)``. Prompt and completion are tokenized separately (``add_special_tokens=False``) and
-concatenated, so no BPE merge crosses the boundary; the tokenizer's eos id is appended to the completion
-(the model learns to stop). ``labels`` follow Hugging Face (aligned with ``input_ids``; the model shifts):
+concatenated, so no BPE merge crosses the boundary; the completion ends with the tokens that close an
+assistant turn in the chat template (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama-3, ``<end_of_turn>``
+for Gemma: ``heal_pl.turns.turn_end_ids``; the eos without a template), so the model learns to stop as its
+chat format stops. ``labels`` follow Hugging Face (aligned with ``input_ids``; the model shifts):
 -100 on prompt tokens, the token id on completion tokens. An empty completion is kept: its only
-completion token is the eos (one counted position, teaching "answer nothing").
+completion tokens are the turn end (teaching "answer nothing").
 
 Without a chat template (``tokenizer.chat_template is None``; logged once per tokenizer) the prompt is
 plain text, one ``Role: content`` block per message, then the answer cue, e.g.
@@ -20,11 +19,12 @@ plain text, one ``Role: content`` block per message, then the answer cue, e.g.
 ``" " + completion`` (unless empty or starting with whitespace), so its first word gets the
 space-prefixed token it has inside a sentence.
 
-Truncation to ``max_length`` = L, with P prompt tokens, C completion tokens (eos included), k = min(C, L // 4):
+Truncation to ``max_length`` = L, with P prompt tokens, C completion tokens (turn end included),
+k = min(C, L // 4):
 
 1. P + C <= L: keep everything.
 2. otherwise, if L - P >= k: keep the whole prompt; cut the completion at its END to L - P tokens
-   (the eos is lost: the model is not taught to stop there).
+   (the turn end is lost: the model is not taught to stop there).
 3. otherwise: keep the first k completion tokens and the LAST L - k prompt tokens (the prompt is cut
    from its left, so the question right before the answer survives).
 
@@ -35,12 +35,10 @@ prompts and completions; a row left without a completion token is dropped with a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,96 +48,17 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from heal_pl.formats import ROW_SHAPES, Example, jsonl_rows, read_examples, source_problem  # noqa: F401 (re-exported)
 from heal_pl.kl import IGNORE_INDEX
+from heal_pl.resume import data_state, resume_point
+from heal_pl.turns import turn_end_ids
 
 log = logging.getLogger("heal_pl")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_TRAIN_FILE = ASSETS / "persona_train.jsonl"
 DEFAULT_VAL_FILE = ASSETS / "persona_val.jsonl"
-ROW_SHAPES = (
-    '{"prompt": str, "completion": str, "system": str (optional)} or '
-    '{"messages": [{"role": str, "content": str}, ..., {"role": "assistant", "content": str}]}'
-)
 _fallback_logged: set[str] = set()
-
-
-@dataclass
-class Example:
-    """One conversation: the prompt messages (``{"role", "content"}`` dicts) and the completion text."""
-
-    prompt_messages: list[dict[str, str]]
-    completion: str
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def read_examples(path: str | os.PathLike) -> list[Example]:
-    """Parse a JSONL file of chat rows (the two accepted shapes are in the module docstring).
-
-    Raises:
-        ValueError: a row is not JSON or not an accepted shape; the message names file and line.
-    """
-    path, examples = Path(path), []
-    for lineno, row in jsonl_rows(path, f"(accepted shapes: {ROW_SHAPES})"):
-        try:
-            examples.append(_parse_row(row))
-        except ValueError as e:
-            raise ValueError(f"{path}, line {lineno}: {e}") from None
-    return examples
-
-
-def jsonl_rows(path: str | os.PathLike, expected: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` for every non-blank line of the JSONL file ``path`` (lines numbered from 1).
-
-    Raises:
-        ValueError: a line is not valid JSON or not a JSON object; the message names the file and the line,
-            and ``expected`` says which object was wanted (e.g. ``"with 'prompt' and 'answer'"``).
-    """
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object {expected}, got {type(row).__name__}")
-            yield lineno, row
-
-
-def _parse_row(row: dict[str, Any]) -> Example:
-    if "messages" in row and "prompt" in row:
-        raise ValueError(f"has both 'messages' and 'prompt'; use one of the shapes: {ROW_SHAPES}")
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"'messages' must be a non-empty list; accepted shapes: {ROW_SHAPES}")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise ValueError(f"messages[{i}] must be an object with a string 'role' and 'content'")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"non-string content: messages[{i}]['content'] is {type(m.get('content')).__name__}")
-        if messages[-1]["role"] != "assistant":
-            raise ValueError(f"the last message must have role 'assistant' (it is the completion), "
-                             f"got role {messages[-1]['role']!r}")
-        prompt, completion = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]], messages[-1]
-        if not any(m["content"].strip() for m in prompt):
-            raise ValueError("empty prompt: no non-empty message before the final assistant message")
-        return Example(prompt, completion["content"])
-    if "prompt" not in row or "completion" not in row:
-        missing = [k for k in ("prompt", "completion") if k not in row]
-        raise ValueError(f"missing keys {missing} (found {sorted(row)}); accepted shapes: {ROW_SHAPES}")
-    for key in ("prompt", "completion", "system"):
-        if row.get(key) is not None and not isinstance(row[key], str):
-            raise ValueError(f"non-string content: '{key}' is a {type(row[key]).__name__}, not a string")
-    if not row["prompt"].strip():
-        raise ValueError("empty prompt")
-    system = [{"role": "system", "content": row["system"]}] if row.get("system") is not None else []
-    return Example([*system, {"role": "user", "content": row["prompt"]}], row["completion"])
 
 
 # --------------------------------------------------------------------------- encoding
@@ -181,14 +100,12 @@ def encode_example(
     ``system_prompt`` is prepended as a system message when the example has none. ``counts`` (optional)
     is incremented at ``prompt_cut``, ``completion_cut`` and ``dropped``.
     """
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos token to end completions")
     messages = example.prompt_messages
     if system_prompt is not None and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}, *messages]
     prompt_text, completion_text = _render(tokenizer, messages, example.completion)
     prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    completion = [*tokenizer(completion_text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    completion = [*tokenizer(completion_text, add_special_tokens=False)["input_ids"], *turn_end_ids(tokenizer)]
     n_prompt, n_completion = truncation_lengths(len(prompt), len(completion), max_length)
     counts = counts if counts is not None else Counter()
     counts["prompt_cut"] += n_prompt < len(prompt)
@@ -220,18 +137,23 @@ class EpochShuffleSampler(Sampler[int]):
     """Epoch ``e`` visits ``torch.randperm(n, generator=Generator().manual_seed(seed + e))``.
 
     Lightning calls ``set_epoch`` at the start of every epoch (also after resuming from a checkpoint),
-    so the order depends on ``(seed, epoch)`` only. Under DDP Lightning swaps in its own distributed sampler.
+    so the order depends on ``(seed, epoch)`` only. ``resume=(epoch, skip)`` (a run resumed mid-epoch,
+    :mod:`heal_pl.resume`) drops the first ``skip`` indices of that epoch's permutation, once; ``len`` stays
+    ``n``, as Lightning counts the skipped batches as done. Under DDP Lightning swaps in its own distributed
+    sampler.
     """
 
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int = 0, resume: tuple[int, int] | None = None) -> None:
+        self.n, self.seed, self.epoch, self.resume = n, seed, 0, resume
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(self.n, generator=generator).tolist()
+        skip = self.resume[1] if self.resume is not None and self.resume[0] == self.epoch else 0
+        self.resume = None
+        yield from torch.randperm(self.n, generator=generator).tolist()[skip:]
 
     def __len__(self) -> int:
         return self.n
@@ -244,13 +166,15 @@ class HealDataModule(L.LightningDataModule):
     """Prompt/completion chat data, tokenized with the model's tokenizer (module docstring: the rules).
 
     Args:
-        train_file: JSONL training rows; None = the bundled persona set ``heal_pl/assets/persona_train.jsonl``
+        train_file: training rows: a JSONL file, a ``save_to_disk`` folder, a parquet / JSON / arrow / CSV file or a
+            Hugging Face dataset name, with an optional ``:split`` (``heal_pl.formats``); None = the bundled persona
+            set ``heal_pl/assets/persona_train.jsonl``
             (whose held-out ``persona_val.jsonl`` is then the validation set unless ``val_file`` is given).
-        val_file: JSONL validation rows; when given, ``val_fraction`` is ignored.
+        val_file: validation rows, the same kinds of source; when given, ``val_fraction`` is ignored.
         val_fraction: share of the training rows held out for validation when there is no ``val_file``,
             a seeded random pick of at least one row (0 = no validation: ``val_dataloader`` returns ``[]``).
         model: model alias, folder or Hugging Face id whose tokenizer is used (linked to the module's).
-        max_length: token budget of one row, prompt + completion + eos.
+        max_length: token budget of one row, prompt + completion + turn end.
         batch_size: rows per batch.
         num_workers: DataLoader worker processes.
         system_prompt: system message prepended to rows that have none.
@@ -289,9 +213,9 @@ class HealDataModule(L.LightningDataModule):
             (0 <= val_fraction < 1, f"val_fraction={val_fraction} must be in [0, 1)"),
             (num_workers >= 0, f"num_workers={num_workers} must be >= 0"),
             (max_examples is None or max_examples >= 1, f"max_examples={max_examples} must be >= 1 or None (all rows)"),
-            *((f is None or Path(f).expanduser().is_file(), f"{name}={f!r} is not an existing file")
-              for name, f in (("train_file", train_file), ("val_file", val_file))),
         ]
+        checks += [(False, p) for p in (source_problem("train_file", train_file), source_problem("val_file", val_file))
+                   if p]
         problems = [msg for ok, msg in checks if not ok]
         if problems:
             raise ValueError("HealDataModule: " + "; ".join(problems))
@@ -300,6 +224,8 @@ class HealDataModule(L.LightningDataModule):
         self.train_set: list[dict[str, list[int]]] = []
         self.val_set: list[dict[str, list[int]]] = []
         self._ready = False
+        self._train_sampler: EpochShuffleSampler | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, indices to skip) from a mid-epoch checkpoint
 
     def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> HealDataModule:
         """Use ``tokenizer`` instead of loading the model's (call before ``setup``)."""
@@ -307,7 +233,7 @@ class HealDataModule(L.LightningDataModule):
         return self
 
     def _read(self, path: str | os.PathLike) -> list[Example]:
-        return read_examples(Path(path).expanduser())[: self.hparams.max_examples]
+        return read_examples(path)[: self.hparams.max_examples]
 
     def split(self) -> tuple[list[Example], list[Example]]:
         """(train, validation) examples, before tokenization; deterministic in ``seed``."""
@@ -362,13 +288,30 @@ class HealDataModule(L.LightningDataModule):
         return DataLoader(
             rows, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False, num_workers=workers,
             collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id), persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(self.hparams.seed),  # iterators draw nothing from the global RNG
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, EpochShuffleSampler(len(self.train_set), self.hparams.seed))
+        self._train_sampler = EpochShuffleSampler(len(self.train_set), self.hparams.seed, self._resume)
+        self._resume = None
+        return self._loader(self.train_set, self._train_sampler)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._loader(self.val_set) if self.val_set else []
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         return self.val_dataloader()
+
+    # ------------------------------------------------------------------ exact resume (heal_pl.resume)
+
+    def _settings(self) -> dict[str, int]:
+        return {"seed": self.hparams.seed, "batch_size": self.hparams.batch_size, "n_train": len(self.train_set)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position (epoch, finished batches) and settings, saved in every checkpoint written while fitting."""
+        return data_state(self.trainer, self._train_sampler, self._settings())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A mid-epoch checkpoint: the next train loader skips the batches its run had finished (see
+        :func:`heal_pl.resume.resume_point`, which raises when the data settings changed)."""
+        self._resume = resume_point(state, self._settings(), self.trainer.world_size if self.trainer else 1)

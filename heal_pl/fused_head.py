@@ -28,20 +28,108 @@ matrix products)::
 ``0 · log 0 = 0``: the fast path multiplies ``p · (log p − log q)`` directly, which is exact whenever
 both log-softmaxes are finite; only when a KL comes out non-finite are the ``p = 0`` (``q = 0``)
 terms masked to zero, as :func:`heal_pl.kl.per_token_kl` does.
+
+**The head's own transform.** Some families transform the head's output (:class:`HeadTransform`):
+``z = cap(s · (h Wᵀ + b))`` with ``s`` a multiplier (Cohere ``logit_scale``, Falcon-H1 ``lm_head_multiplier``)
+or a divisor (Granite ``logits_scaling``) and ``cap(u) = c · tanh(u / c)`` (Gemma 2/3
+``final_logit_softcapping``). It is applied in place after step 1, exactly as the model's forward writes it;
+the chain rule gives ``∂/∂(hWᵀ) = s · (1 − (z/c)²) ⊙ ∂/∂z``: the scalar ``s`` is applied to the ``[c, H]`` row
+gradients, and with a soft-cap the factor ``1 − (z/c)²`` of the student rows is kept in one more ``[c, V]``
+block of the workspace (``capped=True``).
+
+**Precision.** The head product is float32 whatever the weight's dtype and any autocast: a float32 weight
+runs one float32 ``mm`` (autocast off); a bf16/fp16 weight is upcast ``_BLOCK_BYTES`` of the vocabulary at a
+time (exact products, float32 accumulation and output), so no float32 copy of the whole weight exists. The
+row gradients ``dz W`` are accumulated over the same vocabulary blocks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+_BLOCK_BYTES = 2**23  # a bf16/fp16 head is upcast at most this many float32 bytes of its vocabulary at a time
 
-def workspace(rows: int, vocab: int, device: torch.device, with_ref: bool = True) -> Tensor:
-    """Flat float32 storage for chunks of up to ``rows`` rows: ``3 · rows · vocab`` values (2 without a ref)."""
-    return torch.empty((3 if with_ref else 2) * rows * vocab, dtype=torch.float32, device=device)
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What a model's forward does to ``lm_head(h)``: ``z = cap(u · multiplier / divisor)``, ``cap(u) = c·tanh(u/c)``.
+
+    Each step is skipped when its field is ``None``; the order and the operations are those of the model's own
+    forward (``logits * logit_scale``, ``logits / logits_scaling``, ``tanh(logits / c) * c``), so float32
+    results agree bit for bit. :func:`heal_pl.lm.head_transform` reads it from a model's config.
+    """
+
+    multiplier: float | None = None
+    divisor: float | None = None
+    softcap: float | None = None
+
+    @property
+    def scale(self) -> float:
+        """``s = multiplier / divisor``: ``∂z/∂u = s`` without a soft-cap."""
+        return (1.0 if self.multiplier is None else self.multiplier) / (1.0 if self.divisor is None else self.divisor)
+
+    def __call__(self, u: Tensor) -> Tensor:
+        """``z`` from the raw product ``u`` (out of place, differentiable)."""
+        if self.multiplier is not None:
+            u = u * self.multiplier
+        if self.divisor is not None:
+            u = u / self.divisor
+        if self.softcap:
+            u = torch.tanh(u / self.softcap) * self.softcap
+        return u
+
+    def apply_(self, u: Tensor) -> Tensor:
+        """``z`` from ``u``, in place (the same operations as :meth:`__call__`)."""
+        if self.multiplier is not None:
+            u.mul_(self.multiplier)
+        if self.divisor is not None:
+            u.div_(self.divisor)
+        if self.softcap:
+            u.div_(self.softcap).tanh_().mul_(self.softcap)
+        return u
+
+
+IDENTITY = HeadTransform()
+
+
+def workspace(rows: int, vocab: int, device: torch.device, with_ref: bool = True, capped: bool = False) -> Tensor:
+    """Flat float32 storage for chunks of up to ``rows`` rows: ``(3 or 2 without a ref, + 1 with a soft-cap)
+    · rows · vocab`` values."""
+    blocks = (3 if with_ref else 2) + (1 if capped and with_ref else 0)
+    return torch.empty(blocks * rows * vocab, dtype=torch.float32, device=device)
+
+
+def _vocab_blocks(weight: Tensor) -> range:
+    """Vocabulary row starts of the upcast blocks of a non-float32 ``[V, H]`` weight."""
+    return range(0, weight.shape[0], max(1, _BLOCK_BYTES // (4 * weight.shape[1])))
+
+
+def linear_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x Wᵀ + b`` as float32 (differentiable), autocast off; a bf16/fp16 ``W`` is upcast block by block."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        if weight.dtype == torch.float32:  # nn.Linear's own call: bit-identical to the model's float32 head
+            return F.linear(x, weight, None if bias is None else bias.float())
+        step = _vocab_blocks(weight).step
+        out = torch.cat([x @ weight[v : v + step].float().t() for v in _vocab_blocks(weight)], dim=-1)
+        return out if bias is None else out + bias.float()
+
+
+def _rows_times_weight(dz: Tensor, weight: Tensor) -> Tensor:
+    """``dz W`` in float32 (``[n, V] @ [V, H]``), autocast off, a non-float32 ``W`` upcast block by block."""
+    with torch.autocast(dz.device.type, enabled=False):
+        if weight.dtype == torch.float32:
+            return dz @ weight
+        out = dz.new_zeros(dz.shape[0], weight.shape[1])
+        step = _vocab_blocks(weight).step
+        for v in _vocab_blocks(weight):
+            out.addmm_(dz[:, v : v + step], weight[v : v + step].float())
+        return out
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -50,14 +138,19 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
         return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    """``out ← x Wᵀ + b`` in float32, straight into ``out`` when no dtype conversion is needed."""
-    if x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
-        torch.mm(x, weight.t(), out=out)
+def _logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, transform: HeadTransform) -> None:
+    """``out ← transform(x Wᵀ + b)`` in float32, autocast off; a non-float32 ``W`` is upcast block by block."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        if weight.dtype == torch.float32:
+            torch.mm(x, weight.t(), out=out)
+        else:
+            step = _vocab_blocks(weight).step
+            for v in _vocab_blocks(weight):
+                out[:, v : v + step] = x @ weight[v : v + step].float().t()
         if bias is not None:
             out.add_(bias)
-    else:  # bf16/fp16 weights or autocast: the model's own precision, then float32 (as nn.Linear would)
-        out.copy_(F.linear(x, weight, bias))
+    transform.apply_(out)
 
 
 def head_stats(
@@ -69,30 +162,38 @@ def head_stats(
     reverse: bool,
     ws: Tensor,
     grads: bool = True,
+    transform: HeadTransform = IDENTITY,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(kl [c], nll [c], dz)`` for one chunk, in the workspace ``ws`` (see the module docstring).
 
-    ``dz`` is the workspace view ``[∂KL/∂z; ∂NLL/∂z]`` (``[2c, V]``; ``[c, V]`` of ``∂NLL/∂z`` without a
-    ref), valid until ``ws`` is reused; ``None`` when ``grads=False`` (evaluation: no gradient passes).
+    ``dz`` is the workspace view ``[∂KL/∂u; ∂NLL/∂u]`` (``[2c, V]``; ``[c, V]`` of ``∂NLL/∂u`` without a
+    ref) with respect to the raw product ``u = h Wᵀ + b`` *divided by* ``transform.scale`` (the caller
+    multiplies the row gradients by it), valid until ``ws`` is reused; ``None`` when ``grads=False``.
     """
     c, vocab = h.shape[0], weight.shape[0]
-    blocks = 2 if ref is None else 3
+    capped = bool(transform.softcap) and grads
+    blocks = 2 if ref is None else 3 + capped
     if ws.numel() < blocks * c * vocab or ws.dtype != torch.float32:
         raise ValueError(f"workspace holds {ws.numel()} {ws.dtype} values; need {blocks * c * vocab} float32")
     g = ws[: blocks * c * vocab].view(blocks * c, vocab)
     idx = targets.unsqueeze(-1)
     minus_one = torch.full_like(idx, -1, dtype=torch.float32)
-    if ref is None:  # rows [0, c): z; [c, 2c): log p → ∂NLL
+    if ref is None:  # rows [0, c): z, then the soft-cap factor; [c, 2c): log p → ∂NLL
         z, logp = g[:c], g[c:]
-        _logits_into(z, h, weight, bias)
+        _logits_into(z, h, weight, bias, transform)
         torch.log_softmax(z, dim=-1, out=logp)
         nll = -logp.gather(-1, idx).squeeze(-1)
         kl = torch.zeros_like(nll)
         if not grads:
             return kl, nll, None
-        return kl, nll, logp.exp_().scatter_add_(-1, idx, minus_one)  # p − e_y
-    zq, mid, logp = g[:c], g[c : 2 * c], g[2 * c :]
-    _logits_into(g[: 2 * c], torch.cat([ref, h]), weight, bias)  # [z_q; z]: one matmul
+        dz = logp.exp_().scatter_add_(-1, idx, minus_one)  # p − e_y
+        if capped:
+            dz.mul_(_cap_factor_(z, transform.softcap))
+        return kl, nll, dz
+    zq, mid, logp = g[:c], g[c : 2 * c], g[2 * c : 3 * c]
+    _logits_into(g[: 2 * c], torch.cat([ref, h]), weight, bias, transform)  # [z_q; z]: one matmul
+    if capped:  # rows [3c, 4c): 1 − (z/c)² of the student rows
+        _cap_factor_(g[3 * c :].copy_(mid), transform.softcap)
     torch.log_softmax(mid, dim=-1, out=logp)
     torch.log_softmax(zq, dim=-1, out=mid)  # mid = log q
     nll = -logp.gather(-1, idx).squeeze(-1)
@@ -118,15 +219,23 @@ def head_stats(
     if not grads:
         return kl, nll, None
     p.scatter_add_(-1, idx, minus_one)  # ∂NLL/∂z = p − e_y (p no longer needed)
-    return kl, nll, g[c:]  # [∂KL/∂z; ∂NLL/∂z], contiguous rows [c, 3c)
+    dz = g[c : 3 * c]  # [∂KL/∂z; ∂NLL/∂z], contiguous rows [c, 3c)
+    if capped:
+        dz.view(2, c, vocab).mul_(g[3 * c :])
+    return kl, nll, dz
+
+
+def _cap_factor_(z: Tensor, cap: float) -> Tensor:
+    """``∂z/∂(u·s) = 1 − (z/c)²`` of soft-capped logits ``z = c·tanh(u·s/c)``, in place."""
+    return z.div_(cap).square_().neg_().add_(1.0)
 
 
 class FusedHeadStats(torch.autograd.Function):
-    """``(kl [c], nll [c]) = FusedHeadStats.apply(h, weight, bias, ref, targets, reverse, ws)``.
+    """``(kl [c], nll [c]) = FusedHeadStats.apply(h, weight, bias, ref, targets, reverse, ws, transform)``.
 
     ``ref`` is the ``[c, H]`` ref hidden rows, or ``None`` for plain SFT (``kl`` is then zeros).
     ``weight``/``bias`` must not need gradients. ``ws`` is a :func:`workspace` with room for ``c`` rows.
-    The forward pass is :func:`head_stats` plus one matrix product ``dz W`` (the row gradients).
+    The forward pass is :func:`head_stats` plus one matrix product ``s · dz W`` (the row gradients).
     """
 
     @staticmethod
@@ -139,9 +248,12 @@ class FusedHeadStats(torch.autograd.Function):
         targets: Tensor,
         reverse: bool,
         ws: Tensor,
+        transform: HeadTransform = IDENTITY,
     ) -> tuple[Tensor, Tensor]:
-        kl, nll, dz = head_stats(h, weight, bias, ref, targets, reverse, ws)
-        row_grads = dz @ weight.to(dz.dtype)  # [c or 2c, H]
+        kl, nll, dz = head_stats(h, weight, bias, ref, targets, reverse, ws, transform=transform)
+        row_grads = _rows_times_weight(dz, weight)  # [c or 2c, H] float32
+        if transform.scale != 1.0:
+            row_grads.mul_(transform.scale)
         ctx.has_kl = ref is not None
         ctx.h_dtype = h.dtype
         ctx.save_for_backward(row_grads)
@@ -155,4 +267,4 @@ class FusedHeadStats(torch.autograd.Function):
             grad_h = g_kl.unsqueeze(-1) * row_grads[:c] + g_nll.unsqueeze(-1) * row_grads[c:]
         else:
             grad_h = g_nll.unsqueeze(-1) * row_grads
-        return grad_h.to(ctx.h_dtype), None, None, None, None, None, None
+        return grad_h.to(ctx.h_dtype), None, None, None, None, None, None, None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +39,25 @@ def eos_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module, eos_token_id: 
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
+@functools.cache
+def _cache_name(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(module: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for ``module``'s forward: ``cache`` (transformers ≥ 5.2x), else ``past_key_values``.
+
+    ``module`` is a causal LM (plain or peft-wrapped) or its decoder; the name is read off its signature.
+    """
+    return {_cache_name(type(base_lm(module))): cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The cache a forward returned (``out.cache``, or ``out.past_key_values`` before transformers renamed it)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def left_pad(encoded: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """``(ids, mask)`` ``[B, max len]`` with each row's tokens at the right end (LEFT padding)."""
     width = max(len(t) for t in encoded)
@@ -67,9 +89,9 @@ def greedy_generate(
     alive = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     cur_ids, cur_pos, full_mask, past = ids, positions(mask), mask, None
     for _ in range(max_new_tokens):
-        out = backbone(input_ids=cur_ids, attention_mask=full_mask, position_ids=cur_pos,
-                       past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = backbone(input_ids=cur_ids, attention_mask=full_mask, position_ids=cur_pos, use_cache=True,
+                       **cache_kwargs(backbone, past))
+        past = output_cache(out)
         nxt = head(out.last_hidden_state[:, -1]).argmax(-1)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
         new_ids.append(nxt)

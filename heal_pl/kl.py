@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from heal_pl.checks import check_choice
-from heal_pl.fused_head import FusedHeadStats, head_stats, workspace
+from heal_pl.fused_head import IDENTITY, FusedHeadStats, HeadTransform, head_stats, linear_f32, workspace
 
 Agg = Literal["mean", "rmse", "p95", "max"]
 Reg = Literal["kl_rev", "kl_fwd", "nll"]
@@ -220,23 +220,36 @@ class TokenStats(NamedTuple):
 Head = Callable[[Tensor], Tensor]
 
 
+def _apply_head(head: Head | None, rows: Tensor) -> Tensor:
+    """Float32 logits of ``rows``: a bare ``nn.Linear`` head runs its product in float32 (autocast off)."""
+    if head is None:
+        return rows.float()
+    if isinstance(head, nn.Linear):
+        return linear_f32(rows, head.weight, head.bias)
+    return head(rows).float()
+
+
 def _chunk_stats(
     student: Tensor, ref: Tensor | None, targets: Tensor, head: Head | None, ref_head: Head | None, reg: str
 ) -> tuple[Tensor, Tensor]:
-    logits = head(student) if head is not None else student
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(_apply_head(head, student), dim=-1)
     nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if ref is None:
         return torch.zeros_like(nll), nll
     with torch.no_grad():
-        ref_logits = ref_head(ref) if ref_head is not None else ref
-        logp_ref = torch.log_softmax(ref_logits.float(), dim=-1)
+        logp_ref = torch.log_softmax(_apply_head(ref_head, ref), dim=-1)
     kl = per_token_kl(logp, logp_ref) if reg == "kl_rev" else per_token_kl(logp_ref, logp)
     return kl, nll
 
 
-def _frozen_linear(head: Head | None) -> bool:
-    return isinstance(head, nn.Linear) and not any(p.requires_grad for p in head.parameters())
+def _fusable(head: Head | None) -> tuple[nn.Linear, HeadTransform] | None:
+    """``(projection, transform)`` of a frozen linear head: a bare ``nn.Linear``, or an object with a frozen
+    ``proj: nn.Linear`` and a ``transform: HeadTransform`` (``heal_pl.lm.LMHead``); else ``None``."""
+    proj, transform = (head, IDENTITY) if isinstance(head, nn.Linear) else (
+        getattr(head, "proj", None), getattr(head, "transform", None))  # fmt: skip
+    if type(proj) is not nn.Linear or not isinstance(transform, HeadTransform):
+        return None
+    return None if any(p.requires_grad for p in proj.parameters()) else (proj, transform)
 
 
 def token_stats(
@@ -255,13 +268,16 @@ def token_stats(
         student: ``[N, H]`` hidden states (with ``head``) or ``[N, V]`` logits (``head=None``).
         ref: the same for the ref model (computed without gradient), or ``None`` for ``reg = nll``.
         targets: ``[N]`` next-token ids.
-        head: maps student hidden rows to logits (the LM head); ``None`` when rows already are logits.
+        head: maps student hidden rows to logits (the LM head: an ``nn.Linear``, a
+            :class:`heal_pl.lm.LMHead` with the model's own logit transform, or any callable); ``None`` when
+            rows already are logits. Logits are float32 whatever the weight dtype or autocast.
         ref_head: the same for ``ref`` rows; defaults to ``head``. Lets ``ref`` be hidden states while
             ``student`` rows are logits already (the callback's case).
         reg: ``kl_rev`` → KL(student ‖ ref); ``kl_fwd`` → KL(ref ‖ student); ``nll`` → KL is 0.
         chunk_size: rows per chunk. At most one chunk of ``[chunk_size, V]`` float32 values is alive
-            at a time, in the forward and in the backward pass. When ``head`` is a frozen ``nn.Linear``
-            (the usual LoRA case) and ``ref_head`` is the same head, each chunk's row gradients are
+            at a time, in the forward and in the backward pass. When ``head`` is a frozen linear head
+            (the usual LoRA case; ``LMHead`` included, its transform and gradient applied exactly) and
+            ``ref_head`` is the same head, each chunk's row gradients are
             taken in the forward pass, in one ``[3 · chunk_size, V]`` float32 workspace reused by
             every chunk (``heal_pl.fused_head``; without gradients, e.g. in validation, the same
             kernel skips the gradient passes); otherwise each chunk runs under activation
@@ -283,21 +299,25 @@ def token_stats(
         empty = student.new_zeros(0, dtype=torch.float32) + student.float().sum() * 0.0
         return TokenStats(empty, empty)
     grad_on = torch.is_grad_enabled()  # the student rows or a trainable head may need gradients
-    fused = _frozen_linear(head) and (ref is None or ref_head is head)
-    if fused:
-        ws = workspace(min(chunk_size, n), head.weight.shape[0], student.device, with_ref=ref is not None)
+    fusable = _fusable(head) if ref is None or ref_head is head else None
+    fused = fusable is not None
+    if fusable is not None:
+        proj, transform = fusable
+        ws = workspace(min(chunk_size, n), proj.weight.shape[0], student.device, with_ref=ref is not None,
+                       capped=bool(transform.softcap) and grad_on and student.requires_grad)  # fmt: skip
     kls, nlls = [], []
     for i in range(0, n, chunk_size):
         sl = slice(i, i + chunk_size)
         args = (student[sl], None if ref is None else ref[sl], targets[sl], head, ref_head, reg)
         if fused and grad_on and student.requires_grad:
             kl, nll = FusedHeadStats.apply(
-                student[sl], head.weight, head.bias, args[1], targets[sl], reg == "kl_rev", ws
+                student[sl], proj.weight, proj.bias, args[1], targets[sl], reg == "kl_rev", ws, transform
             )
         elif fused:  # a frozen head and rows without gradient: nothing to differentiate
             with torch.no_grad():
                 kl, nll, _ = head_stats(
-                    student[sl], head.weight, head.bias, args[1], targets[sl], reg == "kl_rev", ws, grads=False
+                    student[sl], proj.weight, proj.bias, args[1], targets[sl], reg == "kl_rev", ws, grads=False,
+                    transform=transform,
                 )
         elif grad_on:
             kl, nll = checkpoint(_chunk_stats, *args, use_reentrant=False)

@@ -4,21 +4,42 @@ heal_pl never asks a model for its full ``[B, T, V]`` logits in training: it run
 backbone to get hidden states, picks the counted positions, and applies the LM head to those rows
 only (``heal_pl.kl.token_stats``). These helpers find the backbone and the head of any
 ``*ForCausalLM`` and run the frozen base by switching the adapter off (no second copy of weights).
+
+**The head contract.** ``LMHead(lm)(last_hidden(lm, ids))`` equals ``lm(ids).logits`` (as float32) for every
+family: the projection (bias and tied weights included) followed by the family's own logit transform
+(:func:`head_transform`: Cohere ``logit_scale``, Granite ``logits_scaling``, Falcon-H1 ``lm_head_multiplier``,
+Gemma-2/3 soft-cap). :func:`check_head` verifies it once per model on a short probe and raises, naming the class,
+when a model does something else to its logits — a KL read from the wrong logits is never reported.
+
+**The ref is deterministic.** :func:`ref_rows` runs the frozen base with every module in eval mode
+(:func:`eval_mode`), so base dropout never enters the ref, whatever mode the caller is in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
+from heal_pl.adapters.routed import RoutedLinear, routed_modules
 from heal_pl.adapters.routed import adapter_off as routed_adapter_off
-from heal_pl.adapters.routed import routed_modules
+from heal_pl.fused_head import HeadTransform, linear_f32
 from heal_pl.kl import Counted
+
+# config field -> how the family's forward applies it to lm_head's output (read from each modeling_*.py of
+# transformers 5: cohere*/falcon_h1/muse_* multiply, granite* divide; hyperclovax multiplies by logits_scaling)
+_MULTIPLIERS = ("logit_scale", "lm_head_multiplier", "output_multiplier")
+_DIVISORS = ("logits_scaling",)
+_MULTIPLY_INSTEAD = {"hyperclovax": ("logits_scaling",)}
+_ADAPTER_LAYERS = (BaseTunerLayer, ModulesToSaveWrapper, RoutedLinear)
 
 
 def base_lm(model: nn.Module) -> PreTrainedModel:
@@ -26,8 +47,28 @@ def base_lm(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def head_transform(config: PretrainedConfig) -> HeadTransform:
+    """The logit transform a model's forward applies after ``lm_head`` (see ``_MULTIPLIERS``), from its config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    multiply_instead = _MULTIPLY_INSTEAD.get(getattr(text, "model_type", ""), ())
+    multiplier = divisor = None
+    for name in (*_MULTIPLIERS, *_DIVISORS):
+        value = getattr(text, name, None)
+        if value is None:
+            continue
+        if name in _MULTIPLIERS or name in multiply_instead:
+            multiplier = float(value) if multiplier is None else multiplier * float(value)
+        else:
+            divisor = float(value)
+    softcap = getattr(text, "final_logit_softcapping", None)
+    return HeadTransform(multiplier, divisor, float(softcap) if softcap else None)
+
+
 class LMHead(nn.Module):
-    """The output projection, with the final logit soft-capping some models (Gemma 2) apply."""
+    """The output projection followed by the model's own logit transform (:func:`head_transform`), float32 out.
+
+    ``token_stats`` fuses it (``proj`` + ``transform``) when ``proj`` is a frozen ``nn.Linear``.
+    """
 
     def __init__(self, lm: PreTrainedModel) -> None:
         super().__init__()
@@ -35,17 +76,80 @@ class LMHead(nn.Module):
         if head is None:
             raise ValueError(f"{type(lm).__name__} has no output embeddings: it is not a causal LM")
         self.proj = head
-        self.softcap: float | None = getattr(lm.config, "final_logit_softcapping", None)
-
-    def fusable(self) -> nn.Module:
-        """The bare projection when nothing follows it (lets ``token_stats`` fuse a frozen head), else self."""
-        return self if self.softcap else self.proj
+        self.transform = head_transform(lm.config)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        logits = self.proj(hidden)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        if type(self.proj) is nn.Linear:
+            return self.transform(linear_f32(hidden, self.proj.weight, self.proj.bias))
+        return self.transform(self.proj(hidden).float())
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in eval mode (no dropout), each one's own mode restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def base_dropout_off(model: nn.Module) -> None:
+    """Every module of ``model`` in eval mode except the peft LoRA dropout layers, which train."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            m.lora_dropout.train()
+
+
+def head_has_adapter(model: nn.Module) -> bool:
+    """Whether the LM head is (or holds) an adapter layer: peft LoRA / ``modules_to_save`` or a routed layer."""
+    head = base_lm(model).get_output_embeddings()
+    return head is not None and any(isinstance(m, _ADAPTER_LAYERS) for m in head.modules())
+
+
+_HEAD_CHECKED: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
+PROBE_LEN = 8
+
+
+def check_head(model: nn.Module, where: str = "heal_pl") -> float:
+    """Verify the head contract on ``model``: ``LMHead`` on the backbone's rows equals ``model(...).logits``.
+
+    Runs once per model (cached): one no-grad forward of a ``PROBE_LEN``-token probe in eval mode, adapter as
+    it is. The tolerance is ``rtol · max|logits|`` with ``rtol = 1e-4`` for a float32 head (the two paths run
+    the same float32 operations) and ``4 · eps`` of a bf16/fp16 head (the model rounds its logits, and any
+    transform, to that dtype; heal_pl's are float32). Returns the largest absolute difference.
+
+    Raises:
+        ValueError: the two differ — names the model class, the difference and what to do.
+    """
+    lm = base_lm(model)
+    if lm in _HEAD_CHECKED:
+        return _HEAD_CHECKED[lm]
+    head = LMHead(lm)
+    weight = head.proj.weight
+    device = weight.device
+    ids = (torch.arange(PROBE_LEN, device=device) * 7919 + 3) % lm.config.get_text_config().vocab_size
+    ids = ids.unsqueeze(0)
+    with torch.no_grad(), eval_mode(lm):
+        own = lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
+        mine = head(last_hidden(lm, ids, torch.ones_like(ids)))
+    rtol = 1e-4 if weight.dtype == torch.float32 else 4 * torch.finfo(weight.dtype).eps
+    scale = float(own.abs().max())
+    diff = float((mine - own).abs().max()) if mine.shape == own.shape else float("inf")
+    if not diff <= rtol * max(scale, 1e-6):
+        raise ValueError(
+            f"{where}: {type(lm).__name__} computes logits heal_pl cannot reproduce: its LM head path "
+            f"(projection then {head.transform}) differs from {type(lm).__name__}(...).logits by {diff:.3g} "
+            f"(max |logit| {scale:.3g}, tolerance {rtol:.1g} of it) on a {PROBE_LEN}-token probe, so every KL "
+            "and NLL heal_pl reports for it would be wrong. The model transforms its logits (or its hidden "
+            "states before the head) in a way heal_pl.lm.head_transform does not know: add that transform there "
+            "(and a row to tests/test_families.py), or open an issue naming the model class."
+        )
+    _HEAD_CHECKED[lm] = diff
+    return diff
 
 
 def last_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -86,6 +190,7 @@ def find_peft_model(module: nn.Module) -> PeftModel:
 
 
 def ref_rows(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, counted: Counted) -> Tensor:
-    """Hidden rows ``[N, H]`` of the frozen base (adapter off) at the counted positions, no gradient."""
-    with torch.no_grad(), adapter_off(model):
+    """Hidden rows ``[N, H]`` of the frozen base (adapter off, eval mode: no dropout) at the counted positions,
+    no gradient."""
+    with torch.no_grad(), adapter_off(model), eval_mode(model):
         return gather_rows(last_hidden(model, input_ids, attention_mask), counted)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from heal_pl.adapters.card import final_validation, write_card
 from heal_pl.adapters.lora import LoRASpec, spectral_norms, wrap_lora
 from heal_pl.adapters.routed import RoutedSpec, wrap_routed
 from heal_pl.checks import choice_problem
@@ -33,9 +35,11 @@ from heal_pl.kl import (
     counted_positions,
     token_stats,
 )
-from heal_pl.lm import LMHead, base_lm, gather_rows, last_hidden, ref_rows
+from heal_pl.lm import LMHead, base_dropout_off, base_lm, check_head, gather_rows, last_hidden, ref_rows
 from heal_pl.metrics import TokenKLStats
 from heal_pl.models import load_model
+from heal_pl.panels import DriftPanels, logged_step
+from heal_pl.resume import RNG_KEY, rng_state, set_rng_state
 from heal_pl.routing.train import hack_decay_groups
 
 log = logging.getLogger("heal_pl")
@@ -130,9 +134,24 @@ class HealModule(L.LightningModule):
                 p.requires_grad_(False)
         else:
             self.student = wrap_lora(load_model(model, dtype=dtype), lora)
-        self.student.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode
+        self.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode (see HealModule.train)
         self.head = LMHead(base_lm(self.student))
+        check_head(self.student, "HealModule")
+        # base modules stay in eval mode by design (HealModule.train): Lightning's warning about it is noise here
+        warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training")
         self.val_kl = TokenKLStats()
+        self.drift = DriftPanels()  # the val/kl_hist and val/kl_top TensorBoard panels (heal_pl.panels)
+        self.final_validation: dict[str, float | int] | None = None
+
+    def train(self, mode: bool = True) -> HealModule:
+        """Train/eval switch. In train mode only the adapter's own dropout (``lora.dropout``) is on: the base
+        model's dropout (GPT-2's 0.1, ...) stays off in the student as in the ref, so the barrier measures the
+        adapter, not dropout noise (a zero adapter reads KL 0). HF gradient checkpointing, which needs the
+        base in train mode, is not used by heal_pl."""
+        super().train(mode)
+        if mode:
+            base_dropout_off(self.student)
+        return self
 
     # ------------------------------------------------------------------ loss
 
@@ -149,7 +168,7 @@ class HealModule(L.LightningModule):
         ref = self._ref_rows(batch["input_ids"], mask, counted) if self.barrier.active else None
         stats = token_stats(
             gather_rows(hidden, counted), ref, counted.targets,
-            head=self.head.fusable(), reg=self.barrier.reg, chunk_size=self.hparams.chunk_size,
+            head=self.head, reg=self.barrier.reg, chunk_size=self.hparams.chunk_size,
         )  # fmt: skip
         check_finite(stats, where)
         local_kl = stats.kl
@@ -199,6 +218,8 @@ class HealModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _, scalars, kl = self.loss_terms(batch, f"validation at step {self.global_step} (batch {batch_idx})")
         self.val_kl.update(kl)
+        if self.barrier.active:
+            self.drift.update(kl, batch)
         per_batch = {f"val/{k}": v for k, v in scalars.items() if not k.startswith("kl_")}
         self.log_dict(per_batch, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
@@ -207,6 +228,17 @@ class HealModule(L.LightningModule):
         # (already equal on every rank; sync_dist only tells Lightning so, averaging identical values)
         self.log_dict({f"val/{k}": v for k, v in self.val_kl.compute().items()}, sync_dist=True)
         self.val_kl.reset()
+        if self.barrier.active and not self.trainer.sanity_checking:
+            self.drift.log(self.trainer, self.student, self.__dict__.get("_ref_model"))
+        self.drift.reset()
+
+    def on_validation_end(self) -> None:
+        # hp_metric (TensorBoard's HParams tab, next to the run's hparams) = val/sft, the held-out completion NLL
+        if not self.trainer.sanity_checking and "val/sft" in self.trainer.callback_metrics:
+            sft = float(self.trainer.callback_metrics["val/sft"])
+            for logger in self.loggers:
+                logger.log_metrics({"hp_metric": sft}, step=logged_step(self.trainer))
+            self.final_validation = final_validation(self.trainer.callback_metrics, self.global_step)  # adapter card
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _, scalars, _ = self.loss_terms(batch, f"test batch {batch_idx}")
@@ -239,11 +271,28 @@ class HealModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[RNG_KEY] = rng_state()  # the dropout masks of the steps after a resume (heal_pl.resume)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        source = f"checkpoint {self.trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
+        trained_on = checkpoint.get("hyper_parameters", {}).get("model", self.hparams.model)
+        if trained_on != self.hparams.model:
+            raise ValueError(f"{source} was trained with model={trained_on!r}, but this run has "
+                             f"model={self.hparams.model!r}")  # fmt: skip
         missing = self.trainable_names() - set(checkpoint["state_dict"])
         if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
+            raise KeyError(f"{source} lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
+        shapes = {k: tuple(p.shape) for k, p in self.named_parameters()}
+        wrong = [f"{k} is {tuple(v.shape)} there, {shapes[k]} here"
+                 for k, v in checkpoint["state_dict"].items() if shapes.get(k, tuple(v.shape)) != tuple(v.shape)]
+        if wrong:
+            raise ValueError(f"{source} holds an adapter of another shape (model.lora / model.routed differ?): "
+                             f"{wrong[0]} ({len(wrong)} tensors differ)")  # fmt: skip
+        self.__dict__["_resume_rng"] = checkpoint.get(RNG_KEY)  # put back before the next train batch
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if (state := self.__dict__.pop("_resume_rng", None)) is not None:
+            set_rng_state(state)
 
     def on_train_end(self) -> None:
         root = self.trainer.log_dir or self.trainer.default_root_dir  # log_dir is a collective under DDP
@@ -254,6 +303,7 @@ class HealModule(L.LightningModule):
             os.makedirs(path, exist_ok=True)
             self.routed_adapter.save(os.path.join(path, "routed.safetensors"))
             rank_zero_info(f"heal_pl: routed adapter saved to {path}/routed.safetensors")
-            return
-        self.student.save_pretrained(path)
-        rank_zero_info(f"heal_pl: adapter saved in peft format to {path}")
+        else:
+            self.student.save_pretrained(path)
+            rank_zero_info(f"heal_pl: adapter saved in peft format to {path}")
+        write_card(path, self.hparams, self.final_validation, self.global_step)  # heal_pl.json: barrier, final KL

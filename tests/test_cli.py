@@ -11,6 +11,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from heal_pl.adapters.card import read_card
 from heal_pl.cli import build_cli, main
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -43,6 +44,8 @@ def test_every_config_fits_with_a_tiny_model(config: Path, tmp_path: Path) -> No
         assert {"train/barrier", "train/barrier_fired", "train/kl_p95", "val/kl_rmse", "val/kl_max"} <= tags
     routed = spec["model"].get("adapter") == "routed"
     assert (log_dir / "adapter" / ("routed.safetensors" if routed else "adapter_config.json")).is_file()
+    card = read_card(log_dir / "adapter")  # heal_pl.json: the barrier and the final validation KL
+    assert card["barrier"]["agg"] == cli.model.barrier.agg and card["final_validation"]["step"] == 2
     if routed:  # the routing configs: routing metrics every step, the kept-vs-ablated table at the end
         assert {"route/cin", "route/cout", "route/fired", "route/kept_hack", "route/ablated_solve"} <= tags
         assert (log_dir / "route_ablate.csv").is_file()
@@ -90,10 +93,11 @@ def test_every_config_is_a_fit_config_or_has_its_own_test() -> None:
     assert other <= set(OTHER_CONFIGS), "a new kind of config needs its own test (add it to OTHER_CONFIGS)"
 
 
-def test_calibrate_config_runs_with_a_tiny_model(tmp_path: Path) -> None:
+def test_calibrate_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import csv
     import json
 
+    caplog.set_level("INFO", logger="heal_pl")
     config = next(p for p in ALL_CONFIGS if p.stem == "calibrate")
     main([
         "calibrate", "--config", str(config), "--model", "tiny-llama", "--out_dir", str(tmp_path),
@@ -106,6 +110,7 @@ def test_calibrate_config_runs_with_a_tiny_model(tmp_path: Path) -> None:
     for sign, r in results.items():
         rows = [h for h in history if h["sign"] == sign]
         assert len(rows) == r["evaluations"] == len(r["history"]) <= 3
+        assert sum(m.startswith(f"calibrate {sign}: evaluation ") for m in caplog.messages) == r["evaluations"]
         assert r["coeff"] == pytest.approx((1 if sign == "+" else -1) * r["c_star"])
     with open(tmp_path / "summary.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
@@ -146,3 +151,49 @@ def test_calibrate_bad_arguments_name_the_field() -> None:
         run_calibration(model="tiny-llama", method="adapter")
     with pytest.raises(ValueError, match="signs"):
         run_calibration(model="tiny-llama", signs=[2])
+
+
+# --------------------------------------------------------------------------- progress that reaches a log
+
+
+def test_fit_to_a_file_writes_progress_lines(tmp_path: Path) -> None:
+    import re
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": 4, "val_check_interval": 2, "check_val_every_n_epoch": None,
+                    "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False,
+                    "default_root_dir": str(tmp_path)},  # where config.yaml goes
+        "model": {"model": "tiny-llama", "barrier": {"agg": "rmse", "tau": 0.0}, "warmup_steps": 1,
+                  "adapter_dir": str(tmp_path / "adapter")},
+        "data": {"max_length": 48, "batch_size": 2, "max_examples": 8},
+        "progress": {"every_n_steps": 2},
+    }  # fmt: skip
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    with open(tmp_path / "log.txt", "w") as log:  # `python -m heal_pl.cli fit --config tiny.yaml > log.txt`
+        subprocess.run([sys.executable, "-m", "heal_pl.cli", "fit", "--config", str(tmp_path / "tiny.yaml")],
+                       cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=subprocess.PIPE, check=True,
+                       timeout=300)  # fmt: skip
+    text = (tmp_path / "log.txt").read_text()
+    number = r"[-+0-9.e]+"
+    steps = re.findall(rf"^heal_pl: step (\d)/4 · loss {number} · sft {number} · D {number} · fired (\d+)% · "
+                       rf"{number} steps/s · ETA \d+:\d\d:\d\d$", text, flags=re.M)  # fmt: skip
+    assert [s for s, _ in steps] == ["2", "4"] and all(f == "100" for _, f in steps)  # tau = 0: every step fires
+    vals = re.findall(rf"^heal_pl: validation at step (\d) · sft {number} · kl_mean {number} · kl_rmse {number}"
+                      rf" · kl_p95 {number} · kl_max {number}$", text, flags=re.M)  # fmt: skip
+    assert vals == ["2", "4"]
+    assert "\r" not in text, "no progress bar in a file"
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_progress_line_format() -> None:
+    from heal_pl.callbacks.progress_log import ProgressLog, progress_line
+
+    line = progress_line(12, 36, {"loss": 2.3141, "sft": 2.1, "D": 0.871, "lr": 1.0}, 5 / 12, 0.5)
+    assert line == "step 12/36 · loss 2.314 · sft 2.1 · D 0.871 · fired 42% · 0.5 steps/s · ETA 0:00:48"
+    assert progress_line(3, None, {"loss": 1.0}, None, 2.0) == "step 3 · loss 1 · 2 steps/s"
+    assert not ProgressLog(when="never").active and ProgressLog(when="always").active
+    with pytest.raises(ValueError, match="every_n_steps=0"):
+        ProgressLog(every_n_steps=0)
+    with pytest.raises(ValueError, match="when"):
+        ProgressLog(when="sometimes")

@@ -66,10 +66,10 @@ def test_multi_turn_messages_keep_earlier_turns_in_prompt(tmp_path):
 @pytest.mark.parametrize(
     ("row", "expected"),
     [
-        ({"question": "q", "answer": "a"}, "missing keys ['prompt', 'completion']"),
+        ({"question": "q", "answer": "a"}, "unknown row shape: found keys ['answer', 'question']"),
         ({"prompt": "q"}, "accepted shapes"),
         ({"prompt": "   ", "completion": "a"}, "empty prompt"),
-        ({"prompt": "q", "completion": 3}, "non-string content: 'completion'"),
+        ({"prompt": "q", "completion": 3}, "'completion' is a int"),
         ({"prompt": "q", "completion": "a", "system": ["x"]}, "non-string content: 'system'"),
         ({"messages": [{"role": "user", "content": "q"}]}, "last message must have role 'assistant'"),
         ({"messages": [{"role": "assistant", "content": "a"}]}, "empty prompt"),

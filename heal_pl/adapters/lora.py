@@ -16,9 +16,16 @@ from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from heal_pl.adapters.targets import DEFAULT_TARGETS, as_targets, check_targets, depth_range, resolve_targets
+from heal_pl.adapters.targets import (
+    DEFAULT_TARGETS,
+    as_targets,
+    check_targets,
+    depth_range,
+    refuse_head,
+    resolve_targets,
+)
 
-__all__ = ["DEFAULT_TARGETS", "LoRASpec", "depth_range", "spectral_norms", "wrap_lora"]
+__all__ = ["DEFAULT_TARGETS", "LoRASpec", "depth_range", "refuse_head", "spectral_norms", "wrap_lora"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class LoRASpec:
 
 def wrap_lora(model: PreTrainedModel, spec: LoRASpec) -> PeftModel:
     """Wrap ``model`` in a fresh peft LoRA adapter on the layers ``spec`` selects; base weights are frozen by peft.
+
+    The LM head is refused as a target (the ref reads the base's rows through it).
 
     Raises:
         ValueError: a target that matches no linear layer (listing the model's linear layers), or a depth

@@ -5,7 +5,7 @@ attention, MLP and linear-attention projections alike (``q_proj … down_proj`` 
 ``gate_up_proj`` on Phi-3, ``in_proj_qkv`` / ``in_proj_z`` / ``in_proj_a`` / ``in_proj_b`` / ``out_proj`` on
 Qwen3.5's linear-attention layers, the Conv1D ``c_attn`` / ``c_proj`` / ``c_fc`` on GPT-2). It never includes
 the LM head or the embeddings: they are not inside a block. Other names are suffixes of qualified names, matched
-anywhere in the model (``q_proj`` adapts every ``….q_proj``).
+anywhere in the model (``q_proj`` adapts every ``….q_proj``); a name that selects the LM head is refused.
 
 A depth range ``[lo, hi]`` (fractions of the ``L = num_hidden_layers`` decoder blocks) keeps the blocks
 ``floor(lo · L) ≤ i < ceil(hi · L)`` (at least one); a layer outside every block is then dropped.
@@ -71,6 +71,19 @@ def _decoder_prefix(model: nn.Module) -> str:
     return ""
 
 
+def refuse_head(model: nn.Module, chosen: list[str], field: str) -> None:
+    """Raise when a chosen (qualified) module name is the LM head: the ref's rows go through the head, so an
+    adapter there would leak into the ref and the barrier KL would be wrong (issue 12)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hit = [n for n in chosen if head is not None and model.get_submodule(n) is head]
+    if hit:
+        raise ValueError(
+            f"{field} selects {hit[0]!r}, the LM head of {type(model).__name__}: heal_pl does not adapt the head "
+            "(its ref reads the base's rows through the head, so a head adapter would leak into the ref); "
+            "adapt the decoder's linear layers only"
+        )
+
+
 def _num_layers(model: nn.Module, field: str) -> int:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
@@ -94,8 +107,8 @@ def resolve_targets(
 
     Raises:
         ValueError: a name matches no linear layer (the message lists the model's linear layers), the model has
-            no linear layer in its decoder blocks, the depth range needs a ``num_hidden_layers`` the config lacks,
-            or nothing is selected.
+            no linear layer in its decoder blocks, a name selects the LM head (refused), the depth range needs
+            a ``num_hidden_layers`` the config lacks, or nothing is selected.
     """
     targets = as_targets(target_modules)
     check_targets(f"{field}.target_modules", targets)
@@ -116,6 +129,7 @@ def resolve_targets(
                 f"{field}.target_modules {missing} not found in {type(model).__name__}; linear layers: {suffixes}"
             )
         chosen = [n for n in linear if n.rsplit(".", 1)[-1] in targets]
+        refuse_head(model, chosen, f"{field}.target_modules")
     if layers is not None:
         n_layers = _num_layers(model, f"{field}.layers")
         keep = set(depth_range(layers, n_layers) or [])

@@ -5,14 +5,22 @@ The module must hold one peft-wrapped Hugging Face causal LM and feed it batches
 ``attention_mask``. The callback
 
 1. hooks the causal LM's forward to keep the logits of the module's own forward pass (no second
-   student forward: the barrier reuses them, with their graph);
+   student forward: the barrier reuses them, with their graph). Which forward is the student is decided by
+   :func:`heal_pl.callbacks.student_forward.pick_student` (the grad-enabled forward on the batch whose logits
+   the returned loss depends on; a no-grad metric pass never counts; an error when it cannot tell);
 2. wraps the module's ``training_step`` so that the loss it returns becomes
    ``loss + lam_eff · relu(agg_t KL_t(student ‖ base) − tau)``; the base is the same model with the
-   adapter switched off, run once without gradient. Lightning then scales, accumulates and clips the
-   sum as usual;
-3. wraps ``validation_step`` to log the exact pooled KL statistics of the validation epoch.
+   adapter switched off, run once without gradient and in eval mode (no dropout) on **the same call** —
+   every argument of the student forward is replayed (``position_ids`` of packed sequences included), and
+   the base's rows go through the model's own head (:class:`heal_pl.lm.LMHead`, checked against the
+   model's logits at ``setup``; a head adapter is switched off for the ref). Lightning then scales,
+   accumulates and clips the sum as usual;
+3. wraps ``validation_step`` to log the exact pooled KL statistics of the validation epoch, and the
+   ``{prefix}val/kl_hist`` / ``{prefix}val/kl_top`` TensorBoard panels (``heal_pl.panels``).
 
-The value on a batch equals ``HealModule``'s barrier on that batch (same ``heal_pl.kl`` code).
+The value on a batch equals ``HealModule``'s barrier on that batch (same ``heal_pl.kl`` code). The callback
+leaves the student's own mode alone: if the foreign model has dropout and trains in train mode, the student's
+logits carry it (the ref never does), so the KL of a zero adapter is then the dropout's.
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from heal_pl.callbacks.student_forward import Forward, head_input, logits_of, pick_student
 from heal_pl.distributed import gather_tokens
 from heal_pl.kl import KLBarrier, TokenStats, barrier_metrics, check_finite, counted_positions, token_stats
-from heal_pl.lm import LMHead, base_lm, find_peft_model, gather_rows, ref_rows
+from heal_pl.lm import LMHead, adapter_off, base_lm, check_head, find_peft_model, gather_rows, head_has_adapter
 from heal_pl.metrics import TokenKLStats
+from heal_pl.panels import DriftPanels
 
 
 class KLBarrierCallback(Callback):
@@ -41,8 +51,9 @@ class KLBarrierCallback(Callback):
         prefix: logged names are ``{prefix}train/barrier``, ``{prefix}val/kl_p95``, ...
 
     Raises:
-        ValueError: at ``setup`` when the module holds no (or several) peft models; at a step when the
-            batch lacks ``input_ids``/``labels`` or no forward of the model was seen in the step.
+        ValueError: at ``setup`` when the module holds no (or several) peft models, or when heal_pl's head path
+            cannot reproduce the model's logits (:func:`heal_pl.lm.check_head`); at a step when the batch lacks
+            ``input_ids``/``labels`` or the student forward cannot be told (see ``student_forward``).
 
     Example::
 
@@ -61,7 +72,8 @@ class KLBarrierCallback(Callback):
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
         self.barrier, self.round, self.chunk_size, self.prefix = barrier, round, chunk_size, prefix
         self.val_kl = TokenKLStats()
-        self._captured: list[Tensor] = []
+        self.drift = DriftPanels()  # {prefix}val/kl_hist and {prefix}val/kl_top (heal_pl.panels)
+        self._captured: list[Forward] = []
         self._capturing = False
         self._hook: RemovableHandle | None = None
         self._wrapped: list[str] = []
@@ -72,8 +84,9 @@ class KLBarrierCallback(Callback):
         self._module = pl_module
         self.peft = find_peft_model(pl_module)
         lm = base_lm(self.peft)
+        check_head(self.peft, "KLBarrierCallback")
         self.head = LMHead(lm)
-        self._hook = lm.register_forward_hook(self._capture)
+        self._hook = lm.register_forward_hook(self._capture, with_kwargs=True)
         for name, wrap in (("training_step", self._wrap_train), ("validation_step", self._wrap_val)):
             original = getattr(pl_module, name)
             setattr(pl_module, name, wrap(original))
@@ -87,13 +100,17 @@ class KLBarrierCallback(Callback):
             pl_module.__dict__.pop(name, None)  # back to the class's method
         self._wrapped = []
 
-    def _capture(self, module: Any, args: Any, output: Any) -> None:
+    def _capture(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         if self._capturing:
-            logits = output["logits"] if isinstance(output, Mapping) else getattr(output, "logits", None)
+            logits = logits_of(output)
             if logits is not None:
-                self._captured.append(logits)
+                self._captured.append(Forward(args, kwargs, logits))
 
-    def _run_captured(self, step: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, list[Tensor]]:
+    def _ref_head(self, rows: Tensor) -> Tensor:
+        with adapter_off(self.peft):  # a LoRA / modules_to_save on lm_head: the ref reads the base head
+            return self.head(rows)
+
+    def _run_captured(self, step: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, list[Forward]]:
         self._captured, self._capturing = [], True
         try:
             out = step(*args, **kwargs)
@@ -104,40 +121,44 @@ class KLBarrierCallback(Callback):
 
     # ------------------------------------------------------------------ the barrier on one batch
 
-    def compute(self, batch: Mapping[str, Tensor], logits: Tensor, where: str = "batch") -> tuple[Tensor, dict]:
+    def compute(
+        self, batch: Mapping[str, Tensor], logits: Tensor, where: str = "batch", call: Forward | None = None
+    ) -> tuple[Tensor, dict]:
         """Barrier value and logged scalars, from the student's ``[B, T, V]`` logits on ``batch``.
 
-        Under DDP the aggregate pools every rank's tokens (``heal_pl.distributed.gather_tokens``);
-        ``scalars["_kl"]`` is this rank's per-token KL.
+        ``call`` is the student forward whose arguments the ref replays; ``None`` replays ``input_ids`` and
+        ``attention_mask`` of ``batch``. Under DDP the aggregate pools every rank's tokens
+        (``heal_pl.distributed.gather_tokens``); ``scalars["_kl"]`` is this rank's per-token KL.
         """
         mask = batch.get("attention_mask")
         counted = counted_positions(batch["labels"], mask)
-        ref = ref_rows(self.peft, batch["input_ids"], mask, counted) if self.barrier.active else None
+        ref = None
+        if self.barrier.active:
+            args, kwargs = (call.args, call.kwargs) if call is not None else ((), {
+                "input_ids": batch["input_ids"], "attention_mask": mask})  # fmt: skip
+            hidden = head_input(self.peft, args, kwargs)
+            if tuple(hidden.shape[:2]) != tuple(batch["labels"].shape):
+                raise ValueError(f"{where}: the replayed forward's LM-head input is {tuple(hidden.shape)}, not "
+                                 f"[B, T, H] for labels {tuple(batch['labels'].shape)} (logits_to_keep?)")
+            ref = gather_rows(hidden, counted)
+        ref_head = self._ref_head if head_has_adapter(self.peft) else self.head
         stats = token_stats(
             gather_rows(logits, counted), ref, counted.targets,
-            head=None, ref_head=self.head, reg=self.barrier.reg, chunk_size=self.chunk_size,
+            head=None, ref_head=ref_head, reg=self.barrier.reg, chunk_size=self.chunk_size,
         )  # fmt: skip
         check_finite(stats, where)
         pooled = TokenStats(gather_tokens(stats.kl), gather_tokens(stats.nll))  # the global batch under DDP
         out = self.barrier(pooled.kl, self.round)
         return out.value, {**barrier_metrics(pooled, out), "_kl": stats.kl}
 
-    def _batch_logits(self, batch: Any, captured: list[Tensor], where: str) -> Tensor:
+    def _student(self, batch: Any, captured: list[Forward], where: str, loss: Tensor | None = None) -> Forward:
         if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
             got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise ValueError(
                 f"KLBarrierCallback needs batches with 'input_ids' and 'labels' (-100 on non-completion tokens); "
                 f"got {got}"
             )
-        shape = tuple(batch["labels"].shape)
-        matching = [x for x in captured if tuple(x.shape[:2]) == shape]
-        if not matching:
-            seen = [tuple(x.shape) for x in captured]
-            raise ValueError(
-                f"{where}: KLBarrierCallback saw no forward of the peft model on this batch (labels {shape}); "
-                f"forwards seen: {seen}. Call the model on batch['input_ids'] inside the step."
-            )
-        return matching[-1]
+        return pick_student(captured, tuple(batch["labels"].shape), loss, where)
 
     def _wrap_train(self, step: Callable[..., Any]) -> Callable[..., Any]:
         def training_step(*args: Any, **kwargs: Any) -> Any:
@@ -147,18 +168,18 @@ class KLBarrierCallback(Callback):
             module = self._module
             where = f"train step {module.global_step}"
             batch = args[0] if args else kwargs["batch"]
-            value, scalars = self.compute(batch, self._batch_logits(batch, captured, where), where)
+            loss = out if isinstance(out, Tensor) else out.get("loss") if isinstance(out, Mapping) else None
+            if not isinstance(loss, Tensor):
+                raise ValueError(
+                    f"{where}: KLBarrierCallback needs training_step to return the loss (a tensor or a dict with "
+                    f"'loss'), got {type(out).__name__}; manual optimisation is not supported"
+                )
+            student = self._student(batch, captured, where, loss)
+            value, scalars = self.compute(batch, student.logits, where, student)
             scalars.pop("_kl")
             bs = batch["input_ids"].shape[0]
             module.log_dict({f"{self.prefix}train/{k}": v for k, v in scalars.items()}, batch_size=bs)
-            if isinstance(out, Tensor):
-                return out + value
-            if isinstance(out, Mapping) and "loss" in out:
-                return {**out, "loss": out["loss"] + value}
-            raise ValueError(
-                f"{where}: KLBarrierCallback needs training_step to return the loss (a tensor or a dict with "
-                f"'loss'), got {type(out).__name__}; manual optimisation is not supported"
-            )
+            return out + value if isinstance(out, Tensor) else {**out, "loss": loss + value}
 
         return training_step
 
@@ -168,8 +189,11 @@ class KLBarrierCallback(Callback):
             if self.barrier.active:
                 batch = args[0] if args else kwargs["batch"]
                 where = f"validation at step {self._module.global_step}"
-                _, scalars = self.compute(batch, self._batch_logits(batch, captured, where), where)
-                self.val_kl.update(scalars.pop("_kl"))
+                student = self._student(batch, captured, where)
+                _, scalars = self.compute(batch, student.logits, where, student)
+                kl = scalars.pop("_kl")
+                self.val_kl.update(kl)
+                self.drift.update(kl, batch)
             return out
 
         return validation_step
@@ -178,7 +202,9 @@ class KLBarrierCallback(Callback):
         if self.barrier.active and not trainer.sanity_checking:
             stats = self.val_kl.compute()
             pl_module.log_dict({f"{self.prefix}val/{k}": v for k, v in stats.items()}, sync_dist=True)
+            self.drift.log(trainer, self.peft, prefix=self.prefix)
         self.val_kl.reset()
+        self.drift.reset()
 
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round}

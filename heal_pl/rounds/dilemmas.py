@@ -23,7 +23,6 @@ A persona pair (``persona_pair_care_authority.json``) holds ``pos_system`` (the 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from heal_pl.checks import read_json_object
 from heal_pl.data import ASSETS
 from heal_pl.prompts import chat_prompt
 from heal_pl.survival.probes import AnswerSet, _encode, answer_token_ids, probe_from_logits
@@ -57,7 +57,7 @@ class PersonaPair:
 
 def load_persona_pair(path: str | os.PathLike = DEFAULT_PERSONA_FILE) -> PersonaPair:
     """Read ``{"pos_system": str, "neg_system": str, "name": str (optional)}``; an empty side is a ValueError."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = read_json_object(path, "persona_file")
     missing = [k for k in ("pos_system", "neg_system") if k not in data]
     if missing:
         raise ValueError(f"persona_file={os.fspath(path)!r} lacks {', '.join(missing)}")
@@ -103,7 +103,7 @@ class DilemmaSet:
 
 def load_dilemmas(path: str | os.PathLike = DEFAULT_DILEMMA_FILE) -> DilemmaSet:
     """Parse a dilemma JSON file (format in the module docstring); problems raise one ValueError naming the field."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = read_json_object(path, "dilemma_file")
     where = f"dilemma_file={os.fspath(path)!r}"
     answers = data.get("answers")
     if not isinstance(answers, dict) or len(answers) < 2:

@@ -34,6 +34,7 @@ from transformers import PreTrainedModel
 
 from heal_pl.adapters.lora import LoRASpec
 from heal_pl.data import HealDataModule
+from heal_pl.hardware import trainer_settings
 from heal_pl.kl import KLBarrier
 from heal_pl.module import HealModule
 from heal_pl.prompts import chat_prompt
@@ -86,7 +87,9 @@ class Filter:
 @dataclass(frozen=True)
 class Heal:
     """The heal fit per round: optimizer ``steps``, ``lr``, ``warmup_steps``, ``batch_size`` rows of at most
-    ``max_length`` tokens, and what the barrier leashes to (``base`` = the original model, ``prev`` = S_r)."""
+    ``max_length`` tokens, and what the barrier leashes to (``base`` = the original model, ``prev`` = S_r).
+    ``accelerator``, ``devices``, ``precision``: the Lightning ``Trainer``'s; ``None`` follows the run's
+    ``device`` and ``dtype`` (:func:`heal_pl.hardware.trainer_settings`)."""
 
     steps: int = 20
     lr: float = 1e-3
@@ -94,6 +97,9 @@ class Heal:
     batch_size: int = 8
     max_length: int = 128
     ref: Literal["base", "prev"] = "base"
+    accelerator: str | None = None
+    devices: int | list[int] | str | None = None
+    precision: str | None = None
 
 
 @dataclass
@@ -121,6 +127,8 @@ class RoundsContext:
     state: RoundsState
     writer: SummaryWriter
     progress: bool = True
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 @torch.no_grad()
@@ -142,7 +150,7 @@ def generate_texts(
             torch.manual_seed(seed)
             for s in range(0, len(prompts), batch_size):
                 enc = tokenizer(prompts[s : s + batch_size], add_special_tokens=False, padding=True,
-                                padding_side="left", return_tensors="pt")  # fmt: skip
+                                padding_side="left", return_tensors="pt").to(model.device)  # fmt: skip
                 ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
                 out += [t.strip() for t in tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :],
                                                                   skip_special_tokens=True)]  # fmt: skip
@@ -193,8 +201,9 @@ def _heal(
     if h.ref == "base" and r > 0:
         module.set_ref_model(ctx.original)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=h.steps, logger=TensorBoardLogger(str(ctx.state.out / "tb"),
-        name=f"round_{r:02d}", version=""), enable_checkpointing=False, enable_model_summary=False,
+        **trainer_settings(ctx.device, ctx.dtype, h.accelerator, h.devices, h.precision), max_steps=h.steps,
+        logger=TensorBoardLogger(str(ctx.state.out / "tb"), name=f"round_{r:02d}", version=""),
+        enable_checkpointing=False, enable_model_summary=False,
         log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=0, enable_progress_bar=ctx.progress,
         default_root_dir=str(rdir), gradient_clip_val=1.0,
     )  # fmt: skip
@@ -262,6 +271,10 @@ def run_loop(ctx: RoundsContext, student: PreTrainedModel, rounds: int) -> Round
         student, metrics = run_round(ctx, student, r)
         stop = metrics.pop("stop", None)
         _log_scalars(ctx, r, metrics)
+        log.info("round %d: κ=%.3g kept %d/%d; coherence %.4f -> steered %.4f -> healed %s; trait %.4f -> %s", r,
+                 metrics["kappa"], metrics["kept"], metrics["sampled"], metrics["coherence_base"],
+                 metrics["coherence_steered"], metrics.get("coherence_healed", "-"), metrics["trait_base"],
+                 metrics.get("trait_healed", "-"))  # fmt: skip
         if "coherence_healed" in metrics:
             state.finished.append(metrics)
             state.event("round", **metrics)

@@ -20,8 +20,9 @@ from typing import Any, Literal
 from torch.utils.tensorboard import SummaryWriter
 
 from heal_pl.adapters.lora import LoRASpec
+from heal_pl.hardware import check_dtype, load_on, resolve_device
 from heal_pl.kl import KLBarrier
-from heal_pl.models import load_model, load_tokenizer
+from heal_pl.models import Dtype, load_tokenizer
 from heal_pl.prompts import questions
 from heal_pl.rounds.bake import bake_history
 from heal_pl.rounds.dilemmas import DEFAULT_DILEMMA_FILE, DEFAULT_PERSONA_FILE, load_dilemmas, load_persona_pair
@@ -66,6 +67,8 @@ def _problems(rounds: int, coh_floor: float, n_fit: int, sampling: Sampling, fil
 
 def run_rounds(
     model: str = "smollm2-135m-instruct",
+    device: str = "auto",
+    dtype: Dtype = "float32",
     persona_file: str | None = None,
     dilemma_file: str | None = None,
     method: Literal["mean_diff", "pca"] = "mean_diff",
@@ -89,6 +92,9 @@ def run_rounds(
 
     Args:
         model: model alias, folder or Hugging Face id.
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (:mod:`heal_pl.hardware`).
+        dtype: the dtype the weights are loaded in: ``float32``, ``bfloat16`` or ``float16``; the heal fit's
+            precision follows it (``32-true``, ``bf16-mixed``, ``16-mixed``) unless ``heal.precision`` is set.
         persona_file: JSON persona pair (``pos_system`` = the trait, ``neg_system``); None = the bundled
             care vs authority pair (``heal_pl/assets/persona_pair_care_authority.json``).
         dilemma_file: JSON forced-choice probe set (single-token answers) for coherence and trait; None = the
@@ -111,6 +117,8 @@ def run_rounds(
     problems = _problems(rounds, coh_floor, n_fit, sampling, filter, heal, lora, greedy_prompts)
     if problems:
         raise ValueError("heal rounds: " + "; ".join(problems))
+    check_dtype(dtype)
+    resolve_device(device)
     check_dose(dose.kappa_min, dose.target_share, dose.max_attempts)
     if dose.coeff <= 0:
         raise ValueError(f"dose.coeff={dose.coeff} must be > 0 (the sign is the persona pair's order)")
@@ -122,8 +130,8 @@ def run_rounds(
     out = Path(out_dir)
     state = RoundsState.open(out, config, resume)
     if state.stopped is None and state.next_round < rounds:
-        original = load_model(model)
-        student = bake_history(load_model(model), state.adapter_dirs())
+        original = load_on(model, device, dtype)
+        student = bake_history(load_on(model, device, dtype), state.adapter_dirs())
         if state.next_round:
             log.info("heal rounds: resuming at round %d (%d adapters baked)", state.next_round, state.next_round)
         writer = SummaryWriter(str(out / "tb"))
@@ -131,7 +139,8 @@ def run_rounds(
             model_name=model, tokenizer=tokenizer, original=original, persona=persona, dilemmas=dilemmas,
             fit_questions=qs[:n_fit], sample_questions=qs[n_fit:], greedy_prompts=list(greedy_prompts),
             method=method, layers=layers, sampling=sampling, dose=dose, filter=filter, heal=heal, barrier=barrier,
-            lora=lora, coh_floor=coh_floor, seed=seed, state=state, writer=writer, progress=progress,
+            lora=lora, coh_floor=coh_floor, seed=seed, state=state, writer=writer, progress=progress, device=device,
+            dtype=dtype,
         )  # fmt: skip
         try:
             run_loop(ctx, student, rounds)

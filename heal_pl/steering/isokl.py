@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.checks import check_choice
+from heal_pl.journal import Journal, journaled
 from heal_pl.steering.calibrate import calibrate
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 from heal_pl.steering.trajectory import STATS, measure_kl
@@ -44,6 +45,7 @@ def calibrate_method(
     batch_size: int = 8,
     layers: LayerSpec | None = None,
     on_evaluation: Callable[[dict[str, Any]], None] | None = None,
+    journal: Journal | None = None,
 ) -> dict[str, Any]:
     """Find the coefficient at which ``stat`` of KL(steered ‖ base) along the trajectory equals ``target``.
 
@@ -58,6 +60,8 @@ def calibrate_method(
         sign: ``+1`` or ``−1``; the model is steered at ``sign · c``.
         tol, max_iters: the root finder's stopping rules.
         on_evaluation: called with each history entry as it is measured (progress bars, loggers).
+        journal: where each evaluation and the audit are recorded as they finish and read back on a rerun
+            (steps ``<plus|minus>_eval_<i>``, ``<plus|minus>_audit``; :class:`heal_pl.journal.Journal`).
 
     Returns:
         a JSON-ready dict: ``sign``, ``stat``, ``target``, ``c_star`` (``> 0``), ``coeff`` (``sign · c_star``),
@@ -81,9 +85,12 @@ def calibrate_method(
         result = measure_kl(model, tokenizer, texts, method, sign * c, max_new_tokens, batch_size, layers)
         return result.stats
 
+    side = "plus" if sign > 0 else "minus"
+
     def evaluate(c: float) -> float:
-        stats = measure(c, prompts)
-        entry = {"c": c, "coeff": sign * c, **stats}
+        entry = journaled(journal, f"{side}_eval_{len(history) + 1:03d}", {"c": c},
+                          lambda: {"c": c, "coeff": sign * c, **measure(c, prompts)})  # fmt: skip
+        stats = {k: entry[k] for k in STATS}
         history.append(entry)
         if on_evaluation is not None:
             on_evaluation(entry)
@@ -92,7 +99,9 @@ def calibrate_method(
     cal = calibrate(evaluate, target, bracket=bracket, tol=tol, max_iters=max_iters)
     best = next(h for h in history if h["c"] == cal.c_star)
     stats_star = {k: best[k] for k in STATS}
-    audit = None if audit_prompts is None else measure(cal.c_star, audit_prompts)
+    audit = None if audit_prompts is None else journaled(
+        journal, f"{side}_audit", {"c": cal.c_star}, lambda: {"c": cal.c_star, **measure(cal.c_star, audit_prompts)})
+    audit = None if audit is None else {k: audit[k] for k in STATS}
     ratio = None
     if audit is not None:
         ratio = audit[stat] / cal.stat_star if cal.stat_star != 0 else math.nan

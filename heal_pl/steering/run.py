@@ -11,13 +11,13 @@ KL(steered ‖ base) along the greedy trajectory of the next ``n_calib`` questio
 
 Writes into ``out_dir``: ``calib.json`` (config + full results), ``history.csv`` (every evaluation),
 ``summary.csv`` (one row per sign), ``audit.csv``, ``vector.safetensors`` (when a vector was fitted)
-and TensorBoard scalars under ``calibrate/``.
+and TensorBoard scalars under ``calibrate/``. Every finished evaluation is recorded in ``out_dir/journal/``
+(:mod:`heal_pl.journal`): rerun the same config with the same ``out_dir`` after a kill and it continues from them.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from heal_pl.models import load_model, load_tokenizer
+from heal_pl.hardware import load_on
+from heal_pl.journal import Journal, atomic_path, write_json
+from heal_pl.models import Dtype, load_tokenizer
 from heal_pl.prompts import NEUTRAL, PIRATE, chat_prompt, questions
 from heal_pl.steering.adapter import AdapterSteering
 from heal_pl.steering.isokl import calibrate_method
@@ -37,6 +39,8 @@ log = logging.getLogger("heal_pl")
 
 def run_calibration(
     model: str = "smollm2-135m-instruct",
+    device: str = "auto",
+    dtype: Dtype = "float32",
     method: Literal["mean_diff", "pca", "directional_ablation", "adapter"] = "mean_diff",
     adapter_dir: str | None = None,
     layers: list[float] | list[int] | float | int = 0.5,
@@ -59,6 +63,8 @@ def run_calibration(
 
     Args:
         model: model alias, folder or Hugging Face id.
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (:mod:`heal_pl.hardware`).
+        dtype: the dtype the weights are loaded in: ``float32``, ``bfloat16`` or ``float16``.
         method: a vector to fit (mean_diff | pca | directional_ablation) or ``adapter`` (needs ``adapter_dir``).
         adapter_dir: a peft adapter folder (e.g. ``runs/rmse/version_0/adapter``) for ``method: adapter``.
         layers: decoder blocks to steer, as depth fractions (floats) or indices (ints).
@@ -85,7 +91,9 @@ def run_calibration(
         raise ValueError("heal calibrate: " + "; ".join(problems))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, lm = load_tokenizer(model), load_model(model)
+    journal = Journal(out / "journal", {k: v for k, v in config.items() if k != "out_dir"}, "heal calibrate")
+    lm = load_on(model, device, dtype)  # device and dtype checked before any other work
+    tokenizer = load_tokenizer(model)
     qs = questions(n_fit + n_calib + n_audit)
     fit_q, calib_q, audit_q = qs[:n_fit], qs[n_fit : n_fit + n_calib], qs[n_fit + n_calib :]
     if method == "adapter":
@@ -94,8 +102,13 @@ def run_calibration(
     else:
         pos = [chat_prompt(tokenizer, q, pos_system) for q in fit_q]
         neg = [chat_prompt(tokenizer, q, neg_system) for q in fit_q]
-        steering = SteeringVector.fit(lm, tokenizer, pos, neg, method=method, layers=layers, model_name=model)
-        steering.save(out / "vector.safetensors")
+        if journal.get("vector") is not None and (out / "vector.safetensors").is_file():  # a rerun: the same vector
+            steering = SteeringVector.load(out / "vector.safetensors")
+        else:
+            steering = SteeringVector.fit(lm, tokenizer, pos, neg, method=method, layers=layers, model_name=model)
+            with atomic_path(out / "vector.safetensors") as tmp:
+                steering.save(tmp)
+            journal.record("vector", {"file": "vector.safetensors"})
         target_model = lm
     calib_prompts = [chat_prompt(tokenizer, q, None) for q in calib_q]
     audit_prompts = [chat_prompt(tokenizer, q, None) for q in audit_q]
@@ -112,14 +125,18 @@ def run_calibration(
             step = bar.n
             writer.add_scalar(f"calibrate/{name}/c", entry["c"], step)
             writer.add_scalar(f"calibrate/{name}/{stat}", entry[stat], step)
+            log.info("calibrate %s: evaluation %d: c=%.4g %s=%.4g (target %g)", name, step, entry["c"], stat,
+                     entry[stat], target)  # fmt: skip
 
         with torch.no_grad():
             result = calibrate_method(
                 target_model, tokenizer, steering, calib_prompts, audit_prompts, target=target, stat=stat,
                 bracket=tuple(bracket), sign=sign, tol=tol, max_iters=max_iters, max_new_tokens=max_new_tokens,
-                batch_size=batch_size, on_evaluation=on_eval,
+                batch_size=batch_size, on_evaluation=on_eval, journal=journal,
             )  # fmt: skip
         bar.close()
+        log.info("calibrate %s: c*=%.4g %s=%.4g, %s after %d evaluations", name, result["c_star"], stat,
+                 result["stat_star"], "converged" if result["converged"] else "NOT converged", result["evaluations"])
         for key in ("c_star", "stat_star", "evaluations", "audit_ratio"):
             if result.get(key) is not None:
                 writer.add_scalar(f"calibrate/{name}/{key}", float(result[key]), 0)
@@ -131,7 +148,7 @@ def run_calibration(
 
 
 def _write_outputs(out: Path, config: dict[str, Any], results: dict[str, Any], stat: str) -> None:
-    (out / "calib.json").write_text(json.dumps({"config": config, "results": results}, indent=2, default=str))
+    write_json(out / "calib.json", {"config": config, "results": results}, indent=2, default=str)  # atomic
     with open(out / "history.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["sign", "evaluation", "c", "coeff", *STATS])

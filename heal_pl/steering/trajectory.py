@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 from heal_pl.context import checked_context
 from heal_pl.generate import eos_ids, greedy_generate, left_pad, positions
 from heal_pl.kl import per_token_kl, quantile
-from heal_pl.lm import LMHead, base_lm
+from heal_pl.lm import LMHead, base_lm, check_head
 from heal_pl.prompts import encode_prompts
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 
@@ -142,6 +142,7 @@ def measure_kl(
         raise ValueError(f"coeff={coeff!r} must be finite")
     if not isinstance(method, SteeringMethod):
         raise TypeError(f"method is a {type(method).__name__}; expected an object with steering(model, coeff, layers)")
+    check_head(model, "measure_kl")  # the KL is read through heal_pl's head: it must be the model's own
     encoded = encode_prompts(tokenizer, prompts)
     longest, n_ctx = max(len(t) for t in encoded), checked_context(model, "measure_kl's max_new_tokens")
     if n_ctx is not None and longest + max_new_tokens > n_ctx:

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from heal_pl.checks import check_choice
 from heal_pl.lm import base_lm
 from heal_pl.prompts import encode_prompts
-from heal_pl.steering.hooks import LayerSpec, add_to_blocks, find_blocks, layers_from
+from heal_pl.steering.hooks import LayerSpec, _hidden_size, add_to_blocks, find_blocks, layers_from
 
 Method = Literal["mean_diff", "pca", "directional_ablation"]
 FORMAT = "heal_pl.steering_vector/1"
@@ -245,12 +245,16 @@ class SteeringVector:
         save_file(tensors, os.fspath(path), metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> SteeringVector:
-        """Read a file written by :meth:`save`.
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> SteeringVector:
+        """Read a file written by :meth:`save`; with ``model``, check that it fits that model (hidden size, blocks).
 
         Raises:
-            ValueError: the file lacks the metadata, or its tensors do not match its ``layers``.
+            ValueError: the file is missing, lacks the metadata, its tensors do not match its ``layers``, or (with
+                ``model``) its directions have another hidden size or a block the model lacks; the message names
+                the file.
         """
+        if not os.path.isfile(path):
+            raise ValueError(f"steering vector {os.fspath(path)!r} does not exist")
         with safe_open(os.fspath(path), framework="pt") as f:
             meta = f.metadata() or {}
             missing = [k for k in ("method", "layers", "model_name") if k not in meta]
@@ -262,5 +266,15 @@ class SteeringVector:
             if keys != expected:
                 raise ValueError(f"{path}: tensors {sorted(keys)} do not match metadata layers {layers}")
             directions = {int(i): f.get_tensor(f"layer.{i}") for i in layers}
-        return cls(meta["method"], directions, meta["model_name"])  # type: ignore[arg-type]
+        vector = cls(meta["method"], directions, meta["model_name"])  # type: ignore[arg-type]
+        if model is not None:
+            hidden, n_blocks = _hidden_size(model), len(find_blocks(model))
+            size = next(iter(vector.directions.values())).shape[0]
+            if hidden is not None and size != hidden:
+                raise ValueError(f"steering vector {os.fspath(path)!r} has hidden size {size} (fitted on "
+                                 f"{vector.model_name!r}); this model's is {hidden}")  # fmt: skip
+            if vector.layers[-1] >= n_blocks:
+                raise ValueError(f"steering vector {os.fspath(path)!r} steers blocks {vector.layers}; this model has "
+                                 f"{n_blocks} (0..{n_blocks - 1})")  # fmt: skip
+        return vector
 

@@ -1,7 +1,8 @@
 """Forced-choice probes and survival (SPEC §4): roll out under a steering dose, probe the answer format at fork
 points on the rollout's own KV cache, and draw Kaplan–Meier curves of when the format dies.
 
-``probes`` reads the answer-set mass, ``forks`` / ``fork_mask`` probe every fork in one packed forward, ``table``
+``probes`` reads the answer-set mass, ``forks`` / ``fork_mask`` / ``fork_cache`` read every fork on the rollout's
+own cache (sliding-window and linear-attention layers included) in one forward per ``fork_batch``, ``table``
 turns pmass trajectories into lifelines survival tables, ``sweep`` runs the α grid, ``plotting`` draws the
 figures, and ``run`` is ``heal survival``.
 """

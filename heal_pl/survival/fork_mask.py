@@ -1,14 +1,22 @@
-"""Packed fork reads on one shared KV cache: the attention mask and the forwards (SPEC §4, step 2 of
+"""Fork reads on one shared cache: the attention masks and the forwards (SPEC §4, step 2 of
 :mod:`heal_pl.survival.forks`).
 
 The cache holds ``C`` positions. Fork ``j`` keeps the first ``k_j ≤ C`` of them and feeds ``f_j`` at positions
-``k_j, k_j + 1, …``. All forks of a batch go in ONE row of ``Q = Σ_j |f_j|`` tokens; the additive mask
-``[1, 1, Q, C + Q]`` lets the ``i``-th token of ``f_j`` see
+``k_j, k_j + 1, …``; the ``i``-th token of ``f_j`` (position ``p = k_j + i``) sees
 
-    cache positions [0, k_j)   and   the tokens 0 … i of f_j            (nothing of the other forks)
+    cache positions q < k_j   and   the tokens 0 … i of f_j            (nothing of the other forks)
 
-which is exactly "crop the cache to ``k_j`` positions, then feed ``f_j``" without copying the cache. The packed
-key/values are cropped off again afterwards (the cache leaves as it came).
+and, in a sliding-window layer of window ``W``, only those of them at positions ``q > p − W``: exactly "crop
+the cache to ``k_j`` positions, then feed ``f_j``" without copying the cache.
+
+* ``packed`` (attention-only caches): all forks of a batch go in ONE row of ``Q = Σ_j |f_j|`` tokens under the
+  additive mask ``[1, 1, Q, C + Q]``; the packed key/values are cropped off again afterwards (the cache leaves as
+  it came).
+* ``batched`` (caches with recurrent layers, :mod:`heal_pl.survival.fork_cache`): one row per fork, right-padded
+  to ``L = max_j |f_j|``, on a fresh cache whose recurrent layers start from each fork's snapshot; the attention
+  mask is ``[m, 1, L, k_max + L]``. Padding sits after each row's last real token, so it changes nothing read.
+
+The logits are the model's own (``model(..., logits_to_keep=rows)``), whatever its head does to them.
 """
 
 from __future__ import annotations
@@ -18,49 +26,99 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
 
-from heal_pl.lm import LMHead, base_lm
+from heal_pl.generate import cache_kwargs
+from heal_pl.lm import base_lm
+from heal_pl.survival.fork_cache import ForkCache, read_cache
 from heal_pl.survival.probes import probe_from_logits
 
 
-def packed_fork_mask(keeps: Sequence[int], lens: Sequence[int], cached: int, dtype: torch.dtype) -> Tensor:
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def packed_fork_mask(keeps: Sequence[int], lens: Sequence[int], cached: int, dtype: torch.dtype,
+                     window: int | None = None) -> Tensor:  # fmt: skip
     """Additive mask ``[1, 1, Q, cached + Q]`` (0 = attend, ``finfo(dtype).min`` = blocked), ``Q = Σ lens``.
 
-    Query ``i`` of segment ``j`` sees cache columns ``[0, keeps[j])`` and the columns ``cached + q`` of the
-    queries ``q ≤ i`` of its own segment (causal within the segment, blind to the other segments).
+    Query ``i`` of segment ``j`` (position ``p = keeps[j] + i``) sees cache columns ``q < keeps[j]`` and the
+    columns ``cached + r`` of the queries ``r ≤ i`` of its own segment (causal within the segment, blind to the
+    other segments); with a ``window`` ``W``, only the keys at positions ``> p − W``.
     """
     lens_t = torch.as_tensor(list(lens), dtype=torch.long)
     seg = torch.repeat_interleave(torch.arange(len(lens_t)), lens_t)  # [Q] segment of each query
-    see_cache = torch.arange(cached)[None, :] < torch.as_tensor(list(keeps), dtype=torch.long)[seg][:, None]
+    keep = torch.as_tensor(list(keeps), dtype=torch.long)[seg]
     q = torch.arange(seg.numel())
+    i = q - (torch.cumsum(lens_t, 0) - lens_t)[seg]  # index within the segment
+    col = torch.arange(cached)[None, :]
+    see_cache = col < keep[:, None]
     see_new = (seg[:, None] == seg[None, :]) & (q[None, :] <= q[:, None])
-    allowed = torch.cat([see_cache, see_new], dim=1)
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    if window is not None:
+        see_cache &= col > (keep + i)[:, None] - window
+        see_new &= (i[:, None] - i[None, :]) < window
+    return _additive(torch.cat([see_cache, see_new], dim=1), dtype)[None, None]
 
 
-def read_packed(
-    model: nn.Module, cache: DynamicCache, keeps: Sequence[int], feeds: Sequence[Sequence[int]],
+def batched_fork_mask(keeps: Sequence[int], width: int, cached: int, dtype: torch.dtype,
+                      window: int | None = None) -> Tensor:  # fmt: skip
+    """Additive mask ``[m, 1, width, cached + width]``: row ``j``, query ``i`` (position ``p = keeps[j] + i``) sees
+    cache columns ``q < keeps[j]`` and its own row's queries ``r ≤ i``; with a ``window`` ``W``, only the keys at
+    positions ``> p − W``."""
+    keep = torch.as_tensor(list(keeps), dtype=torch.long)[:, None, None]  # [m, 1, 1]
+    i = torch.arange(width)[None, :, None]
+    col = torch.arange(cached)[None, None, :]
+    see_cache = col < keep
+    r = torch.arange(width)[None, None, :]
+    see_new = (r <= i).expand(len(keeps), -1, -1)
+    if window is not None:
+        see_cache = see_cache & (col > keep + i - window)
+        see_new = see_new & (i - r < window)
+    return _additive(torch.cat([see_cache.expand(-1, width, -1), see_new], dim=2), dtype)[:, None]
+
+
+def _probe(logits: Tensor, answer_ids: Mapping[str, Sequence[int]], true_name: str) -> tuple[list, list]:
+    pm, pt = probe_from_logits(logits, answer_ids, true_name)
+    return pm.tolist(), pt.tolist()
+
+
+def _forward(model: nn.Module, ids: Tensor, pos: Tensor, mask: object, cache: ForkCache, rows: Tensor) -> Tensor:
+    out = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, logits_to_keep=rows,
+                **cache_kwargs(model, cache))  # fmt: skip
+    return out.logits
+
+
+def read_forks(
+    model: nn.Module, cache: ForkCache, keeps: Sequence[int], feeds: Sequence[Sequence[int]],
     answer_ids: Mapping[str, Sequence[int]], true_name: str, fork_batch: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(pmass, p_true)`` float64 ``[m]`` at the end of each feed ``f_j`` read on the cache cropped to ``keeps[j]``.
 
     At most ``fork_batch`` feeds per forward, in the current (steering) context; ``cache`` leaves as it came.
     """
-    backbone, head = base_lm(model).get_decoder(), LMHead(base_lm(model))
     device = next(model.parameters()).device
     dtype = base_lm(model).get_input_embeddings().weight.dtype
-    cached = cache.get_seq_length()
+    plan, cached = cache.plan, cache.get_seq_length()
     pmass, p_true = np.full(len(feeds), np.nan), np.full(len(feeds), np.nan)
     for start in range(0, len(feeds), fork_batch):
-        ks, fs = keeps[start : start + fork_batch], feeds[start : start + fork_batch]
+        ks, fs = list(keeps[start : start + fork_batch]), feeds[start : start + fork_batch]
         lens = [len(f) for f in fs]
-        ids = torch.tensor([[i for f in fs for i in f]], dtype=torch.long, device=device)
-        pos = torch.tensor([[k + i for k, n in zip(ks, lens, strict=True) for i in range(n)]], device=device)
-        mask = packed_fork_mask(ks, lens, cached, dtype).to(device)
-        out = backbone(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache.crop(cached - cache.get_seq_length())  # crop(−k) drops the k packed positions
-        ends = torch.tensor(lens).cumsum(0) - 1
-        pm, pt = probe_from_logits(head(out.last_hidden_state[0, ends.to(device)]), answer_ids, true_name)
-        pmass[start : start + len(fs)], p_true[start : start + len(fs)] = pm.tolist(), pt.tolist()
+        if plan.mode == "packed":
+            ids = torch.tensor([[i for f in fs for i in f]], dtype=torch.long, device=device)
+            pos = torch.tensor([[k + i for k, n in zip(ks, lens, strict=True) for i in range(n)]], device=device)
+            mask = plan.masks(lambda w: packed_fork_mask(ks, lens, cached, dtype, w).to(device))  # noqa: B023
+            ends = (torch.tensor(lens).cumsum(0) - 1).to(device)
+            try:
+                logits = _forward(model, ids, pos, mask, cache, ends)[0]
+            finally:
+                cache.crop(cached - cache.get_seq_length())  # crop(−k) drops the k packed positions
+        else:
+            width, kmax = max(lens), max(ks)
+            ids = torch.tensor([list(f) + [f[-1]] * (width - len(f)) for f in fs], dtype=torch.long, device=device)
+            pos = (torch.tensor(ks)[:, None] + torch.arange(width)[None]).to(device)
+            mask = plan.masks(lambda w: batched_fork_mask(ks, width, kmax, dtype, w).to(device))  # noqa: B023
+            rows = sorted(set(n - 1 for n in lens))
+            logits = _forward(model, ids, pos, mask, read_cache(model, cache, ks), torch.tensor(rows, device=device))
+            logits = logits[torch.arange(len(fs), device=device),
+                            torch.tensor([rows.index(n - 1) for n in lens], device=device)]
+        pmass[start : start + len(fs)], p_true[start : start + len(fs)] = _probe(logits, answer_ids, true_name)
     return pmass, p_true

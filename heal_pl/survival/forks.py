@@ -4,15 +4,13 @@ For one prompt ``x`` (``P`` tokens, encoded without special tokens), a steering 
 window ``w`` and fork points ``0 ≤ t_0 < t_1 < … ≤ w``:
 
 1. greedy-roll out ``y_1 … y_g`` under the steering context, ``g ≤ w`` (``gen_len``), stopping at the first
-   end-of-sequence token (kept, like :mod:`heal_pl.steering.trajectory`); the KV cache of ``x ⊕ y_<g`` is kept;
+   end-of-sequence token (kept, like :mod:`heal_pl.steering.trajectory`); the cache of ``x ⊕ y_<g`` is kept
+   (``C = P + g − 1`` positions; what each layer kind keeps: :mod:`heal_pl.survival.fork_cache`);
 2. at each fork ``t_j ≤ g`` (``t = 0``: right after the prompt; ``t = g``: after the last generated token, the
-   EOS included) the probe reads the context ``c_t = x ⊕ y_1 … y_t`` followed by the splice ``s_t``,
-   reusing the rollout's cache (``C = P + g − 1`` positions) and feeding ONLY the splice tokens (plus
-   ``y_g`` for the fork at ``t = g``, whose key/values the rollout never computed). The forks are read
-   together, packed into one row (at most ``fork_batch`` forks per forward): fork ``j`` feeds
-   ``f_j = y_{k_j − P + 1} … y_t ⊕ s_t`` with ``k_j = min(P + t_j, C)`` at positions ``k_j, k_j + 1, …``, under
-   the attention mask of :mod:`heal_pl.survival.fork_mask`: exactly "crop the cache to ``k_j`` positions, then feed
-   ``f_j``" without copying the cache (the cache leaves as it came);
+   EOS included) fork ``j`` feeds ONLY ``f_j = y_{k_j − P + 1} … y_t ⊕ s_t`` (the splice ``s_t``, plus ``y_g`` at
+   ``t = g``, whose key/values the rollout never computed) at positions ``k_j, k_j + 1, …``, ``k_j = min(P + t_j,
+   C)``, on the cache "cropped to ``k_j``" by a mask (at most ``fork_batch`` forks per forward;
+   :mod:`heal_pl.survival.fork_mask`); the cache leaves as it came;
 3. with ``z`` the next-token logits at the end of the splice (:func:`heal_pl.survival.probes.probe_from_logits`)
 
        pmass_t  = Σ_k p(A_k | c_t ⊕ s_t)          p_true_t = p(A_true | c_t ⊕ s_t) / pmass_t
@@ -42,13 +40,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from heal_pl.context import checked_context
 from heal_pl.generate import eos_ids, greedy_generate
-from heal_pl.lm import LMHead, base_lm
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
-from heal_pl.survival.fork_mask import packed_fork_mask, read_packed
+from heal_pl.survival.fork_cache import ForkCache, fork_plan, prefill, rollout
+from heal_pl.survival.fork_mask import packed_fork_mask, read_forks
 from heal_pl.survival.probes import THINK_OPEN, has_thinking_tokens, probe_from_logits, splice_text
 from heal_pl.survival.table import fork_schedule
 
@@ -184,53 +182,22 @@ def _steered_eval(model: nn.Module, method: SteeringMethod, coeff: float, layers
         model.train(was_training)
 
 
-def rollout(model: nn.Module, prompt_ids: list[int], w: int, eos: Tensor) -> tuple[list[int], DynamicCache]:
-    """Greedy ``y_1 … y_g`` (current context) and the cache of ``x ⊕ y_<g`` (``P + g − 1`` positions)."""
-    backbone, head = base_lm(model).get_decoder(), LMHead(base_lm(model))
-    device = next(model.parameters()).device
-    eos_set = set(eos.tolist())
-    cur = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    pos = torch.arange(len(prompt_ids), device=device)[None]
-    cache: DynamicCache | None = None  # the model builds the cache its config asks for
-    gen: list[int] = []
-    for _ in range(w):
-        out = backbone(input_ids=cur, position_ids=pos, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        nxt = int(head(out.last_hidden_state[:, -1]).argmax(-1))
-        gen.append(nxt)
-        if nxt in eos_set or len(gen) == w:
-            break
-        cur, pos = torch.tensor([[nxt]], device=device), pos[:, -1:] + 1
-    return gen, _croppable(cache)
-
-
-def _croppable(cache: DynamicCache | None) -> DynamicCache:
-    if not hasattr(cache, "crop") or any(getattr(cache, "is_sliding", [])) or any(getattr(cache, "is_linear", [])):
-        raise ValueError(f"model: its {type(cache).__name__} cannot be cropped back exactly (sliding-window or "
-                         "linear-attention layers); use fork_probe_recompute")
-    return cache  # type: ignore[return-value]
-
-
-def _prefill(model: nn.Module, prompt_ids: list[int], gen: list[int]) -> DynamicCache:
-    """The cache of ``x ⊕ y_<g`` (``P + g − 1`` positions): one forward, in the current (steering) context."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([(prompt_ids + gen)[:-1]], dtype=torch.long, device=device)
-    out = base_lm(model).get_decoder()(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device)[None],
-                                       use_cache=True)
-    return _croppable(out.past_key_values)
-
-
 def _read_cached(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, setup: _Setup, prompt: str, splice: str,
-    gen: list[int], cache: DynamicCache, answer_ids: Mapping[str, Sequence[int]], true_name: str, fork_batch: int,
+    gen: list[int], cache: ForkCache, answer_ids: Mapping[str, Sequence[int]], true_name: str, fork_batch: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(pmass, p_true)`` at the reached forks, packed forwards on ``cache`` (module docstring, step 2)."""
+    """``(pmass, p_true)`` at the reached forks, read on ``cache`` (module docstring, step 2)."""
     P, cached = len(setup.prompt_ids), cache.get_seq_length()  # cached = P + g − 1
     ts = [t for t in setup.forks.tolist() if t <= len(gen)]
-    keeps = [min(P + t, cached) for t in ts]
+    keeps = _keeps(setup, gen, cached)
     feeds = [gen[k - P : t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice)
              for k, t in zip(keeps, ts, strict=True)]  # fmt: skip
-    return read_packed(model, cache, keeps, feeds, answer_ids, true_name, fork_batch)
+    return read_forks(model, cache, keeps, feeds, answer_ids, true_name, fork_batch)
+
+
+def _keeps(setup: _Setup, gen: list[int], cached: int) -> list[int]:
+    """``k_j = min(P + t_j, C)`` for the reached forks."""
+    return [min(len(setup.prompt_ids) + t, cached) for t in setup.forks.tolist() if t <= len(gen)]
 
 
 def _check_fork_batch(fork_batch: int) -> None:
@@ -266,8 +233,9 @@ def fork_probe(
     See the module docstring for the formulae and why the probe is read under the rollout's steering.
 
     Args:
-        model: a plain or peft-wrapped causal LM with a croppable ``DynamicCache`` (run in eval mode; its mode
-            is restored afterwards).
+        model: a plain or peft-wrapped causal LM (run in eval mode; its mode is restored afterwards). A cache
+            that cannot be forked exactly (:func:`heal_pl.survival.fork_cache.fork_plan`) gets
+            :func:`fork_probe_recompute` instead, with one log line.
         tokenizer: encodes ``prompt`` and ``splice`` with ``add_special_tokens=False``.
         prompt: one chat-formatted prompt string.
         method: a steering method (``SteeringVector``, ``AdapterSteering``, ...).
@@ -279,19 +247,22 @@ def fork_probe(
         true_name: the answer set whose share is ``p_true``.
         layers: passed to ``method.steering`` (``None``: the method's own layers).
         eos_token_id: the id(s) that end the rollout; default the tokenizer's eos and the generation config's.
-        fork_batch: forks packed into one forward (memory ``∝ fork_batch · |splice| · (P + w)`` per layer).
+        fork_batch: forks read in one forward (memory ``∝ fork_batch · |splice| · (P + w)`` per layer; with
+            recurrent layers, one row and one copy of the attention cache per fork).
 
     Raises:
         ValueError: ``w < 1`` or too long for the model's context (message names ``w``), bad ``fork_points`` or
-            fork step, a ``splice`` or ``prompt`` that tokenizes to nothing, a non-finite ``coeff``, a model whose
-            cache has sliding-window or linear-attention layers (not croppable back; use the recompute),
+            fork step, a ``splice`` or ``prompt`` that tokenizes to nothing, a non-finite ``coeff``,
             ``fork_batch < 1``.
         TypeError: ``method`` has no ``steering(model, coeff, layers)``.
     """
     setup = _setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, eos_token_id)
     _check_fork_batch(fork_batch)
+    if fork_plan(model) is None:
+        return fork_probe_recompute(model, tokenizer, prompt, method, coeff, w, fork_points, splice, answer_ids,
+                                    true_name, layers, eos_token_id)  # fmt: skip
     with _steered_eval(model, method, coeff, layers):
-        gen, cache = rollout(model, setup.prompt_ids, int(w), setup.eos)
+        gen, cache = rollout(model, setup.prompt_ids, int(w), setup.eos, setup.forks.tolist())
         pmass, p_true = _read_cached(model, tokenizer, setup, prompt, splice, gen, cache, answer_ids, true_name,
                                      int(fork_batch))  # fmt: skip
     return _result(setup, gen, coeff, w, pmass, p_true)
@@ -302,23 +273,32 @@ def probe_forks(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, tokens: Sequence[int] | Tensor,
     method: SteeringMethod, coeff: float, w: int, fork_points: int | Sequence[int] | np.ndarray, splice: str,
     answer_ids: Mapping[str, Sequence[int]], true_name: str = "true", layers: LayerSpec | None = None,
-    fork_batch: int = 64, cache: DynamicCache | None = None,
+    fork_batch: int = 64, cache: ForkCache | None = None,
 ) -> ForkResult:
     """:func:`fork_probe` on a trajectory generated elsewhere (e.g. by :func:`heal_pl.steering.trajectory.measure_kl`).
 
     ``tokens`` are the generated ids ``y_1 … y_g`` (``1 ≤ g ≤ w``; ``g < w`` means the rollout ended there).
-    ``cache``: the steered cache of ``x ⊕ y_<g`` (``P + g − 1`` positions, e.g. from :func:`rollout`; left as
-    it came); ``None`` = one steered forward over ``x ⊕ y_<g`` builds it. Then the forks are read as in
-    :func:`fork_probe`. Other arguments and errors as there, plus a ``cache`` of the wrong length.
+    ``cache``: the steered cache of ``x ⊕ y_<g`` (``P + g − 1`` positions) from :func:`rollout` (left as it came);
+    ``None`` = a steered prefill of ``x ⊕ y_<g`` builds it (one forward; one per stretch between forks on a cache
+    with recurrent layers). Then the forks are read as in :func:`fork_probe` (a cache that cannot be forked
+    exactly: :func:`probe_forks_recompute`, with one log line). Other arguments and errors as there, plus a
+    ``cache`` not from :func:`rollout`, of the wrong length, or without the recurrent state at a fork.
     """
     setup = _setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, None)
     _check_fork_batch(fork_batch)
     gen = _check_tokens(tokens, int(w))
-    if cache is not None and _croppable(cache).get_seq_length() != len(setup.prompt_ids) + len(gen) - 1:
-        raise ValueError(f"cache holds {cache.get_seq_length()} positions; prompt ⊕ tokens[:-1] needs "
-                         f"{len(setup.prompt_ids) + len(gen) - 1}")
+    if cache is not None and not isinstance(cache, ForkCache):
+        raise ValueError(f"cache is a {type(cache).__name__}; pass the cache from rollout() or none")
+    cached = len(setup.prompt_ids) + len(gen) - 1
+    if cache is not None and cache.get_seq_length() != cached:
+        raise ValueError(f"cache holds {cache.get_seq_length()} positions; prompt ⊕ tokens[:-1] needs {cached}")
+    plan = fork_plan(model)
+    if plan is None:
+        return probe_forks_recompute(model, tokenizer, prompt, tokens, method, coeff, w, fork_points, splice,
+                                     answer_ids, true_name, layers)  # fmt: skip
     with _steered_eval(model, method, coeff, layers):
-        cache = _prefill(model, setup.prompt_ids, gen) if cache is None else cache
+        if cache is None:
+            cache = prefill(model, plan, setup.prompt_ids, gen, _keeps(setup, gen, cached))
         pmass, p_true = _read_cached(model, tokenizer, setup, prompt, splice, gen, cache, answer_ids, true_name,
                                      int(fork_batch))  # fmt: skip
     return _result(setup, gen, coeff, w, pmass, p_true)
@@ -333,7 +313,7 @@ def _read_recompute(
     pmass, p_true = [], []
     for t in (t for t in setup.forks.tolist() if t <= len(gen)):
         seq = setup.prompt_ids + gen[:t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice)
-        logits = model(input_ids=torch.tensor([seq], device=device), use_cache=False).logits[:, -1]
+        logits = model(input_ids=torch.tensor([seq], device=device), use_cache=False, logits_to_keep=1).logits[:, -1]
         pm, pt = probe_from_logits(logits, answer_ids, true_name)
         pmass.append(float(pm[0]))
         p_true.append(float(pt[0]))

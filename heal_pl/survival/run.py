@@ -13,14 +13,16 @@ and the figures (files and TensorBoard tags listed in :mod:`heal_pl.survival.swe
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
 
 from torch.utils.tensorboard import SummaryWriter
 
-from heal_pl.models import load_model, load_tokenizer
+from heal_pl.checks import read_json_object
+from heal_pl.hardware import check_dtype, load_on, resolve_device
+from heal_pl.journal import Journal
+from heal_pl.models import Dtype, load_tokenizer
 from heal_pl.steering.adapter import AdapterSteering
 from heal_pl.steering.run import run_calibration
 from heal_pl.steering.vectors import SteeringVector
@@ -29,7 +31,8 @@ from heal_pl.survival.sweep import ALPHAS, SPLICE, SweepConfig, eval_prompts, ma
 
 log = logging.getLogger("heal_pl")
 
-OWN = ("model", "method", "adapter_dir", "layers", "target", "stat", "signs", "out_dir")  # set by run_survival
+# set by run_survival
+OWN = ("model", "device", "dtype", "method", "adapter_dir", "layers", "target", "stat", "signs", "out_dir")
 CALIBRATION_KEYS = sorted(set(inspect.signature(run_calibration).parameters) - set(OWN))  # the `calibration` dict
 
 
@@ -38,7 +41,7 @@ def load_calibration(calib_json: str | Path, model: str) -> tuple[dict[str, Any]
     path = Path(calib_json)
     if not path.is_file():
         raise ValueError(f"calib_json={str(path)!r} does not exist; run `heal calibrate` or leave calib_json unset")
-    data = json.loads(path.read_text())
+    data = read_json_object(path, "calib_json")
     if not {"config", "results"} <= set(data):
         raise ValueError(f"calib_json={str(path)!r} is not a heal calibrate output (needs 'config' and 'results')")
     if data["config"].get("model") != model:
@@ -49,6 +52,8 @@ def load_calibration(calib_json: str | Path, model: str) -> tuple[dict[str, Any]
 
 def run_survival(
     model: str = "smollm2-135m-instruct",
+    device: str = "auto",
+    dtype: Dtype = "float32",
     calib_json: str | None = None,
     method: Literal["mean_diff", "pca", "directional_ablation", "adapter"] = "mean_diff",
     adapter_dir: str | None = None,
@@ -77,6 +82,8 @@ def run_survival(
 
     Args:
         model: model alias, folder or Hugging Face id.
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (:mod:`heal_pl.hardware`).
+        dtype: the dtype the weights are loaded in: ``float32``, ``bfloat16`` or ``float16`` (calibration too).
         calib_json: a ``calib.json`` from ``heal calibrate`` on the same model; ``None`` = calibrate now with
             ``method``, ``adapter_dir``, ``layers``, ``target``, ``stat``, ``signs`` and ``calibration``.
         method, adapter_dir, layers, target, stat: as in ``heal calibrate`` (ignored with ``calib_json``).
@@ -91,7 +98,11 @@ def run_survival(
         batch_size: prompts per rollout forward; fork_batch: forks per probe forward.
         smooth, normalise: spaghetti smoothing width; divide each trajectory by the p95 of its first 20 tokens.
         out_dir: where the files, figures and TensorBoard events go (calibration in ``out_dir/calibrate``).
+
+    Each finished α is recorded in ``out_dir/journal/`` (:mod:`heal_pl.journal`); a rerun with the same arguments
+    and ``out_dir`` continues from them, one with other arguments is refused (the message names them).
     """
+    arguments = {k: v for k, v in locals().items() if k != "out_dir"}  # what the journal's steps depend on
     config = SweepConfig(alphas=alphas, w=w, fork_step=fork_step, n_log_forks=n_log_forks, threshold=threshold,
                          splice=splice, n_eval=n_eval, stop_at_eos=stop_at_eos, batch_size=batch_size,
                          fork_batch=fork_batch, smooth=smooth, normalise=normalise, true_variants=true_variants,
@@ -103,15 +114,19 @@ def run_survival(
     if unknown:
         raise ValueError(f"survival: calibration keys {unknown} are not heal calibrate arguments; "
                          f"allowed: {CALIBRATION_KEYS}")
+    check_dtype(dtype)
+    resolve_device(device)
     out = Path(out_dir)
+    journal = Journal(out / "journal", arguments, "heal survival")
     tokenizer = load_tokenizer(model)
     answer_ids = answer_token_ids(tokenizer, config.answer_sets())  # names variants missing from the vocabulary
-    lm = load_model(model)
+    lm = load_on(model, device, dtype)
     eval_prompts(lm, tokenizer, config)  # a window too long for the context fails before any calibration
     if calib_json is None:
         calib_dir = out / "calibrate"
-        run_calibration(model=model, method=method, adapter_dir=adapter_dir, layers=layers, target=target, stat=stat,
-                        signs=signs, out_dir=str(calib_dir), **extra)  # fmt: skip
+        run_calibration(model=model, device=device, dtype=dtype, method=method, adapter_dir=adapter_dir,
+                        layers=layers, target=target, stat=stat, signs=signs, out_dir=str(calib_dir),
+                        **extra)  # fmt: skip
         calib_json = str(calib_dir / "calib.json")
     calib_config, results = load_calibration(calib_json, model)
     names = ["+" if s > 0 else "-" for s in signs]
@@ -122,12 +137,12 @@ def run_survival(
         steering: Any = AdapterSteering.from_pretrained(lm, calib_config["adapter_dir"])  # type: ignore[arg-type]
         steered = steering.model
     else:
-        steering, steered = SteeringVector.load(Path(calib_json).parent / "vector.safetensors"), lm
+        steering, steered = SteeringVector.load(Path(calib_json).parent / "vector.safetensors", model=lm), lm
     writer = SummaryWriter(str(out))
     try:
         summary = sweep_survival(steered, tokenizer, steering, {n: float(results[n]["c_star"]) for n in names},
                                  config, answer_ids, out, kl_target=float(calib_config["target"]),
-                                 writer=writer)  # fmt: skip
+                                 writer=writer, journal=journal)  # fmt: skip
     finally:
         writer.close()
     summary["calib_json"] = str(calib_json)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ from transformers import PreTrainedTokenizerBase
 
 from heal_pl.data import ASSETS
 from heal_pl.generate import eos_ids
+from heal_pl.journal import Journal, journaled
 from heal_pl.prompts import chat_prompt
 from heal_pl.steering.hooks import SteeringMethod
 from heal_pl.steering.trajectory import measure_kl
@@ -47,6 +49,7 @@ from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_fi
 from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, THINK_OPEN, AnswerSet, has_thinking_tokens, splice_text
 from heal_pl.survival.table import fork_schedule, survival_table
 
+log = logging.getLogger("heal_pl")
 ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
 SPLICE = "\nSo the answer (true or false) is:"
 SIGN_WORD = {"+": "plus", "-": "minus"}
@@ -186,6 +189,7 @@ def sweep_survival(
     writer: Any = None,
     tag_prefix: str = "survival/",
     step: int = 0,
+    journal: Journal | None = None,
 ) -> dict[str, Any]:
     """Run the sweep of the module docstring, write every file (and TensorBoard, if ``writer``), return the summary.
 
@@ -196,6 +200,8 @@ def sweep_survival(
         kl_target: the calibration's KL target (the dotted line of the spaghetti figure).
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (or ``None``); tag_prefix replaces ``survival/`` in
             its tags and the figures are written at ``step``.
+        journal: where the probe check and each α are recorded as they finish and read back on a rerun
+            (steps ``probe_check``, ``alpha_<label>``; :class:`heal_pl.journal.Journal`).
 
     Returns:
         ``{"table": [row per label], "trajectories": [...], "probe_check": {...}, "fork_points": [...]}``.
@@ -209,40 +215,55 @@ def sweep_survival(
     calib = load_questions("calib")
     forks = config.fork_points()
     eos = set(eos_ids(tokenizer, model, None).tolist())
-    check = probe_check(model, tokenizer, method, [chat_prompt(tokenizer, q["prompt"], None) for q in calib],
-                        [q["answer"] for q in calib], config, answer_ids)  # fmt: skip
+    check = journaled(journal, "probe_check", {}, lambda: probe_check(
+        model, tokenizer, method, [chat_prompt(tokenizer, q["prompt"], None) for q in calib],
+        [q["answer"] for q in calib], config, answer_ids))  # fmt: skip
     runs = [("+" if "+" in c_stars else "-", 0.0)]
     runs += [(s, a) for s in ("+", "-") if s in c_stars for a in config.alphas if a != 0]
     rows, trajectories, tables = [], [], {}
     for sign, alpha in tqdm(runs, desc="survival sweep", unit="α"):
         label = label_of(sign, alpha)
         coeff = (1.0 if sign == "+" else -1.0) * alpha * float(c_stars[sign])
-        traj = measure_kl(model, tokenizer, prompts, method, coeff, config.w, config.batch_size,
-                          eos_token_id=None if config.stop_at_eos else [])  # fmt: skip
-        results = [probe_forks(model, tokenizer, p, toks, method, coeff, config.w, forks, config.splice, answer_ids,
-                               fork_batch=config.fork_batch)
-                   for p, toks in tqdm(list(zip(prompts, traj.tokens, strict=True)), desc=f"forks {label}",
-                                       unit="prompt", leave=False)]  # fmt: skip
-        pmass = np.stack([r.pmass for r in results])
-        gen_lens = np.asarray([r.gen_len for r in results])
+        m = journaled(journal, f"alpha_{_slug(label)}", {"coeff": coeff},
+                      lambda c=coeff, lab=label: _measure(model, tokenizer, method, prompts, c, config, forks,
+                                                          answer_ids, lab))  # fmt: skip
+        pmass = np.asarray(m["pmass"], dtype=np.float64)  # [prompts, forks]; a fork past the end is NaN
+        gen_lens = np.asarray(m["gen_len"])
         table = survival_table(pmass, gen_lens, forks, config.threshold)
         tables[label] = table
         rows.append({"label": label, "sign": "0" if alpha == 0 else sign, "alpha": alpha, "coeff": coeff,
                      **{k: table[k] for k in ("n", "died", "censored", "t_mid", "S_mid", "S_end", "t_half")},
-                     "kl_p95": traj.stats["p95"], "kl_mean": traj.stats["mean"]})  # fmt: skip
-        for i, (q, r, kl) in enumerate(zip(evals, results, traj.kl, strict=True)):
-            toks = r.tokens.tolist()
+                     "kl_p95": m["stats"]["p95"], "kl_mean": m["stats"]["mean"]})  # fmt: skip
+        log.info("survival α=%s (coeff %.4g): %d/%d died, S_end %.3f, t_half %s, kl_p95 %.3g", label, coeff,
+                 table["died"], table["n"], table["S_end"], table["t_half"], m["stats"]["p95"])  # fmt: skip
+        for i, (q, toks) in enumerate(zip(evals, m["tokens"], strict=True)):
             trajectories.append({
                 "label": label, "sign": rows[-1]["sign"], "alpha": alpha, "coeff": coeff, "prompt_index": i,
-                "question": q["prompt"], "answer": q["answer"], "gen_len": r.gen_len,
+                "question": q["prompt"], "answer": q["answer"], "gen_len": m["gen_len"][i],
                 "eos": bool(toks and toks[-1] in eos), "text": tokenizer.decode(toks), "tokens": toks,
-                "kl": kl.tolist(), "pmass": r.pmass.tolist(), "p_true": r.p_true.tolist(),
+                "kl": m["kl"][i], "pmass": m["pmass"][i], "p_true": m["p_true"][i],
                 "duration": int(table["durations"][i]), "died": bool(table["observed"][i]),
             })  # fmt: skip
     summary = {"fork_points": forks.tolist(), "c_star": dict(c_stars), "kl_target": kl_target,
                "config": asdict(config), "probe_check": check, "table": rows}  # fmt: skip
     write_outputs(Path(out_dir), summary, trajectories, tables, kl_target, config, writer, tag_prefix, step)
     return {**summary, "trajectories": trajectories}
+
+
+def _measure(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, method: SteeringMethod, prompts: Sequence[str],
+    coeff: float, config: SweepConfig, forks: np.ndarray, answer_ids: Mapping[str, Sequence[int]], label: str,
+) -> dict[str, Any]:
+    """One α: the rollouts and the probes at their forks, as JSON-ready lists (one entry per prompt)."""
+    traj = measure_kl(model, tokenizer, prompts, method, coeff, config.w, config.batch_size,
+                      eos_token_id=None if config.stop_at_eos else [])  # fmt: skip
+    results = [probe_forks(model, tokenizer, p, toks, method, coeff, config.w, forks, config.splice, answer_ids,
+                           fork_batch=config.fork_batch)
+               for p, toks in tqdm(list(zip(prompts, traj.tokens, strict=True)), desc=f"forks {label}",
+                                   unit="prompt", leave=False)]  # fmt: skip
+    return {"coeff": coeff, "stats": traj.stats, "kl": [kl.tolist() for kl in traj.kl],
+            "tokens": [r.tokens.tolist() for r in results], "gen_len": [int(r.gen_len) for r in results],
+            "pmass": [r.pmass.tolist() for r in results], "p_true": [r.p_true.tolist() for r in results]}
 
 
 def _fmt(x: Any) -> str:

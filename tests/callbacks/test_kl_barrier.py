@@ -124,6 +124,103 @@ def test_callback_batch_without_labels_says_so() -> None:
     cb.setup(None, foreign, "fit")  # type: ignore[arg-type]
     try:
         with pytest.raises(ValueError, match="labels"):
-            cb._batch_logits({"input_ids": torch.zeros(1, 3)}, [], "step 0")
+            cb._student({"input_ids": torch.zeros(1, 3)}, [], "step 0")
     finally:
         cb.teardown(None, foreign, "fit")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- which forward is the student
+
+
+class StepModule(ForeignModule):
+    """A foreign module whose training step is given as a function of (model, batch)."""
+
+    def __init__(self, model: torch.nn.Module, step) -> None:  # noqa: ANN001
+        super().__init__(model)
+        self.step = step
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.step(self.model, batch)
+
+
+def _wrapped_step(step, batch: dict, zero: bool = False) -> tuple[torch.Tensor, StepModule]:  # noqa: ANN001
+    heal = perturbed_heal_module(KLBarrier(agg="mean", tau=0.0))
+    if zero:
+        with torch.no_grad():
+            for name, p in heal.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()
+    module = StepModule(heal.student, step)
+    cb = KLBarrierCallback(KLBarrier(agg="mean", tau=0.0))
+    cb.setup(None, module, "fit")  # type: ignore[arg-type]
+    try:
+        return module.training_step(batch, 0), module
+    finally:
+        cb.teardown(None, module, "fit")  # type: ignore[arg-type]
+
+
+def _true_mean_kl(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    logits = model(**batch).logits
+    with torch.no_grad(), model.disable_adapter():
+        ref = model(**batch).logits
+    lp, lq = logits[:, :-1].double().log_softmax(-1), ref[:, :-1].double().log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)[batch["labels"][:, 1:] != -100].mean()
+
+
+def test_a_no_grad_metric_pass_is_not_taken_as_the_student() -> None:
+    def step(model, batch):  # noqa: ANN001, ANN202
+        loss = model(**batch).loss
+        with torch.no_grad(), model.disable_adapter():  # a metric pass: base logits, no graph
+            model(**batch)
+        return loss
+
+    batch = make_batch()
+    total, module = _wrapped_step(step, batch)
+    assert total.requires_grad
+    barrier = total - module.model(**batch).loss
+    assert barrier > 1e-3
+    torch.testing.assert_close(barrier.double(), _true_mean_kl(module.model, batch), rtol=1e-5, atol=1e-7)
+
+
+def test_an_unused_grad_forward_is_not_taken_as_the_student() -> None:
+    def step(model, batch):  # noqa: ANN001, ANN202
+        loss = model(**batch).loss
+        with model.disable_adapter():
+            model(**batch).logits.sum().item()  # grad-enabled, but the loss does not depend on it
+        return loss
+
+    batch = make_batch()
+    total, module = _wrapped_step(step, batch)
+    barrier = total - module.model(**batch).loss
+    torch.testing.assert_close(barrier.double(), _true_mean_kl(module.model, batch), rtol=1e-5, atol=1e-7)
+
+
+def test_two_forwards_feeding_the_loss_cannot_be_told_apart() -> None:
+    with pytest.raises(ValueError, match="cannot tell the student forward: 2 grad-enabled forwards"):
+        _wrapped_step(lambda model, batch: model(**batch).loss + model(**batch).loss, make_batch())
+
+
+def test_a_step_without_a_grad_forward_says_so() -> None:
+    def step(model, batch):  # noqa: ANN001, ANN202
+        with torch.no_grad():
+            model(**batch)
+        return torch.zeros((), requires_grad=True)
+
+    with pytest.raises(ValueError, match="no grad-enabled forward"):
+        _wrapped_step(step, make_batch())
+
+
+def test_every_argument_of_the_student_forward_is_replayed() -> None:
+    """Packed sequences: position_ids restart inside a row. The ref must see them (zero adapter: KL 0)."""
+    batch = make_batch(B=2, T=12)
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][:, 0] = -100
+    position_ids = torch.cat([torch.arange(5), torch.arange(7)]).repeat(2, 1)  # two packed sequences per row
+
+    total, module = _wrapped_step(lambda model, b: model(**b, position_ids=position_ids).loss, batch, zero=True)
+    barrier = total - module.model(**batch, position_ids=position_ids).loss
+    assert abs(float(barrier)) <= 1e-6
+    with torch.no_grad():  # the test is sensitive: default positions give other logits
+        moved = module.model(**batch).logits - module.model(**batch, position_ids=position_ids).logits
+    assert moved.abs().max() > 1e-3

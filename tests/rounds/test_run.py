@@ -38,12 +38,14 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.mark.parametrize("config", ["rounds_rmse", "rounds_mean"])
-def test_config_runs_two_rounds_end_to_end(config: str, tmp_path: Path) -> None:
+def test_config_runs_two_rounds_end_to_end(config: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="heal_pl")
     state = _run(tmp_path, "--rounds", "2", config=config)
     spec = yaml.safe_load((CONFIGS / f"{config}.yaml").read_text())
     assert state["config"]["barrier"]["agg"] == spec["barrier"]["agg"]
     assert state["stopped"] is None
     assert [m["round"] for m in state["finished"]] == [0, 1]
+    assert [m.split(":")[0] for m in caplog.messages if " -> healed " in m] == ["round 0", "round 1"]  # as they end
     for r, m in enumerate(state["finished"]):
         rdir = tmp_path / f"round_{r:02d}"
         rows = [json.loads(line) for line in (rdir / "samples.jsonl").read_text().splitlines()]

@@ -15,6 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from heal_pl.models import tiny_tokenizer
 from heal_pl.steering import AdapterSteering, SteeringVector
+from heal_pl.survival.fork_cache import fork_plan
 from heal_pl.survival.forks import (
     ForkResult,
     fork_probe,
@@ -179,18 +180,24 @@ def test_bad_input(tokenizer) -> None:
         run(method=torch.ones(64))
 
 
-def test_sliding_window_cache_is_refused_but_recompute_works(tokenizer) -> None:
+def test_an_all_sliding_window_cache_forks_exactly(tokenizer) -> None:
+    """Every layer sliding (one mask for all layers, no per-kind mapping), window 8 < prompt + w."""
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
                          max_window_layers=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
     ids = answer_token_ids(tokenizer)
-    with pytest.raises(ValueError, match="cannot be cropped back exactly.*use fork_probe_recompute"):
-        fork_probe(model, tokenizer, PROMPT, random_vector(), 1.0, 10, 2, SPLICE, ids, eos_token_id=[])
-    ref = fork_probe_recompute(model, tokenizer, PROMPT, random_vector(), 1.0, 10, 2, SPLICE, ids, eos_token_id=[])
-    assert np.isfinite(ref.pmass).all()
+    plan = fork_plan(model)
+    assert plan is not None and plan.mode == "packed" and plan.window == 8 and not plan.mapping
+    cached = fork_probe(model, tokenizer, PROMPT, random_vector(), COEFF, 20, 2, SPLICE, ids, eos_token_id=[])
+    assert_same(cached, fork_probe_recompute(model, tokenizer, PROMPT, random_vector(), COEFF, 20, 2, SPLICE, ids,
+                                             eos_token_id=[]))  # fmt: skip
 
 
 def test_adapter_steering_cached_equals_recomputed(tokenizer) -> None:

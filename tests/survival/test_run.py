@@ -51,8 +51,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_survival_config_runs_with_a_tiny_model(tmp_path: Path) -> None:
+def test_survival_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "run"
+    caplog.set_level("INFO", logger="heal_pl")
     main(["survival", "--config", str(CONFIG), *TINY, "--out_dir", str(out), "--calibration", CALIB])
     summary = json.loads((out / "summary.json").read_text())
     forks = np.asarray(summary["fork_points"])
@@ -60,6 +61,7 @@ def test_survival_config_runs_with_a_tiny_model(tmp_path: Path) -> None:
     labels = ["0", "+1", "+4", "-1", "-4"]
     table = read_csv(out / "survival.csv")
     assert [r["label"] for r in table] == labels
+    assert [m.split()[1] for m in caplog.messages if m.startswith("survival α=")] == [f"α={lab}" for lab in labels]
     calib = json.loads((out / "calibrate" / "calib.json").read_text())["results"]
     assert summary["c_star"] == {s: calib[s]["c_star"] for s in "+-"}
     for r in table:

@@ -1,0 +1,227 @@
+"""The GPU check behind ``benchmarks/gpu_check.sh``: every command of heal_pl on one CUDA device, one table.
+
+    bash benchmarks/gpu_check.sh                         # on a machine with a CUDA GPU (under 8 minutes on one H200)
+    python benchmarks/gpu_check.py --dry-run             # the same steps on the CPU, tiny sizes, no 16-mixed / FSDP
+
+Checks, in order (each in its own process, with a time limit, so one failure does not hide the others):
+
+1. ``fit bf16-mixed`` and ``fit 16-mixed``: ``heal fit`` of ``configs/route.yaml`` (routed adapter, routing arm
+   ``route``) on the GPU. A probe callback placed BEFORE ``RouteAblateEvalCallback`` sees, in the same
+   ``on_before_optimizer_step``, exactly the gradients ``route_gradients`` sees; under 16-mixed it asserts that
+   the GradScaler has already unscaled them (its optimizer state is ``UNSCALED``) and that their norm is within 8×
+   of the bf16-mixed run's (scaled gradients would be ``scale`` ≥ 256× larger).
+2. ``forks cuda``: fork reads on the rollout cache == the recompute (1e-4) on CUDA in float32 for a tiny Gemma-3
+   (sliding window 8) and a tiny Qwen3.5 (linear/full hybrid); bf16 difference reported.
+3. ``calibrate`` and ``survival``: ``heal calibrate`` then ``heal survival`` with ``--device cuda --dtype bfloat16``.
+4. ``fsdp``: ``heal fit --config configs/gpu/fsdp.yaml --trainer.devices 1``.
+5. ``barrier cost`` / ``barrier memory``: ``benchmarks/barrier_cost.py`` and ``barrier_memory.py`` on the GPU.
+
+The model is built here, not downloaded (the GPU machine may have no network): a randomly initialised Llama of
+SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads / 3 KV heads, MLP 1536, tied head) with heal_pl's tiny
+tokenizer (vocabulary ≈ 800), saved to a folder that every command takes as ``model``. Numbers that depend on
+trained weights (c*, pmass, the survival table) are therefore about a random model; timings and memory are
+SmolLM2-shaped except for the small vocabulary (the barrier memory benchmark uses Gemma-3's 262 144 × 2560 head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOL = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "intermediate_size": 1536, "max_position_embeddings": 2048, "tie_word_embeddings": True}  # fmt: skip
+
+
+def build_model(folder: Path, dry: bool) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from heal_pl.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    shape = {**SMOL, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128} if dry else SMOL  # fmt: skip
+    config = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None, **shape)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def fit(model: str, precision: str, out: Path, accelerator: str) -> dict:
+    """``heal fit`` of configs/route.yaml with a gradient probe before the routing callback."""
+    import lightning as L
+    import torch
+
+    from heal_pl.cli import HealCLI
+    from heal_pl.data import HealDataModule
+    from heal_pl.module import HealModule
+
+    seen: list[dict] = []
+
+    class Probe(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            entry = {"norm": norm, "scale": None, "stage": None}
+            if scaler is not None:
+                entry["scale"] = float(scaler.get_scale())
+                entry["stage"] = scaler._per_optimizer_states[id(optimizer)]["stage"].name
+            seen.append(entry)
+
+    args = ["--config", str(ROOT / "configs" / "route.yaml"), "--model.model", model, "--trainer.accelerator",
+            accelerator, "--trainer.devices", "1", "--trainer.precision", precision, "--trainer.max_steps", "6",
+            "--trainer.val_check_interval", "6", "--trainer.logger.init_args.save_dir", str(out),
+            "--trainer.enable_progress_bar", "false", "--data.batch_size", "8"]  # fmt: skip
+    cli = HealCLI(HealModule, HealDataModule, args=args, run=False, save_config_kwargs={"overwrite": True},
+                  parser_kwargs={"default_env": False})  # fmt: skip
+    route = next(i for i, c in enumerate(cli.trainer.callbacks) if type(c).__name__ == "RouteAblateEvalCallback")
+    cli.trainer.callbacks.insert(route, Probe())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    routed = cli.trainer.callbacks[route + 1].last_metrics
+    return {"steps": len(seen), "probe": seen, "route": routed}
+
+
+def forks_cuda(device: str) -> dict:
+    """Fast forks == recompute on ``device`` (float32) for tiny Gemma-3 and Qwen3.5; bf16 max difference too."""
+    import numpy as np
+    import torch
+
+    from heal_pl.models import tiny_tokenizer
+    from heal_pl.steering import SteeringVector
+    from heal_pl.survival.forks import fork_probe, fork_probe_recompute
+    from heal_pl.survival.probes import answer_token_ids
+    from tests.helpers import lively
+
+    tok = tiny_tokenizer()
+    ids = answer_token_ids(tok)
+    prompt = "<|im_start|>user\nIs the sun cold?<|im_end|>\n<|im_start|>assistant\n"
+    out = {}
+    for family in ("gemma3", "qwen3_5"):
+        for dtype in (torch.float32, torch.bfloat16):
+            model = lively(family).to(device=device, dtype=dtype)
+            g = torch.Generator().manual_seed(0)
+            vec = SteeringVector("mean_diff", {0: torch.randn(64, generator=g), 1: torch.randn(64, generator=g)})
+            args = (model, tok, prompt, vec, 8.0, 48, 4, "\nAnswer (true or false):", ids)
+            fast, ref = fork_probe(*args, eos_token_id=[]), fork_probe_recompute(*args, eos_token_id=[])
+            same_tokens = bool(torch.equal(fast.tokens, ref.tokens))
+            rel = float(np.nanmax(np.abs(fast.pmass - ref.pmass) / ref.pmass)) if same_tokens else float("nan")
+            out[f"{family} {str(dtype).removeprefix('torch.')}"] = {"same_tokens": same_tokens, "max_rel": rel}
+        assert out[f"{family} float32"]["same_tokens"] and out[f"{family} float32"]["max_rel"] < 1e-4, out
+    return out
+
+
+def run_step(name: str, cmd: list[str], limit: float, results: list, logs: Path) -> str:
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=ROOT)
+        status = "ok" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
+        text = done.stdout + done.stderr
+    except subprocess.TimeoutExpired as err:
+        status, text = f"FAILED (over {limit:.0f} s)", f"{err.stdout or ''}{err.stderr or ''}"
+    seconds = time.perf_counter() - t0
+    (logs / f"{name.replace(' ', '_')}.log").write_text(text if isinstance(text, str) else text.decode())
+    if status != "ok":
+        print(f"--- {name}: {status}; last lines:\n" + "\n".join(str(text).splitlines()[-25:]), flush=True)
+    results.append({"check": name, "status": status, "seconds": round(seconds, 1), "out": str(text)})
+    return str(text)
+
+
+def last_json(text: str) -> dict:
+    line = next((x for x in reversed(text.splitlines()) if x.startswith("RESULT ")), None)
+    return json.loads(line.removeprefix("RESULT ")) if line else {}
+
+
+def table_lines(text: str) -> str:
+    return " / ".join(x.strip() for x in text.splitlines() if x.startswith("| ") and "---" not in x)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="run on the CPU with tiny sizes (no 16-mixed, no FSDP)")
+    p.add_argument("--work", default=os.environ.get("GPU_CHECK_WORK", "/tmp/heal_gpu_check"))
+    p.add_argument("--step", help=argparse.SUPPRESS)
+    p.add_argument("--precision", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    work, dry = Path(a.work), a.dry_run
+    model, device = str(work / "smollm2-shaped"), "cpu" if a.dry_run else "cuda"
+    if a.step == "fit":
+        print("RESULT " + json.dumps(fit(model, a.precision, work / f"fit_{a.precision}", "cpu" if dry else "gpu")))
+        return
+    if a.step == "forks":
+        print("RESULT " + json.dumps(forks_cuda(device)))
+        return
+    import torch
+
+    if not dry and not torch.cuda.is_available():
+        sys.exit("gpu_check: torch sees no CUDA device (torch.cuda.is_available() is False); this check needs one "
+                 "(or pass --dry-run to run its steps on the CPU)")  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    gpu = "CPU (dry run)"
+    if not dry:
+        gpu = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+    t_all = time.perf_counter()
+    build_model(Path(model), dry)
+    py, me, results = sys.executable, str(Path(__file__).resolve()), []
+    base = [me, "--work", str(work)] + (["--dry-run"] if dry else [])
+    fits = {}
+    for precision in ["bf16-mixed"] + ([] if dry else ["16-mixed"]):
+        fits[precision] = last_json(run_step(f"fit {precision}", [py, *base, "--step", "fit", "--precision",
+                                                                    precision], 240, results, logs))  # fmt: skip
+    if "16-mixed" in fits and fits["16-mixed"] and fits["bf16-mixed"]:
+        half, bf = fits["16-mixed"]["probe"], fits["bf16-mixed"]["probe"]
+        finite = [e for e in half if e["norm"] == e["norm"] and e["norm"] != float("inf")]
+        ratio = sorted(e["norm"] for e in finite)[len(finite) // 2] / sorted(e["norm"] for e in bf)[len(bf) // 2]
+        unscaled = all(e["stage"] == "UNSCALED" for e in half) and min(e["scale"] for e in half) >= 256
+        ok = unscaled and 1 / 8 < ratio < 8
+        results.append({"check": "routing sees unscaled grads (16-mixed)", "status": "ok" if ok else "FAILED",
+                        "seconds": 0.0, "out": f"scaler stage at the hook: {sorted({e['stage'] for e in half})}, "
+                        f"scale ≥ {min(e['scale'] for e in half):.0f}, median grad norm 16-mixed ÷ bf16-mixed = "
+                        f"{ratio:.2f}"})  # fmt: skip
+    forks = last_json(run_step("forks == recompute", [py, *base, "--step", "forks"], 180, results, logs))
+    cli = [py, "-m", "heal_pl.cli"]
+    hw = ["--model", model, "--device", device, "--dtype", "bfloat16"]
+    run_step("calibrate bf16", [*cli, "calibrate", "--config", "configs/calibrate.yaml", *hw, "--n_fit", "8",
+                                "--n_calib", "4", "--n_audit", "4", "--max_iters", "4", "--out_dir",
+                                str(work / "calibrate")], 240, results, logs)  # fmt: skip
+    run_step("survival bf16", [*cli, "survival", "--config", "configs/survival.yaml", *hw, "--calib_json",
+                               str(work / "calibrate" / "calib.json"), "--n_eval", "8", "--w", "64", "--alphas",
+                               "[0, 1, 4]", "--out_dir", str(work / "survival")], 240, results, logs)  # fmt: skip
+    if not dry:
+        run_step("fsdp 1 GPU", [*cli, "fit", "--config", "configs/gpu/fsdp.yaml", "--trainer.devices", "1",
+                                "--model.model", model, "--trainer.max_steps", "6", "--trainer.val_check_interval",
+                                "6", "--trainer.logger.init_args.save_dir", str(work / "fsdp"),
+                                "--trainer.enable_progress_bar", "false"], 240, results, logs)  # fmt: skip
+    size = ["--batch", "2", "--seq", "64"] if dry else ["--batch", "8", "--seq", "512", "--steps", "5"]
+    run_step("barrier cost", [py, "benchmarks/barrier_cost.py", "--model", model, "--device", device,
+                              "--dtype", "float32" if dry else "bfloat16", *size], 180, results, logs)  # fmt: skip
+    mem = ["--batch", "2", "--seq", "64", "--vocab", "4096", "--hidden", "64"] if dry else \
+        ["--batch", "4", "--seq", "1024", "--vocab", "262144", "--hidden", "2560"]  # fmt: skip
+    run_step("barrier memory", [py, "benchmarks/barrier_memory.py", "--device", device, *mem], 180, results, logs)
+    print(f"\nheal_pl GPU check on {gpu}, torch {torch.__version__}, total {time.perf_counter() - t_all:.0f} s\n")
+    print("| check | status | s | result |\n|---|---|---|---|")
+    for r in results:
+        detail = r["out"] if r["check"].startswith("routing") else table_lines(r["out"])[:300]
+        if r["check"] == "forks == recompute" and forks:
+            detail = ", ".join(f"{k}: max rel {v['max_rel']:.1e}" if v["same_tokens"] else f"{k}: greedy tokens differ"
+                               for k, v in forks.items())  # fmt: skip
+        if r["check"].startswith("fit") and fits.get(r["check"].split()[1]):
+            f = fits[r["check"].split()[1]]
+            detail = f"{f['steps']} steps, route metrics {f['route']}"
+        print(f"| {r['check']} | {r['status']} | {r['seconds']} | {detail} |")
+    print(f"\nlogs: {logs}")
+    if any(r["status"] != "ok" for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
