@@ -162,8 +162,9 @@ def convert() -> tuple[PreTrainedModel, PreTrainedTokenizerBase, SpecialTokens]:
     """Dequantise the embedded GGUF into a float32 model and a tokenizer whose special tokens are the GGUF's.
 
     Raises:
-        ValueError: the model config or generation config disagrees with the GGUF's special tokens, or the
-            tokenizer cannot be made to follow them under this transformers version.
+        ValueError: the model config or generation config disagrees with the GGUF's special tokens, the
+            tokenizer cannot be made to follow them under this transformers version, or it has more tokens
+            than the model's embedding.
     """
     folder = gguf_folder()
     want = gguf_special_tokens(folder / GGUF_FILE)
@@ -179,7 +180,11 @@ def convert() -> tuple[PreTrainedModel, PreTrainedTokenizerBase, SpecialTokens]:
         logger.info("SmolLM2 GGUF tokenizer under transformers %s: %s; setting them from the GGUF metadata",
                     transformers.__version__, "; ".join(before))  # fmt: skip
     set_special_tokens(tok, want)
-    _raise_if(tokenizer_problems(tok, want), "the converted tokenizer")
+    problems = tokenizer_problems(tok, want)
+    if len(tok) > model.config.vocab_size:  # e.g. transformers 5.2 adds <FILL_ME> & co. past the embedding
+        extra = tok.convert_ids_to_tokens(list(range(model.config.vocab_size, len(tok))))
+        problems.append(f"it has {len(tok)} tokens, the model's embedding {model.config.vocab_size} (extra: {extra})")
+    _raise_if(problems, "the converted tokenizer")
     return model, tok, want
 
 
