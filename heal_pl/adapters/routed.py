@@ -1,7 +1,8 @@
 """The routed adapter: a kept knob ``delta`` and a quarantine knob ``delta_hack`` per linear layer (SPEC §2).
 
-Each adapted ``nn.Linear`` (same ``target_modules`` names as ``LoRASpec``) is replaced by a
-:class:`RoutedLinear` that keeps the frozen base layer inside and adds
+Each adapted linear layer (``nn.Linear``, or GPT-2's transformers ``Conv1D``; the same ``target_modules``
+rule as ``LoRASpec``, by default every linear layer of the decoder blocks, see ``heal_pl.adapters.targets``) is
+replaced by a :class:`RoutedLinear` that keeps the frozen base layer inside and adds
 
     y = W x + Δ(delta) x + Δ(delta_hack) x
 
@@ -15,6 +16,10 @@ bit-identical to its base):
                      delta = δS, delta_hack = δS_hack     [r]
                      Δ x = U ((δS + δS_hack) ⊙ (Vh x))
 
+``W`` is ``[d_out, d_in]`` in both cases: a ``Conv1D`` stores its weight transposed (``[d_in, d_out]``,
+``y = x W_stored + b``), and the routed frame is built from ``W = W_stored^T``, so ``delta_weight()`` is always
+``[d_out, d_in]`` (add its transpose to a Conv1D's stored weight to bake it).
+
 The knob space of a module (where a hack basis lives) is ``delta.flatten()``. ``ablate_hack(model)``
 switches ``delta_hack`` off (deployment), ``adapter_off(model)`` both (the base). Knobs and frames are
 float32 whatever the base dtype; ``Δ x`` is cast to the base output's dtype.
@@ -25,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -36,12 +40,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from heal_pl.adapters.lora import DEFAULT_TARGETS, depth_range, refuse_head
+from heal_pl.adapters.targets import (
+    DEFAULT_TARGETS,
+    LINEAR_TYPES,
+    as_targets,
+    check_targets,
+    depth_range,
+    resolve_targets,
+)
 from heal_pl.checks import check_choice
 
 Parametrization = Literal["lora", "svd"]
 FORMAT = "heal_pl.routed/1"
-_BLOCK_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,8 @@ class RoutedSpec:
         r: rank of the knob (columns of ``B`` for ``lora``, singular directions for ``svd``).
         parametrization: ``lora`` (fixed random orthonormal ``A``, knob ``B [d_out, r]``; default) or
             ``svd`` (knob ``δS [r]`` on the top-``r`` singular directions of the base weight).
-        target_modules: names (suffixes) of the linear layers to adapt.
+        target_modules: ``("all-linear",)`` (default: every linear / Conv1D layer inside the decoder blocks,
+            never the LM head or the embeddings) or names (suffixes) of the linear layers to adapt.
         layers: optional depth range ``[lo, hi]`` as fractions of the decoder depth: blocks
             ``floor(lo · L) ≤ i < ceil(hi · L)`` are adapted; ``None`` adapts every block.
         seed: seeds the frozen ``A`` of each module (with the module's name), so a re-wrap is identical.
@@ -65,14 +76,13 @@ class RoutedSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        object.__setattr__(self, "target_modules", as_targets(self.target_modules))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(float(x) for x in self.layers))
         if self.r < 1:
             raise ValueError(f"routed.r={self.r} must be >= 1")
         check_choice("routed.parametrization", self.parametrization, Parametrization)
-        if not self.target_modules:
-            raise ValueError("routed.target_modules is empty; name at least one linear layer, e.g. q_proj")
+        check_targets("routed.target_modules", self.target_modules)
         if self.layers is not None and (len(self.layers) != 2 or not 0.0 <= self.layers[0] < self.layers[1] <= 1.0):
             raise ValueError(
                 f"routed.layers={list(self.layers)} must be [lo, hi] with 0 <= lo < hi <= 1 (depth fractions)"
@@ -97,7 +107,7 @@ def orthonormal_rows(r: int, n: int, seed: int) -> Tensor:
 
 
 class RoutedLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus the two knobs ``delta`` (kept) and ``delta_hack`` (quarantine).
+    """A frozen ``nn.Linear`` (or ``Conv1D``) plus the two knobs ``delta`` (kept) and ``delta_hack`` (quarantine).
 
     Args:
         base: the linear layer to adapt; it is kept as ``self.base`` and frozen.
@@ -105,9 +115,12 @@ class RoutedLinear(nn.Module):
         name: the layer's qualified name in the model (seeds ``A``).
     """
 
-    def __init__(self, base: nn.Linear, spec: RoutedSpec, name: str) -> None:
+    def __init__(self, base: nn.Module, spec: RoutedSpec, name: str) -> None:
         super().__init__()
-        d_out, d_in = base.weight.shape
+        if not isinstance(base, LINEAR_TYPES):
+            raise ValueError(f"routed adapter: {name} is a {type(base).__name__}, not an nn.Linear or Conv1D")
+        weight = base.weight if isinstance(base, nn.Linear) else base.weight.T  # [d_out, d_in]
+        d_out, d_in = weight.shape
         limit = d_in if spec.parametrization == "lora" else min(d_in, d_out)
         if spec.r > limit:
             raise ValueError(
@@ -124,7 +137,7 @@ class RoutedLinear(nn.Module):
             self.register_buffer("A", orthonormal_rows(spec.r, d_in, _module_seed(spec.seed, name)).to(device))
             shape: tuple[int, ...] = (d_out, spec.r)
         else:
-            U, _, Vh = torch.linalg.svd(base.weight.detach().float(), full_matrices=False)
+            U, _, Vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
             self.register_buffer("U", U[:, : spec.r].contiguous())
             self.register_buffer("Vh", Vh[: spec.r].contiguous())
             shape = (spec.r,)
@@ -309,7 +322,7 @@ def read_spec(path: str | os.PathLike[str]) -> RoutedSpec:
 
 
 def wrap_routed(model: nn.Module, spec: RoutedSpec) -> RoutedAdapter:
-    """Replace every target ``nn.Linear`` of ``model`` (in place) by a :class:`RoutedLinear`.
+    """Replace every target linear layer of ``model`` (in place) by a :class:`RoutedLinear`.
 
     All of the model's own parameters are frozen; only the knobs train. Raises ``ValueError`` when a
     target name matches no linear layer (listing the linear layers there are), when the depth range
@@ -317,33 +330,10 @@ def wrap_routed(model: nn.Module, spec: RoutedSpec) -> RoutedAdapter:
     """
     if routed_modules(model):
         raise ValueError(f"{type(model).__name__} already holds a routed adapter; wrap a fresh model")
-    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    present = {n.rsplit(".", 1)[-1] for n in linear}
-    missing = [t for t in spec.target_modules if t not in present]
-    if missing:
-        raise ValueError(
-            f"routed.target_modules {missing} not found in {type(model).__name__}; linear layers: {sorted(present)}"
-        )
-    config = getattr(model, "config", None)
-    num_layers = getattr(config, "num_hidden_layers", None)
-    if spec.layers is not None and num_layers is None:
-        raise ValueError(f"routed.layers needs model.config.num_hidden_layers, which {type(model).__name__} lacks")
-    keep = spec.layer_indices(num_layers) if num_layers is not None else None
-    chosen = []
-    for name in linear:
-        if name.rsplit(".", 1)[-1] not in spec.target_modules:
-            continue
-        if keep is not None:
-            match = _BLOCK_INDEX.search(f".{name}.")
-            if match is None or int(match.group(1)) not in keep:
-                continue
-        chosen.append(name)
-    if not chosen:
-        raise ValueError(f"routed.layers={list(spec.layers or [])} selects no block of {num_layers}")
-    refuse_head(model, chosen, "routed.target_modules")
+    chosen = resolve_targets(model, spec.target_modules, spec.layers, "routed")
     model.requires_grad_(False)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, RoutedLinear(linear[name], spec, name))
+        setattr(parent, child, RoutedLinear(model.get_submodule(name), spec, name))
     return RoutedAdapter(model, spec)

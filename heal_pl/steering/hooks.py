@@ -131,6 +131,8 @@ def _hidden_size(model: nn.Module) -> int | None:
 
 def _edit(h: Tensor, v: Tensor, coeff: float, ablate: bool) -> Tensor:
     """``h + coeff · v`` or, with ``ablate``, ``h − (h · v̂) v̂ + coeff · v̂`` (``v`` is then unit)."""
+    if h.shape[-1] != v.shape[0]:  # the check for a model whose config gives no hidden size (no silent broadcast)
+        raise ValueError(f"steering direction has {v.shape[0]} entries but the block outputs width {h.shape[-1]}")
     v = v.to(device=h.device, dtype=h.dtype)
     if ablate:
         h = h - (h @ v).unsqueeze(-1) * v
@@ -181,7 +183,9 @@ def add_to_blocks(
 
     Raises:
         ValueError: an out-of-range block index, a direction that is not ``[H]`` for the model's hidden
-            size ``H``, a zero direction to ablate, or a non-finite ``coeff``.
+            size ``H``, a zero direction to ablate, or a non-finite ``coeff``. ``H`` is the (text) config's
+            ``hidden_size``; a model without one (a bare ``nn.Module``) has each direction checked against the
+            block output's last dimension when the hook runs, raising there.
     """
     if not math.isfinite(coeff):
         raise ValueError(f"coeff={coeff!r} must be finite")

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from heal_pl.context import checked_context
 from heal_pl.generate import eos_ids, greedy_generate, left_pad, positions
 from heal_pl.kl import per_token_kl, quantile
 from heal_pl.lm import LMHead, base_lm, check_head
@@ -125,8 +126,10 @@ def measure_kl(
         a :class:`TrajectoryKL` with per-prompt KL and tokens (in prompt order) and the pooled statistics.
 
     Raises:
-        ValueError: no prompt, an empty prompt, ``max_new_tokens < 1``, ``batch_size < 1`` or a non-finite
-            ``coeff``.
+        ValueError: no prompt, an empty prompt, ``max_new_tokens < 1``, ``batch_size < 1``, a non-finite
+            ``coeff``, a prompt + ``max_new_tokens`` longer than the model's context length
+            (:func:`heal_pl.context.context_length`; not checked, with a warning, when the model declares none),
+            or no end-of-sequence id at all (:func:`heal_pl.generate.eos_ids`).
         TypeError: ``method`` has no ``steering(model, coeff, layers)`` method.
     """
     if len(prompts) == 0:
@@ -141,6 +144,10 @@ def measure_kl(
         raise TypeError(f"method is a {type(method).__name__}; expected an object with steering(model, coeff, layers)")
     check_head(model, "measure_kl")  # the KL is read through heal_pl's head: it must be the model's own
     encoded = encode_prompts(tokenizer, prompts)
+    longest, n_ctx = max(len(t) for t in encoded), checked_context(model, "measure_kl's max_new_tokens")
+    if n_ctx is not None and longest + max_new_tokens > n_ctx:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: the longest prompt ({longest}) + max_new_tokens tokens "
+                         f"exceed max_position_embeddings={n_ctx}; use max_new_tokens <= {n_ctx - longest}")
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     eos = eos_ids(tokenizer, model, eos_token_id)
     device = next(model.parameters()).device

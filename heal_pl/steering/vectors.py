@@ -4,8 +4,8 @@ For each chosen block ``ℓ``, ``h_ℓ(p)`` is the block's output (``[H]``) at t
 With positives ``P`` and negatives ``N`` (float32 throughout):
 
     mean_diff              v = unit(mean_{p∈P} h(p) − mean_{n∈N} h(n))             applied y + α·v
-    pca                    d_i = h(p_i) − h(n_i); v = top right singular vector of the
-                           stacked d (uncentered, as the hack basis of SPEC §2), signed so
+    pca                    d_i = h(p_i) − h(n_i), centred: c_i = d_i − mean_j d_j; v = top
+                           principal direction of the c_i (repeng's pca_diff), signed so
                            that mean_i d_i · v > 0 (positives project higher)          applied y + α·v
     directional_ablation   v̂ = the mean_diff direction                               applied y − (y·v̂)v̂ + α·v̂
 
@@ -63,21 +63,30 @@ def mean_diff_direction(pos: Tensor, neg: Tensor) -> Tensor:
 
 
 def pca_direction(pos: Tensor, neg: Tensor) -> Tensor:
-    """Top principal direction of the paired differences ``d_i = pos_i − neg_i`` (uncentered), float32 ``[H]``.
+    """Top principal direction of the centred paired differences, float32 ``[H]`` (SPEC §3, repeng's ``pca_diff``).
 
-    ``v`` maximises ``Σ_i (d_i · v)²`` (the first right singular vector of ``D = [d_i]``, computed in float64)
-    and is signed so that ``mean_i d_i · v > 0`` (on an exact tie, so that most pairs project positively).
+    ``d_i = pos_i − neg_i``, ``c_i = d_i − mean_j d_j``; ``v`` maximises ``Σ_i (c_i · v)²`` (the first right
+    singular vector of ``C = [c_i]``, computed in float64). Uncentred, ``v`` would be the ``mean_diff``
+    direction again whenever the mean difference dominates; centred, it is the axis along which the pairs
+    differ most *from each other*. ``v`` is signed so that ``mean_i d_i · v > 0`` (positives project higher;
+    on an exact tie, so that most pairs project positively).
 
     Raises:
-        ValueError: ``pos`` and ``neg`` have different counts (pairs are matched by position).
+        ValueError: ``pos`` and ``neg`` have different counts (pairs are matched by position), fewer than two
+            pairs, or differences that do not vary (all ``c_i = 0``: no principal direction).
     """
     _check_states(pos, neg)
     if pos.shape[0] != neg.shape[0]:
         raise ValueError(
             f"pca pairs positives with negatives: pos/neg counts must match, got {pos.shape[0]} and {neg.shape[0]}"
         )
+    if pos.shape[0] < 2:
+        raise ValueError(f"pca centres the paired differences: it needs at least 2 pairs, got {pos.shape[0]}")
     d = pos.double() - neg.double()
-    _, _, vh = torch.linalg.svd(d, full_matrices=False)
+    c = d - d.mean(0)
+    _, s, vh = torch.linalg.svd(c, full_matrices=False)
+    if not torch.isfinite(s[0]) or s[0] <= 1e-12 * max(d.abs().max().item(), 1.0):
+        raise ValueError("pca: the paired differences are all equal (nothing varies after centring); use mean_diff")
     v = vh[0]
     proj = d @ v
     if proj.mean() < 0 or (proj.mean() == 0 and (proj > 0).sum() < (proj < 0).sum()):

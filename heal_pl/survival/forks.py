@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from heal_pl.context import checked_context
 from heal_pl.generate import eos_ids, greedy_generate
-from heal_pl.lm import base_lm
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 from heal_pl.survival.fork_cache import ForkCache, fork_plan, prefill, rollout
 from heal_pl.survival.fork_mask import packed_fork_mask, read_forks
@@ -113,8 +113,12 @@ def _check_forks(fork_points: int | Sequence[int] | np.ndarray, w: int) -> np.nd
 
 
 def check_window(model: nn.Module, n_prompt: int, w: int, n_splice: int) -> None:
-    """Raise ``ValueError`` (naming ``w``) when ``n_prompt + w + n_splice`` exceeds ``max_position_embeddings``."""
-    n_ctx = getattr(base_lm(model).config, "max_position_embeddings", None)
+    """Raise ``ValueError`` (naming ``w``) when ``n_prompt + w + n_splice`` exceeds the model's context length.
+
+    The context length is :func:`heal_pl.context.context_length` (``max_position_embeddings`` or its aliases); a
+    model that declares none is not checked (logged once).
+    """
+    n_ctx = checked_context(model, "the fork window w")
     if n_ctx is not None and n_prompt + w + n_splice > n_ctx:
         raise ValueError(
             f"w={w} is longer than the model's context: prompt ({n_prompt}) + w + splice ({n_splice}) "

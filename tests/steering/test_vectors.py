@@ -300,15 +300,28 @@ def test_mean_diff_direction_synthetic() -> None:
     np.testing.assert_allclose(got.numpy(), np_unit(pos.mean(0) - neg.mean(0)), rtol=0, atol=1e-6)
 
 
+def repeng_pca_diff(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """repeng's ``pca_diff``, rewritten from its definition in numpy (float64), independent of torch's SVD.
+
+    Differences ``d = pos − neg``, centred (sklearn's ``PCA`` subtracts the mean), top eigenvector of their
+    scatter matrix; signed as repeng does: flipped when most pairs project the positive lower.
+    """
+    d = pos - neg
+    c = d - d.mean(0)
+    _, vecs = np.linalg.eigh(c.T @ c)
+    v = vecs[:, -1]
+    return v if ((pos @ v) > (neg @ v)).mean() > 0.5 else -v
+
+
 def test_pca_direction_synthetic_and_sign() -> None:
     rng = np.random.default_rng(1)
     u = np_unit(rng.normal(size=16))
     base = rng.normal(size=(12, 16)) * 3  # shared content, cancels in the pairs
-    scale = rng.uniform(0.5, 2.0, size=(12, 1))
+    scale = rng.uniform(0.5, 4.0, size=(12, 1))  # varies: the centred differences still lie along u
     pos = base + scale * u + 0.05 * rng.normal(size=(12, 16))
     neg = base - 0.05 * rng.normal(size=(12, 16))
     d = pos - neg
-    ref = np.linalg.svd(d, full_matrices=False)[2][0]
+    ref = np.linalg.svd(d - d.mean(0), full_matrices=False)[2][0]  # centred (SPEC §3)
     ref = ref if (d @ ref).mean() > 0 else -ref
     t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     got = pca_direction(t(pos), t(neg)).numpy()
@@ -318,12 +331,43 @@ def test_pca_direction_synthetic_and_sign() -> None:
     np.testing.assert_allclose(pca_direction(t(neg), t(pos)).numpy(), -got, atol=1e-6)  # swapping flips it
 
 
+def test_pca_centres_the_differences_like_repeng() -> None:
+    """The pairs share a large mean shift ``m`` but vary along ``u`` (cos(u, m) = 0.3): the centred top component is
+    ``u``, the uncentred one (and mean_diff) ``≈ m``."""
+    rng = np.random.default_rng(3)
+    m = np_unit(rng.normal(size=16))
+    w = rng.normal(size=16)
+    w = np_unit(w - (w @ m) * m)  # ⊥ m
+    u = 0.3 * m + np.sqrt(1 - 0.3**2) * w
+    n = 20
+    spread = np.linspace(-3.0, 3.0, n)[:, None]  # symmetric: the centred mean along u is 0
+    base = rng.normal(size=(n, 16)) * 2
+    neg = base + 0.01 * rng.normal(size=(n, 16))
+    pos = base + 5.0 * m + spread * u + 0.01 * rng.normal(size=(n, 16))
+    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    got = pca_direction(t(pos), t(neg)).double().numpy()
+    mean_diff = mean_diff_direction(t(pos), t(neg)).double().numpy()
+    ref = repeng_pca_diff(pos, neg)
+    assert got @ ref == pytest.approx(1.0, abs=1e-6)  # the same direction and sign as repeng's pca_diff
+    assert got @ mean_diff < 0.5 and abs(got @ u) > 0.9999  # clearly not mean_diff: the planted spread axis
+    uncentred = np.linalg.svd(pos - neg, full_matrices=False)[2][0]
+    assert abs(uncentred @ mean_diff) > 0.95  # what pca computed before it centred (issue 12)
+    assert ((pos - neg) @ got).mean() > 0  # positives project higher
+
+
+def test_pca_needs_varying_pairs() -> None:
+    with pytest.raises(ValueError, match="at least 2 pairs, got 1"):
+        pca_direction(torch.ones(1, 4), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="paired differences are all equal"):
+        pca_direction(torch.tensor([1.0, 2.0, 3.0, 4.0]).repeat(3, 1), torch.zeros(3, 4))
+
+
 def test_fit_pca_positives_project_higher(llama3, tokenizer) -> None:
     vec = SteeringVector.fit(llama3, tokenizer, POS, NEG, "pca", layers=[1], batch_size=4)
-    d = ref_states(llama3, tokenizer, POS, 1) - ref_states(llama3, tokenizer, NEG, 1)
+    pos, neg = ref_states(llama3, tokenizer, POS, 1), ref_states(llama3, tokenizer, NEG, 1)
     v = vec.directions[1].double().numpy()
-    assert (d @ v).mean() > 0
-    ref = np.linalg.svd(d, full_matrices=False)[2][0]
+    assert ((pos - neg) @ v).mean() > 0
+    ref = repeng_pca_diff(pos, neg)
     assert abs(abs(ref @ v) - 1) < 1e-4
 
 
