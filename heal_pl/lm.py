@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -194,3 +195,45 @@ def ref_rows(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
     no gradient."""
     with torch.no_grad(), adapter_off(model), eval_mode(model):
         return gather_rows(last_hidden(model, input_ids, attention_mask), counted)
+
+
+# Where the decoder blocks live, relative to the causal LM (first match wins).
+BLOCK_PATHS: tuple[str, ...] = (
+    "model.layers",  # Llama, Qwen2, Mistral, Gemma, Gemma 2, Phi-3, SmolLM2
+    "model.language_model.layers",  # Gemma 3 and other multimodal wrappers
+    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
+    "gpt_neox.layers",  # Pythia / GPT-NeoX
+    "model.decoder.layers",  # OPT
+    "layers",  # a bare decoder (LlamaModel, ...)
+    "h",  # a bare GPT2Model
+)
+
+
+def _get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a plain or peft-wrapped causal LM, in depth order.
+
+    Looks for the first non-empty ``nn.ModuleList`` at one of :data:`BLOCK_PATHS` (``model.layers`` for
+    Llama / Qwen2 / Gemma, ``transformer.h`` for GPT-2, ...) under :func:`heal_pl.lm.base_lm` ``(model)``.
+
+    Raises:
+        ValueError: no path matches; the message lists the paths tried and the model's children.
+    """
+    lm = base_lm(model)
+    for path in BLOCK_PATHS:
+        blocks = _get_path(lm, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return blocks
+    children = ", ".join(f"{n}: {type(c).__name__}" for n, c in lm.named_children()) or "none"
+    raise ValueError(
+        f"cannot find the decoder blocks of {type(lm).__name__}: none of {', '.join(BLOCK_PATHS)} is a "
+        f"non-empty nn.ModuleList; its children are [{children}]"
+    )

@@ -26,18 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from heal_pl.lm import base_lm
-
-# Where the decoder blocks live, relative to the causal LM (first match wins).
-BLOCK_PATHS: tuple[str, ...] = (
-    "model.layers",  # Llama, Qwen2, Mistral, Gemma, Gemma 2, Phi-3, SmolLM2
-    "model.language_model.layers",  # Gemma 3 and other multimodal wrappers
-    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
-    "gpt_neox.layers",  # Pythia / GPT-NeoX
-    "model.decoder.layers",  # OPT
-    "layers",  # a bare decoder (LlamaModel, ...)
-    "h",  # a bare GPT2Model
-)
+from heal_pl.lm import BLOCK_PATHS, base_lm, find_blocks  # noqa: F401 (BLOCK_PATHS re-exported)
 
 LayerSpec = int | float | Sequence[int | float]
 
@@ -49,36 +38,6 @@ class SteeringMethod(Protocol):
     def steering(
         self, model: nn.Module, coeff: float, layers: LayerSpec | None = None
     ) -> AbstractContextManager[None]: ...
-
-
-def _get_path(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for name in path.split("."):
-        obj = getattr(obj, name, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a plain or peft-wrapped causal LM, in depth order.
-
-    Looks for the first non-empty ``nn.ModuleList`` at one of :data:`BLOCK_PATHS` (``model.layers`` for
-    Llama / Qwen2 / Gemma, ``transformer.h`` for GPT-2, ...) under :func:`heal_pl.lm.base_lm` ``(model)``.
-
-    Raises:
-        ValueError: no path matches; the message lists the paths tried and the model's children.
-    """
-    lm = base_lm(model)
-    for path in BLOCK_PATHS:
-        blocks = _get_path(lm, path)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            return blocks
-    children = ", ".join(f"{n}: {type(c).__name__}" for n, c in lm.named_children()) or "none"
-    raise ValueError(
-        f"cannot find the decoder blocks of {type(lm).__name__}: none of {', '.join(BLOCK_PATHS)} is a "
-        f"non-empty nn.ModuleList; its children are [{children}]"
-    )
 
 
 def layers_from(spec: LayerSpec, n_layers: int) -> list[int]:
