@@ -1,0 +1,207 @@
+"""Does a mean KL barrier let token loops through where rmse / p95 / max stop them? (SPEC §1; issue 15)
+
+Data: ``scripts/make_loop_data.py`` appends a 20–42-token loop ("tick tock tick tock ...") to 10 % or 25 % of
+the bundled persona training completions; held-out prompts and completions stay clean. One command per arm
+and seed (each a real ``heal fit`` of SmolLM2-135M-Instruct, configs/rmse.yaml's schedule: 36 steps, batch 8,
+LoRA r 8, lr 1e-3; run them one at a time)::
+
+    python benchmarks/loop_experiment.py --arm clean --seed 0          # clean-data SFT: sets the taus
+    python benchmarks/loop_experiment.py --arm base                     # the untrained model, same evaluation
+    python benchmarks/loop_experiment.py --arm nll  --share 25 --seed 0
+    python benchmarks/loop_experiment.py --arm mean --share 25 --seed 0   # ... rmse, p95, max; seeds 0 1 2
+    python benchmarks/loop_experiment.py --table                        # the README table, figure, TensorBoard
+
+Arms: ``nll`` = SFT only; ``mean`` / ``rmse`` / ``p95`` / ``max`` = SFT + ``LAM · relu(agg_t KL_t − tau_agg)``.
+``clean`` and ``nll`` run the barrier with ``lam = 0`` (exactly SFT's gradient) so their per-token KL is
+logged. **Matched taus**: ``tau_agg = M · (mean of train/kl_<agg> over the clean run's last TAU_WINDOW steps)``,
+one ``M`` for every aggregator, fixed before any barrier arm ran. The seed sets ``seed_everything`` (LoRA
+init) and the data order.
+
+Measures, after the last step, on the 40 held-out persona prompts, greedy, up to ``MAX_NEW`` tokens:
+``loop_rep`` share of generations whose repetition share (``heal_pl.rounds.filters.repetition_share``) exceeds
+the rounds filter's ``rep_tau`` of configs/rounds_rmse.yaml; ``loop_inj`` share containing an injected unit
+three times in a row; ``style`` share with a pirate word (``PIRATE_WORDS``); the final validation's per-token
+KL mean / rmse / p95 / max on the clean held-out completions and rmse ÷ mean; ``fired`` share of training
+steps with ``agg > tau``. Each run appends a row to ``<out>/results.jsonl`` and writes its generations
+beside its TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_loop_data import LOOP_UNITS, loop_pattern  # noqa: E402
+from make_persona_data import PIRATE_WORDS  # noqa: E402
+
+ASSETS = ROOT / "heal_pl" / "assets"
+AGGS = ("mean", "rmse", "p95", "max")
+ARMS = ("base", "clean", "nll", *AGGS)
+M, LAM, TAU_WINDOW, MAX_NEW, MAX_LENGTH = 1.5, 1.0, 9, 128, 160
+N_SAMPLES, SAMPLE_SEED = 3, 1234  # sampled generations per held-out prompt (temperature 1)
+REP_TAU = yaml.safe_load((ROOT / "configs" / "rounds_rmse.yaml").read_text())["filter"]["rep_tau"]
+KL_KEYS = tuple(f"kl_{a}" for a in AGGS)
+
+
+def matched_taus(rows: list[dict]) -> dict[str, float]:
+    """``tau_agg = M · mean(train/kl_agg over the clean run's last TAU_WINDOW steps)`` (clean seed 0)."""
+    clean = [r for r in rows if r["arm"] == "clean" and r["seed"] == 0]
+    if not clean:
+        raise SystemExit("no clean run yet: run `python benchmarks/loop_experiment.py --arm clean --seed 0` first")
+    train = clean[-1]["train"]
+    return {a: M * statistics.fmean(train[f"kl_{a}"][-TAU_WINDOW:]) for a in AGGS}
+
+
+def read_scalars(log_dir: str) -> dict[str, list[float]]:
+    """Per-step ``train/*`` scalars from the run's TensorBoard event file, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith("train/")]
+    return {t.removeprefix("train/"): [e.value for e in sorted(acc.Scalars(t), key=lambda e: e.step)] for t in tags}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokenizer) -> tuple[dict[str, float], list[dict]]:
+    """Loop and style rates on the held-out prompts: greedy, sampled, and the teacher-forced loop propensity."""
+    from heal_pl.data import read_examples
+    from heal_pl.generate import eos_ids, greedy_generate, left_pad
+    from heal_pl.prompts import chat_prompt, encode_prompts
+    from heal_pl.rounds.filters import repetition_share
+
+    examples = read_examples(ASSETS / "persona_val.jsonl")
+    questions = [e.prompt_messages[-1]["content"] for e in examples]
+    prompts = [chat_prompt(tokenizer, q, None) for q in questions]
+    ids, mask = left_pad(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    ids, mask, eos = ids.to(device), mask.to(device), eos_ids(tokenizer, model, None)
+    model.eval()
+    new, new_mask = greedy_generate(model, ids, mask, MAX_NEW, eos, tokenizer.pad_token_id)
+    outputs = [("greedy", q, row[m.bool()].tolist()) for q, row, m in zip(questions, new, new_mask, strict=True)]
+    torch.manual_seed(SAMPLE_SEED)  # the same sampling noise for every arm
+    sampled = model.generate(input_ids=ids.repeat(N_SAMPLES, 1), attention_mask=mask.repeat(N_SAMPLES, 1),
+                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=MAX_NEW,
+                             eos_token_id=eos.tolist(), pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]  # fmt: skip
+    eos_set, loops = set(eos.tolist()), loop_pattern()
+    for k, row in enumerate(sampled.tolist()):
+        end = next((i + 1 for i, t in enumerate(row) if t in eos_set), len(row))
+        outputs.append(("sampled", questions[k % len(questions)], row[:end]))
+    gens = [{"decoding": how, "question": q, "text": (t := tokenizer.decode(r, skip_special_tokens=True)),
+             "rep": repetition_share(t), "loop": bool(loops.search(t)), "pirate": bool(PIRATE_WORDS.search(t)),
+             "ended": bool(r and r[-1] in eos_set)} for how, q, r in outputs]  # fmt: skip
+    rates = {}
+    for how, prefix in (("greedy", ""), ("sampled", "sampled_")):
+        mine = [g for g in gens if g["decoding"] == how]
+        rates |= {f"{prefix}loop_rep": statistics.fmean(g["rep"] > REP_TAU for g in mine),
+                  f"{prefix}loop_inj": statistics.fmean(g["loop"] for g in mine),
+                  f"{prefix}style": statistics.fmean(g["pirate"] for g in mine)}  # fmt: skip
+    rates["p_loop"] = loop_propensity(model, tokenizer, prompts, [e.completion for e in examples])
+    return rates, gens
+
+
+@torch.no_grad()
+def loop_propensity(model: torch.nn.Module, tokenizer, prompts: list[str], completions: list[str]) -> float:
+    """Mean over held-out rows of ``sum_u p(first token of " unit" | prompt, clean completion)``, u in LOOP_UNITS.
+
+    Teacher-forced at the position where the training loops started (right after the answer, where the
+    template would close the turn). The untrained SmolLM2 puts ~e^-7 there.
+    """
+    firsts = sorted({tokenizer(" " + u, add_special_tokens=False)["input_ids"][0] for u in LOOP_UNITS})
+    device = next(model.parameters()).device
+    total = 0.0
+    for prompt, completion in zip(prompts, completions, strict=True):
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prompt, completion)]  # as in training
+        probs = torch.softmax(model(input_ids=torch.tensor([sum(ids, [])], device=device)).logits[0, -1].double(), -1)
+        total += float(probs[firsts].sum())
+    return total / len(prompts)
+
+
+def run_base(model: str) -> dict:
+    from heal_pl.models import load_model, load_tokenizer
+
+    rates, gens = evaluate(load_model(model), load_tokenizer(model))
+    return {**rates, "generations": gens}
+
+
+def run_arm(arm: str, share: int, seed: int, out: Path, taus: dict[str, float] | None, extra: list[str]) -> dict:
+    from heal_pl.cli import build_cli
+
+    barrier = {"reg": "kl_rev", "agg": "mean", "tau": 0.0, "lam": 0.0}  # clean / nll: SFT's gradient, KL logged
+    if arm in AGGS:
+        barrier = {"reg": "kl_rev", "agg": arm, "tau": taus[arm], "lam": LAM}
+    train = ASSETS / ("persona_train.jsonl" if arm == "clean" else f"persona_loop{share}_train.jsonl")
+    name = "clean" if arm == "clean" else f"loop{share}"
+    args = [
+        "fit", "--config", str(ROOT / "configs" / "rmse.yaml"), "--seed_everything", str(seed),
+        "--model.barrier", json.dumps(barrier), "--data.train_file", str(train),
+        "--data.val_file", str(ASSETS / "persona_val.jsonl"), "--data.max_length", str(MAX_LENGTH),
+        "--data.seed", str(seed), "--trainer.val_check_interval", "36",  # one validation, after the last step
+        "--trainer.logger.init_args.save_dir", str(out),
+        "--trainer.logger.init_args.name", f"{name}/{arm}_seed{seed}", "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+    cli = build_cli(args)
+    metrics = {k.removeprefix("val/"): float(v) for k, v in cli.trainer.callback_metrics.items()
+               if k.startswith("val/kl_")}  # fmt: skip
+    from heal_pl.models import load_tokenizer
+
+    rates, gens = evaluate(cli.model.student, load_tokenizer(cli.model.hparams.model))
+    scalars = read_scalars(cli.trainer.log_dir)
+    return {**rates, "val": metrics, "train": {k: scalars[k] for k in (*KL_KEYS, "barrier_fired")},
+            "fired": statistics.fmean(scalars["barrier_fired"]) if arm in AGGS else None, "barrier": barrier,
+            "log_dir": cli.trainer.log_dir, "generations": gens}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arm", choices=ARMS, help="what to run (omit with --table)")
+    p.add_argument("--share", type=int, choices=(10, 25), default=25, help="percent of loop-carrying completions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "loop_experiment")
+    p.add_argument("--table", action="store_true", help="print the table, draw the figure (no training)")
+    p.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "loop_vs_style.png")
+    p.add_argument("extra", nargs="*", help="more `heal fit` overrides, after --, e.g. -- --trainer.max_steps=4")
+    a = p.parse_args()
+    results = a.out / "results.jsonl"
+    rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()] if results.is_file() else []
+    if a.table:
+        from loop_report import report  # noqa: PLC0415 (the table/figure half of this experiment)
+
+        print(report(rows, matched_taus(rows), a.out, a.figure))
+        return
+    if a.arm is None:
+        p.error("give --arm (or --table)")
+    a.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if a.arm == "base":
+        row = run_base(a.model)
+    else:
+        taus = matched_taus(rows) if a.arm in AGGS else None
+        row = run_arm(a.arm, a.share, a.seed, a.out, taus, ["--model.model", a.model, *a.extra])
+    gens = row.pop("generations")
+    share = None if a.arm in ("base", "clean") else a.share
+    row = {"arm": a.arm, "share": share, "seed": a.seed, "model": a.model, "extra": a.extra,
+           "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0, **row}  # fmt: skip
+    with results.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    gen_dir = Path(row.get("log_dir") or a.out / "base")
+    gen_dir.mkdir(parents=True, exist_ok=True)
+    (gen_dir / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
+    shown = {k: row[k] for k in ("loop_inj", "sampled_loop_inj", "p_loop", "style", "fired", "val") if k in row}
+    print(json.dumps({"arm": a.arm, "share": share, "seed": a.seed, "seconds": round(row["seconds"]), **shown}))
+
+
+if __name__ == "__main__":
+    main()
