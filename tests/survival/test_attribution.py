@@ -89,7 +89,8 @@ def test_deaths_spikes_and_the_alive_comparison() -> None:
     alive8 = [k["A"][0:8].max(), k["C"][0:8].max(), k["D"][0:8].max()]  # 0.1, 0.35, 3
     alive12 = [k["C"][4:12].max(), k["D"][4:12].max()]  # 0.55, 3
     assert (b["n_alive"], a["n_alive"]) == (3, 2)
-    assert b["alive_max_med"] == pytest.approx(np.median(alive8)) and a["alive_max_med"] == pytest.approx(np.median(alive12))
+    assert b["alive_max_med"] == pytest.approx(np.median(alive8))
+    assert a["alive_max_med"] == pytest.approx(np.median(alive12))
     assert b["pct_rank"] == pytest.approx(1 / 3) and a["pct_rank"] == 1.0
     pooled = alive8 + alive12
     assert row == {
