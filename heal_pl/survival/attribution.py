@@ -180,6 +180,7 @@ def write_attribution(
     """Write ``attribution.csv``/``.md`` (one row per label), ``attribution_deaths.csv`` (one row per death) and
     ``figures/attribution_<sign>.png``; TensorBoard: figure ``survival/attribution/<sign>`` and scalars
     ``survival/attribution/<sign>/{spike,no_spike,died_at_0,pct_rank}`` at step ``round(100 α)``. Returns the rows."""
+    out.mkdir(parents=True, exist_ok=True)
     rows, deaths = [], []
     for g in groups.values():
         row, ds = attribute_deaths(g, fork_points, threshold, kl_target, k)

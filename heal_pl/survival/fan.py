@@ -69,6 +69,7 @@ def fan_figure(kl_by_label: Mapping[str, Sequence[np.ndarray | Sequence[float]]]
     ax.axhline(target, color="gray", ls="--", lw=1.2, label=f"target {target:g}")
     if log_y:
         ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_ylim(bottom=0.0)
     ax.set_xlabel("token position (trajectories that still exist)")
     ax.set_ylabel("per-token KL: median, 25–75 %, 5–95 %")
     if title:

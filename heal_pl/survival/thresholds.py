@@ -80,9 +80,9 @@ def thresholds_figure(tables: Mapping[float, Mapping[str, Mapping]], horizon: fl
     (:func:`heal_pl.survival.plotting.draw_km`, one step line per label, the same colour order in every panel)."""
     if not tables:
         raise ValueError("thresholds_figure needs at least one threshold")
-    cols = min(5, len(tables))
+    cols = min(3, len(tables))
     rows = -(-len(tables) // cols)
-    fig = Figure(figsize=(3.0 * cols, 2.8 * rows))
+    fig = Figure(figsize=(3.2 * cols + 1.0, 2.8 * rows))
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
     for ax, (th, mine) in zip(axes, tables.items(), strict=False):
@@ -95,10 +95,10 @@ def thresholds_figure(tables: Mapping[float, Mapping[str, Mapping]], horizon: fl
         ax.set_xlabel("tokens generated")
     for ax in axes[::cols]:
         ax.set_ylabel("S(t)")
-    axes[0].legend(title="α", fontsize="x-small")
+    fig.legend(*axes[0].get_legend_handles_labels(), title="α", fontsize="small", loc="center right")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0 - 1.0 / (3.2 * cols + 1.0), 1.0))
     return fig
 
 
