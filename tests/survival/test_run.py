@@ -138,7 +138,10 @@ def test_survival_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.L
     again = tmp_path / "again"
     main(["survival", "--config", str(CONFIG), *TINY, "--out_dir", str(again), "--signs", "[-1]",
           "--calib_json", str(out / "calibrate" / "calib.json")])  # fmt: skip
-    assert not (again / "calibrate").exists() and not (again / "thresholds.csv").exists()
+    assert not (again / "calibrate").exists()
+    # configs/survival.yaml's own threshold grid, five thresholds × three labels
+    assert [r["threshold"] for r in read_csv(again / "thresholds.csv")] == [t for t in ("0.5", "0.6", "0.75", "0.9",
+                                                                                       "0.95") for _ in range(3)]
     table2 = read_csv(again / "survival.csv")
     assert [r["label"] for r in table2] == ["0", "-1", "-4"]
     assert [r["died"] for r in table2] == [r["died"] for r in table if r["label"] in ("0", "-1", "-4")]
