@@ -183,3 +183,19 @@ def test_sweep_config_forks_and_both_schedules() -> None:
     assert SweepConfig(w=100, fork_step=None, n_log_forks=4).fork_points().tolist() == [0, 1, 10, 100]
     with pytest.raises(ValueError, match="give exactly one of fork_step or n_log_forks"):
         SweepConfig(fork_step=None)
+
+
+def test_thresholds_are_no_journal_argument(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The threshold grid is read from the stored pmass: a rerun with another grid continues from the journal."""
+    out = tmp_path / "run"
+    args = ["survival", "--config", str(CONFIG), *TINY, "--alphas", "[0, 1]", "--signs", "[1]", "--out_dir", str(out),
+            "--calibration", CALIB]  # fmt: skip
+    main([*args, "--thresholds", "null"])
+    assert not (out / "thresholds.csv").exists()
+    table = (out / "survival.csv").read_text()
+    caplog.set_level("INFO", logger="heal_pl")
+    main([*args, "--thresholds", "[0.009, 0.5]"])
+    assert any("heal survival: continuing from" in m for m in caplog.messages)
+    assert (out / "survival.csv").read_text() == table
+    rows = read_csv(out / "thresholds.csv")
+    assert [(r["threshold"], r["label"]) for r in rows] == [(t, lab) for t in ("0.009", "0.5") for lab in ("0", "+1")]
