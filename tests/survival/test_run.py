@@ -160,6 +160,7 @@ def test_survival_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.L
         (["--calibration", "{n_fits: 3}"], r"calibration keys \['n_fits'\] are not heal calibrate arguments"),
         (["--signs", "[2]"], r"signs=\[2\] must hold \+1 and/or -1"),
         (["--calib_json", "/nonexistent/calib.json"], "calib_json='/nonexistent/calib.json' does not exist"),
+        (["--thresholds", "[0.5, 1.5]"], r"thresholds=\[0.5, 1.5\] must be a non-empty list of distinct numbers"),
     ],
 )
 def test_bad_input_fails_before_any_calibration(args: list[str], message: str, tmp_path: Path, monkeypatch) -> None:
