@@ -13,8 +13,8 @@ from typing import Any
 from heal_pl.survival.attribution import WINDOW, write_attribution
 from heal_pl.survival.fan import fan_figure
 from heal_pl.survival.plotting import save_figure
-from heal_pl.survival.stored import by_label, labels_of_sign, load_trajectories
-from heal_pl.survival.thresholds import SIGN_WORD, threshold_sensitivity, write_thresholds
+from heal_pl.survival.stored import SIGN_WORD, by_label, labels_of_sign, load_trajectories
+from heal_pl.survival.thresholds import threshold_sensitivity, write_thresholds
 
 
 def write_analyses(

@@ -40,7 +40,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from heal_pl.survival.plotting import ALIVE_COLOUR, DEAD_COLOUR, save_figure
-from heal_pl.survival.stored import LabelGroup, labels_of_sign, markdown_rows, write_csv
+from heal_pl.survival.stored import SIGN_WORD, LabelGroup, labels_of_sign, markdown_rows, write_csv
 from heal_pl.survival.table import death_times
 
 WINDOW = 8
@@ -51,6 +51,7 @@ DEATH_COLUMNS = ("label", "prompt_index", "t_death", "win_lo", "win_hi", "win_ma
 
 
 def check_window_size(k: int) -> None:
+    """``ValueError`` unless the window ``k`` is an integer ≥ 1."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"attribution window k={k!r} must be an integer ≥ 1 (generated tokens before a fork)")
 
@@ -194,7 +195,7 @@ def write_attribution(
         fig = attribution_figure({lab: transitions(groups[lab], fork_points, threshold, k) for lab in labels},
                                  kl_target, k, title=f"pmass drop vs preceding KL, sign {sign} "
                                  f"(red: the fork where pmass < {threshold:g} first)")  # fmt: skip
-        save_figure(fig, out / "figures" / f"attribution_{'plus' if sign == '+' else 'minus'}.png")
+        save_figure(fig, out / "figures" / f"attribution_{SIGN_WORD[sign]}.png")
         if writer is not None:
             writer.add_figure(f"{tag_prefix}attribution/{sign}", fig, step)
             for r in (r for r in rows if r["label"] in labels):

@@ -23,6 +23,7 @@ import numpy as np
 from heal_pl.checks import read_json_object
 
 KEYS = ("label", "sign", "alpha", "gen_len", "kl", "pmass")
+SIGN_WORD = {"+": "plus", "-": "minus"}  # in file names
 
 
 @dataclass

@@ -54,14 +54,13 @@ from heal_pl.survival.analyses import write_analyses
 from heal_pl.survival.forks import check_window, fork_probe, probe_forks
 from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
 from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, THINK_OPEN, AnswerSet, has_thinking_tokens, splice_text
-from heal_pl.survival.stored import fmt_cell, markdown_rows
+from heal_pl.survival.stored import SIGN_WORD, fmt_cell, markdown_rows
 from heal_pl.survival.table import fork_schedule, survival_table
 from heal_pl.survival.thresholds import check_thresholds
 
 log = logging.getLogger("heal_pl")
 ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
 SPLICE = "\nSo the answer (true or false) is:"
-SIGN_WORD = {"+": "plus", "-": "minus"}
 TABLE_COLUMNS = ("label", "sign", "alpha", "coeff", "n", "died", "censored", "t_mid", "S_mid", "S_end", "t_half",
                  "kl_p95", "kl_mean")  # fmt: skip
 

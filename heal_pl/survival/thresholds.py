@@ -27,13 +27,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from heal_pl.survival.plotting import draw_km, save_figure
-from heal_pl.survival.stored import by_label, labels_of_sign, load_trajectories, markdown_rows, signs_present, write_csv
+from heal_pl.survival.stored import (
+    SIGN_WORD,
+    by_label,
+    labels_of_sign,
+    load_trajectories,
+    markdown_rows,
+    signs_present,
+    write_csv,
+)
 from heal_pl.survival.table import survival_table
 
 log = logging.getLogger("heal_pl")
 THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.75, 0.9, 0.95)
 COLUMNS = ("threshold", "label", "sign", "alpha", "n", "died", "censored", "t_mid", "S_mid", "S_end", "t_half")
-SIGN_WORD = {"+": "plus", "-": "minus"}
 
 
 def check_thresholds(thresholds: Sequence[float]) -> list[float]:
