@@ -60,8 +60,8 @@ def window_stats(kl: np.ndarray | Sequence[float], t: int, k: int = WINDOW) -> t
     """``(max, p95, mean)`` of ``kl[max(0, t − k) : t]``, the window the probe at fork ``t`` has seen; NaN if empty.
 
     Example:
-        >>> window_stats([0.0, 1.0, 5.0, 2.0, 3.0], t=4, k=3)
-        (5.0, 4.7, 2.6666666666666665)
+        >>> [round(x, 4) for x in window_stats([0.0, 1.0, 5.0, 2.0, 3.0], t=4, k=3)]  # kl[1:4] = 1, 5, 2
+        [5.0, 4.7, 2.6667]
     """
     check_window_size(k)
     x = np.asarray(kl, dtype=np.float64)
