@@ -76,12 +76,13 @@ def build_cli(args: list[str] | None = None) -> HealCLI:
 COMMANDS = {
     "calibrate": "heal_pl.steering.run:run_calibration",
     "survival": "heal_pl.survival.run:run_survival",
+    "thresholds": "heal_pl.survival.thresholds:run_thresholds",
     "rounds": "heal_pl.rounds.run:run_rounds",
 }
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``heal`` console script: fit/validate/test (LightningCLI), calibrate, survival or rounds."""
+    """Entry point of the ``heal`` console script: fit/validate/test (LightningCLI) or a command of ``COMMANDS``."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in COMMANDS:
         configure_logging()

@@ -4,15 +4,21 @@ points on the rollout's own KV cache, and draw Kaplan–Meier curves of when the
 ``probes`` reads the answer-set mass, ``forks`` / ``fork_mask`` / ``fork_cache`` read every fork on the rollout's
 own cache (sliding-window and linear-attention layers included) in one forward per ``fork_batch``, ``table``
 turns pmass trajectories into lifelines survival tables, ``sweep`` runs the α grid, ``plotting`` draws the
-figures, and ``run`` is ``heal survival``.
+figures, and ``run`` is ``heal survival``. From the stored trajectories alone (``stored``): ``attribution``
+(KL before each death vs the survivors), ``thresholds`` (the table at other thresholds, ``heal thresholds``) and
+``fan`` (per-token KL quantiles over t).
 """
 
+from heal_pl.survival.attribution import attribute_deaths, transitions, window_stats
+from heal_pl.survival.fan import fan_figure, kl_quantiles
 from heal_pl.survival.forks import ForkResult, fork_probe, probe_forks, rollout
 from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
 from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, AnswerSet, answer_token_ids, probe_from_logits
 from heal_pl.survival.run import load_calibration, run_survival
+from heal_pl.survival.stored import by_label, load_trajectories
 from heal_pl.survival.sweep import ALPHAS, SweepConfig, sweep_survival
 from heal_pl.survival.table import death_times, fork_schedule, survival_table
+from heal_pl.survival.thresholds import run_thresholds, threshold_sensitivity
 
 __all__ = [
     "ALPHAS",
@@ -21,17 +27,26 @@ __all__ = [
     "ForkResult",
     "SweepConfig",
     "answer_token_ids",
+    "attribute_deaths",
+    "by_label",
     "death_times",
+    "fan_figure",
     "fork_probe",
     "fork_schedule",
+    "kl_quantiles",
     "load_calibration",
+    "load_trajectories",
     "probe_forks",
     "probe_from_logits",
     "rollout",
     "run_survival",
+    "run_thresholds",
     "save_figure",
     "spaghetti_figure",
     "survival_figure",
     "survival_table",
     "sweep_survival",
+    "threshold_sensitivity",
+    "transitions",
+    "window_stats",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -151,6 +152,19 @@ def survival_figure(tables: Mapping[str, Mapping], title: str = "", horizon: flo
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    draw_km(ax, tables, horizon)
+    ax.set_xlabel("tokens generated")
+    ax.set_ylabel("S(t)")
+    ax.set_ylim(0.0, 1.02)
+    if title:
+        ax.set_title(title)
+    ax.legend(title="α", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def draw_km(ax: Any, tables: Mapping[str, Mapping], horizon: float | None = None) -> None:
+    """Draw :func:`survival_figure`'s step curves and bands on the matplotlib axis ``ax``."""
     for label, table in tables.items():
         if "curve" not in table:
             raise ValueError(f"tables[{label!r}] has no 'curve' key")
@@ -166,14 +180,6 @@ def survival_figure(tables: Mapping[str, Mapping], title: str = "", horizon: flo
                                                                (upper, upper[-1])))  # fmt: skip
         (line,) = ax.step(t, s, where="post", label=str(label))
         ax.fill_between(t, lower, upper, step="post", alpha=0.2, color=line.get_color())
-    ax.set_xlabel("tokens generated")
-    ax.set_ylabel("S(t)")
-    ax.set_ylim(0.0, 1.02)
-    if title:
-        ax.set_title(title)
-    ax.legend(title="α", fontsize="small")
-    fig.tight_layout()
-    return fig
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:

@@ -77,6 +77,7 @@ def run_survival(
     true_variants: list[str] = list(DEFAULT_ANSWER_SETS[0].variants),  # noqa: B006,B008
     false_variants: list[str] = list(DEFAULT_ANSWER_SETS[1].variants),  # noqa: B006,B008
     out_dir: str = "runs/survival",
+    thresholds: list[float] | None = None,
 ) -> dict[str, Any]:
     """Calibrate (or load c*), sweep α · c* per sign, write the survival table, trajectories and figures.
 
@@ -98,15 +99,17 @@ def run_survival(
         batch_size: prompts per rollout forward; fork_batch: forks per probe forward.
         smooth, normalise: spaghetti smoothing width; divide each trajectory by the p95 of its first 20 tokens.
         out_dir: where the files, figures and TensorBoard events go (calibration in ``out_dir/calibrate``).
+        thresholds: also write the table at these pmass thresholds (``thresholds.csv``/``.md``, figures;
+            :mod:`heal_pl.survival.thresholds`); read from the stored pmass, so not part of the journal's arguments.
 
     Each finished α is recorded in ``out_dir/journal/`` (:mod:`heal_pl.journal`); a rerun with the same arguments
     and ``out_dir`` continues from them, one with other arguments is refused (the message names them).
     """
-    arguments = {k: v for k, v in locals().items() if k != "out_dir"}  # what the journal's steps depend on
+    arguments = {k: v for k, v in locals().items() if k not in ("out_dir", "thresholds")}  # the journal's steps' inputs
     config = SweepConfig(alphas=alphas, w=w, fork_step=fork_step, n_log_forks=n_log_forks, threshold=threshold,
                          splice=splice, n_eval=n_eval, stop_at_eos=stop_at_eos, batch_size=batch_size,
                          fork_batch=fork_batch, smooth=smooth, normalise=normalise, true_variants=true_variants,
-                         false_variants=false_variants)  # fmt: skip
+                         false_variants=false_variants, thresholds=thresholds)  # fmt: skip
     if not signs or set(signs) - {1, -1} or len(set(signs)) != len(signs):
         raise ValueError(f"survival: signs={signs} must hold +1 and/or -1, each once")
     extra = dict(calibration or {})

@@ -17,9 +17,15 @@ suit the model, whatever the steering.
 
 Files written into ``out_dir`` by :func:`write_outputs`: ``summary.json``, ``survival.csv``, ``survival.md``,
 ``trajectories.json``, ``trajectories.csv`` (one row per trajectory and fork), ``kl.csv`` (one row per
-trajectory and generated token), ``figures/spaghetti_<label>.png`` and ``figures/survival_<sign>.png``.
-TensorBoard (when a writer is given): figures ``survival/spaghetti/<label>`` and ``survival/curves/<sign>``;
-scalars ``survival/<sign>/{S_mid,S_end,died,censored,kl_p95}`` at step ``round(100 α)``.
+trajectory and generated token), ``figures/spaghetti_<label>.png`` and ``figures/survival_<sign>.png``; from the
+records alone (:mod:`heal_pl.survival.analyses`): ``attribution.csv``, ``attribution.md``,
+``attribution_deaths.csv``, ``figures/attribution_<sign>.png`` (:mod:`heal_pl.survival.attribution`),
+``figures/fan_<sign>.png`` (:mod:`heal_pl.survival.fan`) and, with ``thresholds``, ``thresholds.csv``,
+``thresholds.md``, ``figures/thresholds_<sign>.png`` (:mod:`heal_pl.survival.thresholds`).
+TensorBoard (when a writer is given): figures ``survival/spaghetti/<label>``, ``survival/curves/<sign>``,
+``survival/attribution/<sign>``, ``survival/fan/<sign>`` (and ``survival/thresholds/<sign>``); scalars
+``survival/<sign>/{S_mid,S_end,died,censored,kl_p95}`` and ``survival/attribution/<sign>/{spike,no_spike,
+died_at_0,pct_rank}`` at step ``round(100 α)``.
 """
 
 from __future__ import annotations
@@ -44,15 +50,17 @@ from heal_pl.journal import Journal, journaled
 from heal_pl.prompts import chat_prompt
 from heal_pl.steering.hooks import SteeringMethod
 from heal_pl.steering.trajectory import measure_kl
+from heal_pl.survival.analyses import write_analyses
 from heal_pl.survival.forks import check_window, fork_probe, probe_forks
 from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
 from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, THINK_OPEN, AnswerSet, has_thinking_tokens, splice_text
+from heal_pl.survival.stored import SIGN_WORD, fmt_cell, markdown_rows
 from heal_pl.survival.table import fork_schedule, survival_table
+from heal_pl.survival.thresholds import check_thresholds
 
 log = logging.getLogger("heal_pl")
 ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
 SPLICE = "\nSo the answer (true or false) is:"
-SIGN_WORD = {"+": "plus", "-": "minus"}
 TABLE_COLUMNS = ("label", "sign", "alpha", "coeff", "n", "died", "censored", "t_mid", "S_mid", "S_end", "t_half",
                  "kl_p95", "kl_mean")  # fmt: skip
 
@@ -80,6 +88,7 @@ class SweepConfig:
         batch_size: prompts per rollout forward; fork_batch: forks packed per probe forward.
         smooth, normalise: spaghetti figure smoothing width and per-trajectory normalisation.
         true_variants, false_variants: the surface forms of the two answer sets.
+        thresholds: also recompute the table at these pmass thresholds (``None``: not), from the stored pmass.
     """
 
     alphas: list[float] = field(default_factory=lambda: list(ALPHAS))
@@ -96,6 +105,7 @@ class SweepConfig:
     normalise: bool = False
     true_variants: list[str] = field(default_factory=lambda: list(DEFAULT_ANSWER_SETS[0].variants))
     false_variants: list[str] = field(default_factory=lambda: list(DEFAULT_ANSWER_SETS[1].variants))
+    thresholds: list[float] | None = None
 
     def __post_init__(self) -> None:
         def pos_int(x: Any) -> bool:
@@ -121,6 +131,11 @@ class SweepConfig:
             (pos_int(self.smooth), f"smooth={self.smooth!r} must be an integer >= 1"),
         ]  # fmt: skip
         problems = [msg for ok, msg in checks if not ok]
+        if self.thresholds is not None:
+            try:
+                self.thresholds = check_thresholds(self.thresholds)
+            except ValueError as e:
+                problems.append(str(e))
         if not problems:
             try:
                 self.fork_points()
@@ -266,17 +281,9 @@ def _measure(
             "pmass": [r.pmass.tolist() for r in results], "p_true": [r.p_true.tolist() for r in results]}
 
 
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "never"
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
-
-
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The per-α table as markdown; ``t_half`` ``None`` reads ``never``."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in TABLE_COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_rows(rows, TABLE_COLUMNS)
 
 
 def _nan_to_none(xs: Sequence[float]) -> list[float | None]:
@@ -299,7 +306,7 @@ def write_outputs(
     with open(out / "survival.csv", "w", newline="") as f:
         w = csv.DictWriter(f, TABLE_COLUMNS)
         w.writeheader()
-        w.writerows({**{c: r[c] for c in TABLE_COLUMNS}, "t_half": _fmt(r["t_half"])} for r in rows)
+        w.writerows({**{c: r[c] for c in TABLE_COLUMNS}, "t_half": fmt_cell(r["t_half"])} for r in rows)
     (out / "survival.md").write_text(markdown_table(rows))
     forks = summary["fork_points"]
     with open(out / "trajectories.csv", "w", newline="") as f:
@@ -335,5 +342,7 @@ def write_outputs(
                 if r["label"] == "0" or r["sign"] == sign:
                     for key in ("S_mid", "S_end", "died", "censored", "kl_p95"):
                         writer.add_scalar(f"{tag_prefix}{sign}/{key}", float(r[key]), round(100 * r["alpha"]))
+    write_analyses(out, forks, trajectories, [s for s in SIGN_WORD if s in summary["c_star"]], config.threshold,
+                   kl_target, config.thresholds, writer=writer, tag_prefix=tag_prefix, step=step)
     if writer is not None:
         writer.flush()

@@ -238,9 +238,11 @@ def test_survival_sweep_after_calibrating(tmp_path: Path, tokenizer) -> None:
     with open(out / "survival.csv") as f:
         assert [row["label"] for row in csv.DictReader(f)] == ["0", "+1", "+2"]
     assert {p.name for p in (out / "figures").glob("*.png")} == {
-        "spaghetti_0.png", "spaghetti_plus_1.png", "spaghetti_plus_2.png", "survival_plus.png"}
+        "spaghetti_0.png", "spaghetti_plus_1.png", "spaghetti_plus_2.png", "survival_plus.png", "attribution_plus.png",
+        "fan_plus.png"}
     events = EventAccumulator(tb.log_dir, size_guidance={"images": 0})
     events.Reload()
     assert set(events.Tags()["images"]) == {"isokl/survival/spaghetti/0", "isokl/survival/spaghetti/+1",
-                                            "isokl/survival/spaghetti/+2", "isokl/survival/curves/+"}
+                                            "isokl/survival/spaghetti/+2", "isokl/survival/curves/+",
+                                            "isokl/survival/attribution/+", "isokl/survival/fan/+"}
     assert [e.step for e in events.Scalars("isokl/survival/+/S_end")] == [0, 100, 200]

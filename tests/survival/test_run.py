@@ -28,6 +28,9 @@ TINY = ["--model", "tiny-llama", "--w", "9", "--fork_step", "2", "--n_eval", "5"
         "--fork_batch", "3"]  # fmt: skip
 
 
+THRESHOLDS = "[0.005, 0.009, 0.02]"
+
+
 def km_reference(pmass: np.ndarray, gen_lens: np.ndarray, forks: np.ndarray, threshold: float) -> dict:
     """Death/censoring times by a plain loop, then lifelines: S at the fork nearest w/2 and at w, t at S ≤ 0.5."""
     durations, observed = [], []
@@ -54,7 +57,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_survival_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "run"
     caplog.set_level("INFO", logger="heal_pl")
-    main(["survival", "--config", str(CONFIG), *TINY, "--out_dir", str(out), "--calibration", CALIB])
+    main(["survival", "--config", str(CONFIG), *TINY, "--out_dir", str(out), "--calibration", CALIB,
+          "--thresholds", THRESHOLDS])  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     forks = np.asarray(summary["fork_points"])
     assert forks.tolist() == [0, 2, 4, 6, 8, 9]
@@ -105,21 +109,39 @@ def test_survival_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.L
     figures = {p.name: p.stat().st_size for p in (out / "figures").glob("*.png")}
     expected = {"spaghetti_0.png", "spaghetti_plus_1.png", "spaghetti_plus_4.png", "spaghetti_minus_1.png",
                 "spaghetti_minus_4.png", "survival_plus.png", "survival_minus.png"}  # fmt: skip
+    expected |= {f"{kind}_{sign}.png" for kind in ("attribution", "fan", "thresholds") for sign in ("plus", "minus")}
     assert set(figures) == expected and min(figures.values()) > 5000
     events = EventAccumulator(str(out), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
-    assert set(tags["images"]) == {f"survival/spaghetti/{lab}" for lab in labels} | {"survival/curves/+",
-                                                                                     "survival/curves/-"}
+    assert set(tags["images"]) == {f"survival/spaghetti/{lab}" for lab in labels} | {
+        f"survival/{kind}/{sign}" for kind in ("curves", "attribution", "fan", "thresholds") for sign in "+-"}
     s_end = events.Scalars("survival/+/S_end")
     assert [e.step for e in s_end] == [0, 100, 400]
     assert [e.value for e in s_end] == pytest.approx([float(r["S_end"]) for r in table[:3]])
+
+    # the analyses of the stored trajectories: the run's threshold row is the run's table, heal thresholds agrees
+    by_threshold = read_csv(out / "thresholds.csv")
+    assert [(r["threshold"], r["label"]) for r in by_threshold] == [(t, lab) for t in ("0.005", "0.009", "0.02")
+                                                                    for lab in labels]  # fmt: skip
+    keys = ("n", "died", "censored", "S_mid", "S_end", "t_half")
+    assert [{k: r[k] for k in keys} for r in by_threshold if r["threshold"] == "0.009"] == [
+        {k: r[k] for k in keys} for r in table]
+    main(["thresholds", "--trajectories", str(out / "trajectories.json"), "--thresholds", THRESHOLDS,
+          "--out_dir", str(tmp_path / "th")])  # fmt: skip
+    assert (tmp_path / "th" / "thresholds.csv").read_text() == (out / "thresholds.csv").read_text()
+    attribution = read_csv(out / "attribution.csv")
+    assert [(r["label"], r["died"]) for r in attribution] == [(r["label"], r["died"]) for r in table]
+    assert len(read_csv(out / "attribution_deaths.csv")) == sum(int(r["died"]) for r in table)
 
     # a second run reuses the calib.json (no calibration), one sign only
     again = tmp_path / "again"
     main(["survival", "--config", str(CONFIG), *TINY, "--out_dir", str(again), "--signs", "[-1]",
           "--calib_json", str(out / "calibrate" / "calib.json")])  # fmt: skip
     assert not (again / "calibrate").exists()
+    # configs/survival.yaml's own threshold grid, five thresholds × three labels
+    assert [r["threshold"] for r in read_csv(again / "thresholds.csv")] == [t for t in ("0.5", "0.6", "0.75", "0.9",
+                                                                                       "0.95") for _ in range(3)]
     table2 = read_csv(again / "survival.csv")
     assert [r["label"] for r in table2] == ["0", "-1", "-4"]
     assert [r["died"] for r in table2] == [r["died"] for r in table if r["label"] in ("0", "-1", "-4")]
@@ -138,6 +160,7 @@ def test_survival_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.L
         (["--calibration", "{n_fits: 3}"], r"calibration keys \['n_fits'\] are not heal calibrate arguments"),
         (["--signs", "[2]"], r"signs=\[2\] must hold \+1 and/or -1"),
         (["--calib_json", "/nonexistent/calib.json"], "calib_json='/nonexistent/calib.json' does not exist"),
+        (["--thresholds", "[0.5, 1.5]"], r"thresholds=\[0.5, 1.5\] must be a non-empty list of distinct numbers"),
     ],
 )
 def test_bad_input_fails_before_any_calibration(args: list[str], message: str, tmp_path: Path, monkeypatch) -> None:
@@ -161,3 +184,19 @@ def test_sweep_config_forks_and_both_schedules() -> None:
     assert SweepConfig(w=100, fork_step=None, n_log_forks=4).fork_points().tolist() == [0, 1, 10, 100]
     with pytest.raises(ValueError, match="give exactly one of fork_step or n_log_forks"):
         SweepConfig(fork_step=None)
+
+
+def test_thresholds_are_no_journal_argument(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The threshold grid is read from the stored pmass: a rerun with another grid continues from the journal."""
+    out = tmp_path / "run"
+    args = ["survival", "--config", str(CONFIG), *TINY, "--alphas", "[0, 1]", "--signs", "[1]", "--out_dir", str(out),
+            "--calibration", CALIB]  # fmt: skip
+    main([*args, "--thresholds", "null"])
+    assert not (out / "thresholds.csv").exists()
+    table = (out / "survival.csv").read_text()
+    caplog.set_level("INFO", logger="heal_pl")
+    main([*args, "--thresholds", "[0.009, 0.5]"])
+    assert any("heal survival: continuing from" in m for m in caplog.messages)
+    assert (out / "survival.csv").read_text() == table
+    rows = read_csv(out / "thresholds.csv")
+    assert [(r["threshold"], r["label"]) for r in rows] == [(t, lab) for t in ("0.009", "0.5") for lab in ("0", "+1")]
