@@ -76,6 +76,7 @@ def build_cli(args: list[str] | None = None) -> HealCLI:
 COMMANDS = {
     "calibrate": "heal_pl.steering.run:run_calibration",
     "survival": "heal_pl.survival.run:run_survival",
+    "compare": "heal_pl.survival.compare:run_compare",
     "rounds": "heal_pl.rounds.run:run_rounds",
 }
 

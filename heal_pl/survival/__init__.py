@@ -4,9 +4,11 @@ points on the rollout's own KV cache, and draw Kaplan–Meier curves of when the
 ``probes`` reads the answer-set mass, ``forks`` / ``fork_mask`` / ``fork_cache`` read every fork on the rollout's
 own cache (sliding-window and linear-attention layers included) in one forward per ``fork_batch``, ``table``
 turns pmass trajectories into lifelines survival tables, ``sweep`` runs the α grid, ``plotting`` draws the
-figures, and ``run`` is ``heal survival``.
+figures, ``run`` is ``heal survival`` and ``compare`` is ``heal compare`` (methods side by side at iso-KL, beside
+a system-prompt baseline).
 """
 
+from heal_pl.survival.compare import prompt_survival, run_compare
 from heal_pl.survival.forks import ForkResult, fork_probe, probe_forks, rollout
 from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
 from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, AnswerSet, answer_token_ids, probe_from_logits
@@ -27,7 +29,9 @@ __all__ = [
     "load_calibration",
     "probe_forks",
     "probe_from_logits",
+    "prompt_survival",
     "rollout",
+    "run_compare",
     "run_survival",
     "save_figure",
     "spaghetti_figure",
