@@ -134,7 +134,8 @@ def measure_kl(
         a :class:`TrajectoryKL` with per-prompt KL and tokens (in prompt order) and the pooled statistics.
 
     Raises:
-        ValueError: no prompt, an empty prompt, ``base_prompts`` of another length, ``max_new_tokens < 1``, ``batch_size < 1``, a non-finite
+        ValueError: no prompt, an empty prompt, ``base_prompts`` of another length,
+            ``max_new_tokens < 1``, ``batch_size < 1``, a non-finite
             ``coeff``, a prompt + ``max_new_tokens`` longer than the model's context length
             (:func:`heal_pl.context.context_length`; not checked, with a warning, when the model declares none),
             or no end-of-sequence id at all (:func:`heal_pl.generate.eos_ids`).

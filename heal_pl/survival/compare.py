@@ -62,6 +62,9 @@ PROMPT = "prompt"  # the method name and label of the prompt baseline's row
 COMPARE_COLUMNS = ("method", "label", "alpha", "coeff", "c_star", "n", "died", "censored", "S_mid", "S_end", "t_half",
                    "kl_p95", "kl_mean", "kl_max")  # fmt: skip
 SCALARS = ("S_mid", "S_end", "died", "kl_p95", "kl_mean")
+# the heal survival arguments every method shares (the rest is set per method)
+SURVIVAL_ARGS = [k for k in inspect.signature(run_survival).parameters
+                 if k not in ("method", "adapter_dir", "calib_json", "out_dir")]  # fmt: skip
 
 
 def check_methods(methods: Sequence[str], adapter_dir: str | None) -> None:
@@ -164,7 +167,7 @@ def write_compare(
         w = csv.writer(f)
         w.writerow(COMPARE_COLUMNS)
         w.writerows([_cell(r, c) for c in COMPARE_COLUMNS] for r in rows)
-    cal = ["| method | sign | c* | stat at c* | converged | evaluations | audit ratio |", "|---|---|---|---|---|---|---|"]
+    cal = ["| method | sign | c* | stat at c* | converged | evaluations | audit ratio |", "|---|" * 7]
     cal += [f"| {m} | {s} | {_fmt(c['c_star'])} | {_fmt(c['stat_star'])} | {c['converged']} | {c['evaluations']} | "
             f"{_fmt(c['audit_ratio'])} |" for m, signs in report["calibration"].items() for s, c in signs.items()]
     (out / "compare.md").write_text(compare_markdown(rows) + f"\nCalibration ({report['config']['stat']} of KL = "
@@ -229,12 +232,15 @@ def run_compare(
     """Calibrate and sweep every method of ``methods`` alike, run the prompt baseline, write one table and figures.
 
     Args:
+        model: model alias, folder or Hugging Face id.
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (:mod:`heal_pl.hardware`).
+        dtype: the dtype the weights are loaded in: ``float32``, ``bfloat16`` or ``float16``.
         methods: the steering methods, each once: mean_diff, pca, directional_ablation, adapter (needs
             ``adapter_dir``); each runs ``heal survival`` into ``out_dir/<method>/``.
         prompt_baseline: also measure the system prompt ``system`` against none (the row ``prompt``).
         system: the baseline's system prompt; ``None`` = the calibration's ``pos_system`` (default the pirate
             persona, :data:`heal_pl.prompts.PIRATE`). A blank one is refused.
-        model, device, dtype, adapter_dir, layers, target, stat, signs, calibration, alphas, w, fork_step,
+        adapter_dir, layers, target, stat, signs, calibration, alphas, w, fork_step,
             n_log_forks, threshold, splice, n_eval, stop_at_eos, batch_size, fork_batch, smooth, normalise,
             true_variants, false_variants: as in ``heal survival`` (:func:`heal_pl.survival.run.run_survival`),
             the same for every method.
@@ -252,8 +258,7 @@ def run_compare(
     check_dtype(dtype)
     resolve_device(device)
     out = Path(out_dir)
-    shared = {k: args[k] for k in inspect.signature(run_survival).parameters
-              if k not in ("method", "adapter_dir", "calib_json", "out_dir")}  # fmt: skip
+    shared = {k: args[k] for k in SURVIVAL_ARGS if k in args}  # one run_survival grew and this did not: its default
     summaries, tables, rows, calib = {}, {}, [], {}
     for m in methods:
         log.info("heal compare: method %s (%d of %d)", m, len(summaries) + 1, len(methods))
@@ -272,8 +277,8 @@ def run_compare(
             tables[PROMPT] = {PROMPT: prompt["table"]}
             rows.append(prompt["row"])
         report = {"config": {**args, "system": system}, "fork_points": config.fork_points().tolist(),
-                  "calibration": calib, "prompt": None if prompt is None else {"system": system, "stats": prompt["stats"]},
-                  "table": rows}  # fmt: skip
+                  "calibration": calib, "table": rows,
+                  "prompt": None if prompt is None else {"system": system, "stats": prompt["stats"]}}  # fmt: skip
         write_compare(out, report, tables, float(config.fork_points()[-1]), writer)
     finally:
         writer.close()

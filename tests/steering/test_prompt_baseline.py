@@ -23,14 +23,16 @@ QUESTIONS = ["Is the sun cold?", "Hi", "Please tell me a short story about a sma
 T = 10
 
 
-def reference(model: torch.nn.Module, tokenizer, question: str, system: str) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(
+    model: torch.nn.Module, tokenizer, question: str, system: str, max_new_tokens: int = T
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(generated ids, float64 KL per position) for one question, from whole unpadded sequences."""
     with_s = torch.tensor([tokenizer(chat_prompt(tokenizer, question, system), add_special_tokens=False)["input_ids"]])
     without = torch.tensor([tokenizer(chat_prompt(tokenizer, question, None), add_special_tokens=False)["input_ids"]])
     eos = tokenizer.eos_token_id
     with torch.no_grad():
-        out = model.generate(with_s, attention_mask=torch.ones_like(with_s), max_new_tokens=T, do_sample=False,
-                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        out = model.generate(with_s, attention_mask=torch.ones_like(with_s), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         gen = out[0, with_s.shape[1] :]
         hit = (gen == eos).nonzero()
         gen = gen[: int(hit[0]) + 1] if len(hit) else gen
