@@ -178,7 +178,7 @@ def write_compare(
         if PROMPT in tables:
             curves[PROMPT] = tables[PROMPT][PROMPT]
         fig = survival_figure(curves, title=f"Kaplan–Meier at α = {label} · c*  (prompt: its one dose)",
-                              horizon=horizon, legend_title="method")  # fmt: skip
+                              horizon=horizon)  # fmt: skip
         ax = fig.axes[0]
         for line in ax.lines:
             if line.get_label() == PROMPT:

@@ -138,10 +138,8 @@ def spaghetti_figure(
     return fig
 
 
-def survival_figure(
-    tables: Mapping[str, Mapping], title: str = "", horizon: float | None = None, legend_title: str = "α"
-) -> Figure:
-    """Kaplan–Meier step curves, one per α label (or per method: ``legend_title``), on one axis with shaded bands.
+def survival_figure(tables: Mapping[str, Mapping], title: str = "", horizon: float | None = None) -> Figure:
+    """Kaplan–Meier step curves, one per α label, on one axis with shaded confidence bands.
 
     ``tables`` maps an α label to a :func:`heal_pl.survival.table.survival_table` result; its ``"curve"``
     (``timeline``, ``S``, ``lower``, ``upper``) is drawn with ``where="post"``. One line per label, in order,
@@ -173,7 +171,7 @@ def survival_figure(
     ax.set_ylim(0.0, 1.02)
     if title:
         ax.set_title(title)
-    ax.legend(title=legend_title, fontsize="small")
+    ax.legend(title="α", fontsize="small")
     fig.tight_layout()
     return fig
 
