@@ -142,12 +142,13 @@ def method_rows(method: str, summary: Mapping[str, Any]) -> list[dict[str, Any]]
     return rows
 
 
-def _cell(row: Mapping[str, Any], column: str) -> str:
-    """A table cell: ``-`` for no value (the prompt's alpha / coeff / c*), ``never`` for no t_half."""
+def _cell(row: Mapping[str, Any], column: str, rounded: bool = True) -> Any:
+    """A table cell: ``-`` for no value (the prompt's alpha / coeff / c*), ``never`` for no t_half; numbers to 3
+    significant digits when ``rounded`` (markdown), as they are otherwise (CSV)."""
     value = row[column]
-    if value is None and column != "t_half":
-        return "-"
-    return _fmt(value)
+    if value is None:
+        return "never" if column == "t_half" else "-"
+    return _fmt(value) if rounded else value
 
 
 def compare_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -166,7 +167,7 @@ def write_compare(
     with open(out / "compare.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COMPARE_COLUMNS)
-        w.writerows([_cell(r, c) for c in COMPARE_COLUMNS] for r in rows)
+        w.writerows([_cell(r, c, rounded=False) for c in COMPARE_COLUMNS] for r in rows)
     cal = ["| method | sign | c* | stat at c* | converged | evaluations | audit ratio |", "|---|" * 7]
     cal += [f"| {m} | {s} | {_fmt(c['c_star'])} | {_fmt(c['stat_star'])} | {c['converged']} | {c['evaluations']} | "
             f"{_fmt(c['audit_ratio'])} |" for m, signs in report["calibration"].items() for s, c in signs.items()]
