@@ -168,7 +168,7 @@ def write_compare(
         w = csv.writer(f)
         w.writerow(COMPARE_COLUMNS)
         w.writerows([_cell(r, c, rounded=False) for c in COMPARE_COLUMNS] for r in rows)
-    cal = ["| method | sign | c* | stat at c* | converged | evaluations | audit ratio |", "|---|" * 7]
+    cal = ["| method | sign | c* | stat at c* | converged | evaluations | audit ratio |", "|" + "---|" * 7]
     cal += [f"| {m} | {s} | {_fmt(c['c_star'])} | {_fmt(c['stat_star'])} | {c['converged']} | {c['evaluations']} | "
             f"{_fmt(c['audit_ratio'])} |" for m, signs in report["calibration"].items() for s, c in signs.items()]
     (out / "compare.md").write_text(compare_markdown(rows) + f"\nCalibration ({report['config']['stat']} of KL = "

@@ -118,6 +118,9 @@ def test_compare_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.Lo
     assert report["table"][-1]["alpha"] is None and set(report["calibration"]) == set(METHODS)
     md = (out / "compare.md").read_text().splitlines()
     assert md[0] == "| " + " | ".join(COMPARE_COLUMNS) + " |" and md[2 + len(table)] == ""
+    calibration_md = md[md.index("| method | sign | c* | stat at c* | converged | evaluations | audit ratio |"):]
+    assert calibration_md[1] == "|---|---|---|---|---|---|---|" and len(calibration_md) == 2 + len(METHODS)
+    assert all(line.startswith(f"| {m} | + | ") for line, m in zip(calibration_md[2:], METHODS, strict=True))
     figures = {p.name: p.stat().st_size for p in (out / "figures").glob("*.png")}
     assert set(figures) == {"compare_0.png", "compare_plus_1.png", "compare_plus_4.png"}
     assert min(figures.values()) > 5000 and (out / "prompt" / "figures" / "spaghetti_prompt.png").is_file()
