@@ -4,23 +4,25 @@
 
 Steps:
 
-1. **Prompt baseline** (``prompt_baseline: true``): the KL footprint of the system prompt ``system`` (default the
-   calibration's ``pos_system``, the persona the vectors are fitted from) against none, at its one natural dose
-   (:mod:`heal_pl.steering.prompt_baseline`): greedy rollouts WITH the system prompt on the evaluation questions,
-   per-token KL(with ‖ without) on the same tokens, and the forced-choice probe at the same forks with the system
-   prompt present (:func:`prompt_survival`; files in ``out_dir/prompt/``).
-2. **Each method** of ``methods`` (mean_diff, pca, directional_ablation, adapter) runs ``heal survival``
+1. **Each method** of ``methods`` (mean_diff, pca, directional_ablation, adapter) runs ``heal survival``
    (:func:`heal_pl.survival.run.run_survival`) into ``out_dir/<method>/``: calibrated to the same ``target`` /
    ``stat`` / ``layers`` (``out_dir/<method>/calibrate/``), then swept over the same α · c* grid with the same
    :class:`~heal_pl.survival.sweep.SweepConfig`, hence the same evaluation prompts and the same forks.
+2. **Prompt baseline** (``prompt_baseline: true``): the KL footprint of the system prompt ``system`` (default the
+   calibration's ``pos_system``, the persona the vectors are fitted from) against none, at its one natural dose
+   (:mod:`heal_pl.steering.prompt_baseline`): greedy rollouts WITH the system prompt on the same evaluation
+   questions, per-token KL(with ‖ without) on the same tokens, and the forced-choice probe at the same forks with
+   the system prompt present (:func:`prompt_survival`; files in ``out_dir/prompt/``).
 3. **One table** (method × α label, plus the row ``prompt``) and one Kaplan–Meier figure per α label with a curve
    per method and the prompt's curve.
 
 Files in ``out_dir``: ``compare.md``, ``compare.csv``, ``compare.json`` (config, per-method calibration, table),
-``figures/compare_<label>.png`` (``0``, ``plus_1``, ``minus_0.5``, …). TensorBoard in ``out_dir``: figures
-``compare/curves/<label>``; scalars ``compare/<method>/<sign>/{S_mid,S_end,died,kl_p95,kl_mean}`` at step
-round(100 α) and ``compare/prompt/{...}`` at step 0 (each method's own ``survival/`` tags are in its folder).
-The prompt row has no coefficient: its ``alpha``, ``coeff`` and ``c_star`` read ``-`` (``null`` in the JSON).
+``figures/compare_<label>.png`` (``0``, ``plus_1``, ``minus_0.5``, …; the prompt's curve dashed on each),
+``prompt/prompt.json`` and ``prompt/figures/spaghetti_prompt.png``. TensorBoard in ``out_dir``: figures
+``compare/curves/<label>`` and ``compare/spaghetti/prompt``; scalars
+``compare/<method>/<sign>/{S_mid,S_end,died,kl_p95,kl_mean}`` at step round(100 α) and ``compare/prompt/{...}`` at
+step 0 (each method's own ``survival/`` tags are in its folder). The prompt row has no coefficient: its ``alpha``,
+``coeff`` and ``c_star`` read ``-`` (``null`` in the JSON); compare.csv holds unrounded values, compare.md rounds.
 
 Resume: every method keeps its ``heal survival`` journals (``out_dir/<method>/journal/``,
 ``out_dir/<method>/calibrate/journal/``) and the prompt baseline its own (``out_dir/prompt/journal/``); a rerun
