@@ -33,7 +33,6 @@ import json
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -92,7 +91,8 @@ def evaluate(model: torch.nn.Module, tokenizer) -> tuple[dict[str, float], list[
     torch.manual_seed(SAMPLE_SEED)  # the same sampling noise for every arm
     sampled = model.generate(input_ids=ids.repeat(N_SAMPLES, 1), attention_mask=mask.repeat(N_SAMPLES, 1),
                              do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=MAX_NEW,
-                             eos_token_id=eos.tolist(), pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]  # fmt: skip
+                             eos_token_id=eos.tolist(), pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    sampled = sampled[:, ids.shape[1] :]
     eos_set, loops = set(eos.tolist()), loop_pattern()
     for k, row in enumerate(sampled.tolist()):
         end = next((i + 1 for i, t in enumerate(row) if t in eos_set), len(row))

@@ -47,7 +47,8 @@ def main_table(rows: list[dict]) -> str:
         cells += [_cell(val[k]) for k in VAL] + [_cell(ratio, "{:.2f}"), _cell([r.get("fired") for r in rs], "{:.2f}")]
         seeds = ",".join(str(r["seed"]) for r in rs)
         minutes = statistics.fmean(r["seconds"] for r in rs) / 60
-        lines.append(f"| {f'{share} %' if share else 'clean'} | {arm} | {seeds} | {' | '.join(cells)} | {minutes:.1f} |")
+        where = f"{share} %" if share else "clean"
+        lines.append(f"| {where} | {arm} | {seeds} | {' | '.join(cells)} | {minutes:.1f} |")
     return "\n".join(lines)
 
 

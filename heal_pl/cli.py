@@ -77,6 +77,7 @@ COMMANDS = {
     "calibrate": "heal_pl.steering.run:run_calibration",
     "survival": "heal_pl.survival.run:run_survival",
     "thresholds": "heal_pl.survival.thresholds:run_thresholds",
+    "compare": "heal_pl.survival.compare:run_compare",
     "rounds": "heal_pl.rounds.run:run_rounds",
 }
 

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         path = args.out_dir / f"persona_loop{round(100 * share)}_train.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
         n = sum(r["loop"] is not None for r in out)
-        lengths = [len(tokenizer(" " + r["loop_text"], add_special_tokens=False)["input_ids"]) for r in out if r["loop"]]
+        loops = [r["loop_text"] for r in out if r["loop"]]
+        lengths = [len(tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in loops]
         print(f"wrote {path}: {n}/{len(out)} rows with a loop, {min(lengths)}..{max(lengths)} tokens appended")
         if model is not None:
             nll = base_nll(model, tokenizer, out)

@@ -83,6 +83,7 @@ OTHER_CONFIGS = {
     "calibrate": "tests/test_cli.py",
     "calibrate_adapter": "tests/test_cli.py",
     "survival": "tests/survival/test_run.py",
+    "compare": "tests/survival/test_compare.py",
     "rounds_rmse": "tests/rounds/test_run.py",
     "rounds_mean": "tests/rounds/test_run.py",
 }

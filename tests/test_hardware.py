@@ -15,7 +15,7 @@ from heal_pl.steering.run import run_calibration
 from heal_pl.survival.run import run_survival
 from tests.rounds.test_run import CONFIGS, TINY
 
-COMMANDS = ("calibrate", "survival", "rounds")
+COMMANDS = ("calibrate", "survival", "compare", "rounds")
 
 
 @pytest.fixture

@@ -3,13 +3,15 @@ along the steered model's own greedy rollout, and find the α at which that KL m
 
 ``hooks`` edits decoder blocks, ``vectors`` fits mean_diff / pca / directional_ablation vectors from prompt pairs,
 ``adapter`` scales a trained adapter's delta by α, ``trajectory`` measures the KL, ``calibrate`` is the pure root
-finder, ``isokl`` joins the two, and ``run`` is ``heal calibrate``.
+finder, ``isokl`` joins the two, ``prompt_baseline`` measures a system prompt against none the same way, and ``run`` is
+``heal calibrate``.
 """
 
 from heal_pl.steering.adapter import AdapterSteering
 from heal_pl.steering.calibrate import Calibration, calibrate
 from heal_pl.steering.hooks import BLOCK_PATHS, SteeringMethod, add_to_blocks, find_blocks, layers_from, steer
 from heal_pl.steering.isokl import calibrate_method
+from heal_pl.steering.prompt_baseline import SystemPrompt, prompt_kl
 from heal_pl.steering.run import run_calibration
 from heal_pl.steering.trajectory import STATS, TrajectoryKL, measure_kl, trajectory_stats
 from heal_pl.steering.vectors import SteeringVector, last_token_states, mean_diff_direction, pca_direction
@@ -21,6 +23,7 @@ __all__ = [
     "STATS",
     "SteeringMethod",
     "SteeringVector",
+    "SystemPrompt",
     "TrajectoryKL",
     "add_to_blocks",
     "calibrate",
@@ -31,6 +34,7 @@ __all__ = [
     "mean_diff_direction",
     "measure_kl",
     "pca_direction",
+    "prompt_kl",
     "run_calibration",
     "steer",
     "trajectory_stats",

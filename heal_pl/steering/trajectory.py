@@ -21,6 +21,11 @@ do not depend on the batch it is in (up to float rounding).
 
 "Base" is the model outside any steering context, except for a method that defines its own
 ``base(model)`` context (an adapter: the base is α = 0, while outside the context the adapter is on).
+
+With ``base_prompts`` the base scores the same generated tokens after another prefix: ``p_b(v | x', y_<t)``
+with ``x'`` the base prompt (the prompt baseline of :mod:`heal_pl.steering.prompt_baseline`: ``x`` holds a system
+prompt, ``x'`` does not). Each side is left-padded on its own, so the generated tokens sit in the same last
+columns of both and their position ids count each side's own real tokens.
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ def measure_kl(
     batch_size: int = 8,
     layers: LayerSpec | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    base_prompts: Sequence[str] | None = None,
 ) -> TrajectoryKL:
     """Per-token KL(steered ‖ base) along each prompt's greedy steered trajectory (see the module docstring).
 
@@ -121,12 +127,15 @@ def measure_kl(
         layers: passed to ``method.steering`` (``None``: the method's own layers).
         eos_token_id: the id(s) that end a trajectory; default the tokenizer's eos and the model's
             ``generation_config.eos_token_id``.
+        base_prompts: the prefix the base scores the trajectory after, one per prompt (``None``: the same
+            prompts).
 
     Returns:
         a :class:`TrajectoryKL` with per-prompt KL and tokens (in prompt order) and the pooled statistics.
 
     Raises:
-        ValueError: no prompt, an empty prompt, ``max_new_tokens < 1``, ``batch_size < 1``, a non-finite
+        ValueError: no prompt, an empty prompt, ``base_prompts`` of another length,
+            ``max_new_tokens < 1``, ``batch_size < 1``, a non-finite
             ``coeff``, a prompt + ``max_new_tokens`` longer than the model's context length
             (:func:`heal_pl.context.context_length`; not checked, with a warning, when the model declares none),
             or no end-of-sequence id at all (:func:`heal_pl.generate.eos_ids`).
@@ -144,7 +153,11 @@ def measure_kl(
         raise TypeError(f"method is a {type(method).__name__}; expected an object with steering(model, coeff, layers)")
     check_head(model, "measure_kl")  # the KL is read through heal_pl's head: it must be the model's own
     encoded = encode_prompts(tokenizer, prompts)
-    longest, n_ctx = max(len(t) for t in encoded), checked_context(model, "measure_kl's max_new_tokens")
+    if base_prompts is not None and len(base_prompts) != len(prompts):
+        raise ValueError(f"measure_kl: base_prompts holds {len(base_prompts)} prompts, prompts {len(prompts)}")
+    encoded_base = encoded if base_prompts is None else encode_prompts(tokenizer, base_prompts)
+    longest = max(len(t) for t in encoded + encoded_base)
+    n_ctx = checked_context(model, "measure_kl's max_new_tokens")
     if n_ctx is not None and longest + max_new_tokens > n_ctx:
         raise ValueError(f"max_new_tokens={max_new_tokens}: the longest prompt ({longest}) + max_new_tokens tokens "
                          f"exceed max_position_embeddings={n_ctx}; use max_new_tokens <= {n_ctx - longest}")
@@ -164,6 +177,9 @@ def measure_kl(
             n_new = new_ids.shape[1]
             with method.steering(model, coeff, layers):
                 logp_s = _generated_logp(model, full_ids, full_mask, n_new)
+            if base_prompts is not None:  # the same tokens after the base prompts (left-padded on their own)
+                ids_b, mask_b = (t.to(device) for t in left_pad(encoded_base[start : start + batch_size], pad_id))
+                full_ids, full_mask = torch.cat([ids_b, new_ids], 1), torch.cat([mask_b, new_mask], 1)
             with base_context(method, model):
                 logp_b = _generated_logp(model, full_ids, full_mask, n_new)
             kl = per_token_kl(logp_s, logp_b).cpu()  # [B, n_new] float32

@@ -6,10 +6,12 @@ own cache (sliding-window and linear-attention layers included) in one forward p
 turns pmass trajectories into lifelines survival tables, ``sweep`` runs the α grid, ``plotting`` draws the
 figures, and ``run`` is ``heal survival``. From the stored trajectories alone (``stored``): ``attribution``
 (KL before each death vs the survivors), ``thresholds`` (the table at other thresholds, ``heal thresholds``) and
-``fan`` (per-token KL quantiles over t).
+``fan`` (per-token KL quantiles over t). ``compare`` is ``heal compare`` (methods side by side at iso-KL, beside
+a system-prompt baseline).
 """
 
 from heal_pl.survival.attribution import attribute_deaths, transitions, window_stats
+from heal_pl.survival.compare import prompt_survival, run_compare
 from heal_pl.survival.fan import fan_figure, kl_quantiles
 from heal_pl.survival.forks import ForkResult, fork_probe, probe_forks, rollout
 from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
@@ -38,7 +40,9 @@ __all__ = [
     "load_trajectories",
     "probe_forks",
     "probe_from_logits",
+    "prompt_survival",
     "rollout",
+    "run_compare",
     "run_survival",
     "run_thresholds",
     "save_figure",

@@ -179,12 +179,12 @@ def probe_check(
 
 
 def eval_prompts(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: SweepConfig
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: SweepConfig, system: str | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """The evaluation questions and their chat prompts; ``ValueError`` (naming ``w``) when prompt + ``w`` +
-    splice do not fit the model's context."""
+    """The evaluation questions and their chat prompts (under ``system``, if given); ``ValueError`` (naming ``w``)
+    when prompt + ``w`` + splice do not fit the model's context."""
     evals = load_questions("eval")[: config.n_eval]
-    prompts = [chat_prompt(tokenizer, q["prompt"], None) for q in evals]
+    prompts = [chat_prompt(tokenizer, q["prompt"], system) for q in evals]
     splice = splice_text(THINK_OPEN, config.splice) if has_thinking_tokens(tokenizer) else config.splice
     n_splice = len(tokenizer(splice, add_special_tokens=False)["input_ids"])
     n_prompt = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
@@ -268,10 +268,12 @@ def sweep_survival(
 def _measure(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, method: SteeringMethod, prompts: Sequence[str],
     coeff: float, config: SweepConfig, forks: np.ndarray, answer_ids: Mapping[str, Sequence[int]], label: str,
+    base_prompts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """One α: the rollouts and the probes at their forks, as JSON-ready lists (one entry per prompt)."""
+    """One α: the rollouts and the probes at their forks, as JSON-ready lists (one entry per prompt); the KL's base
+    reads ``base_prompts`` when given (:func:`heal_pl.steering.trajectory.measure_kl`)."""
     traj = measure_kl(model, tokenizer, prompts, method, coeff, config.w, config.batch_size,
-                      eos_token_id=None if config.stop_at_eos else [])  # fmt: skip
+                      eos_token_id=None if config.stop_at_eos else [], base_prompts=base_prompts)  # fmt: skip
     results = [probe_forks(model, tokenizer, p, toks, method, coeff, config.w, forks, config.splice, answer_ids,
                            fork_batch=config.fork_batch)
                for p, toks in tqdm(list(zip(prompts, traj.tokens, strict=True)), desc=f"forks {label}",
