@@ -391,6 +391,7 @@ def test_smollm2_cache_from_another_version_is_rebuilt(tmp_path, caplog):
     folder = tmp_path / "models" / name
     shutil.copytree(source, folder, copy_function=os.link)  # hard links: no 500 MB copy
     record = json.loads((folder / embedded.MANIFEST).read_text())
+    (folder / embedded.MANIFEST).unlink()  # a hard link: writing through it would edit the shared cache's record
     (folder / embedded.MANIFEST).write_text(json.dumps(record | {"transformers": "4.0.0"}))
     with caplog.at_level(logging.WARNING, logger="heal_pl"):
         tok = load_tokenizer(name, cache_dir=tmp_path)  # converts the GGUF again (~20 s)
@@ -398,3 +399,4 @@ def test_smollm2_cache_from_another_version_is_rebuilt(tmp_path, caplog):
     assert embedded.cache_problem(folder) is None and tok.eos_token == "<|im_end|>"
     assert json.loads((folder / embedded.MANIFEST).read_text()) == record
     assert (source / "model.safetensors").is_file()  # the shared cache is untouched
+    assert embedded.cache_problem(source) is None and json.loads((source / embedded.MANIFEST).read_text()) == record

@@ -55,7 +55,8 @@ from heal_pl.steering.prompt_baseline import SystemPrompt
 from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
 from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, answer_token_ids
 from heal_pl.survival.run import run_survival
-from heal_pl.survival.sweep import ALPHAS, SPLICE, SweepConfig, _fmt, _measure, _nan_to_none, _slug, eval_prompts
+from heal_pl.survival.stored import fmt_cell
+from heal_pl.survival.sweep import ALPHAS, SPLICE, SweepConfig, _measure, _nan_to_none, _slug, eval_prompts
 from heal_pl.survival.table import survival_table
 
 log = logging.getLogger("heal_pl")
@@ -150,7 +151,7 @@ def _cell(row: Mapping[str, Any], column: str, rounded: bool = True) -> Any:
     value = row[column]
     if value is None:
         return "never" if column == "t_half" else "-"
-    return _fmt(value) if rounded else value
+    return fmt_cell(value) if rounded else value
 
 
 def compare_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -171,8 +172,9 @@ def write_compare(
         w.writerow(COMPARE_COLUMNS)
         w.writerows([_cell(r, c, rounded=False) for c in COMPARE_COLUMNS] for r in rows)
     cal = ["| method | sign | c* | stat at c* | converged | evaluations | audit ratio |", "|" + "---|" * 7]
-    cal += [f"| {m} | {s} | {_fmt(c['c_star'])} | {_fmt(c['stat_star'])} | {c['converged']} | {c['evaluations']} | "
-            f"{_fmt(c['audit_ratio'])} |" for m, signs in report["calibration"].items() for s, c in signs.items()]
+    cal += [f"| {m} | {s} | {fmt_cell(c['c_star'])} | {fmt_cell(c['stat_star'])} | {c['converged']} | "
+            f"{c['evaluations']} | {fmt_cell(c['audit_ratio'])} |"
+            for m, signs in report["calibration"].items() for s, c in signs.items()]
     (out / "compare.md").write_text(compare_markdown(rows) + f"\nCalibration ({report['config']['stat']} of KL = "
                                     f"{report['config']['target']:g} nat):\n\n" + "\n".join(cal) + "\n")  # fmt: skip
     labels = list(dict.fromkeys(lab for per in tables.values() for lab in per if lab != PROMPT))
