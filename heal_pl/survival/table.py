@@ -126,7 +126,8 @@ def survival_table(
     Returns a dict with
       * ``n``, ``died``, ``censored`` (alive trajectories with ``gen_len < w``, ``w = fork_points[-1]``);
       * ``t_mid`` (the fork nearest ``w/2``; ties go to the earlier fork) and ``S_mid = S(t_mid)``;
-      * ``S_end = S(w)``; ``t_half`` = the first fork with ``S ≤ 0.5`` (int) or ``None`` when never;
+      * ``S_end = S(w)``; ``t_half`` = the first fork with ``S ≤ 0.5`` (int) or ``None`` when never; ``S`` is a
+        float product (7/8 · 6/7 · 5/6 · 4/5 reads 0.5000000000000001), so ``S ≤ 0.5 + 1e-9`` counts as ≤ 0.5;
       * ``S_forks`` = ``S`` at every fork point [m];
       * ``curve`` = ``{"timeline", "S", "lower", "upper"}`` float64 arrays, lifelines' fitted step curve and
         its ``1 − ci_alpha`` confidence band (exponential Greenwood);
@@ -143,7 +144,7 @@ def survival_table(
     kmf = KaplanMeierFitter(alpha=float(ci_alpha)).fit(durations, event_observed=observed)
     S_forks = np.asarray(kmf.survival_function_at_times(f).values, dtype=np.float64)
     j_mid = int(np.argmin(np.abs(f - w / 2.0)))
-    below = np.flatnonzero(S_forks <= 0.5)
+    below = np.flatnonzero(S_forks <= 0.5 + 1e-9)  # KM's float product may land a hair above 0.5
     ci = kmf.confidence_interval_survival_function_
     return {
         "n": int(durations.size),

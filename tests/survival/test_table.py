@@ -93,6 +93,24 @@ def test_death_is_absorbing():
     assert out["S_end"] == 0.5 and out["t_half"] == 5
 
 
+@pytest.mark.parametrize("n", [6, 8, 10, 14, 20])
+def test_t_half_when_exactly_half_died(n):
+    """Half of n die over the forks: S(20) is exactly 1/2 in rationals, a hair off 0.5 in floats."""
+    from fractions import Fraction
+
+    P = np.ones((n, 5))
+    for i in range(n // 2):
+        P[i, 1 + (i * 4) // (n // 2) :] = 0.0
+    out = survival_table(P, [20] * n, FORKS, threshold=0.5)
+    at_risk, S, t_half = n, Fraction(1), None
+    for j in range(1, 5):  # Kaplan–Meier by hand, in exact arithmetic
+        d = int(np.sum((P[:, j] == 0) & (P[:, j - 1] == 1)))
+        S, at_risk = S * Fraction(at_risk - d, at_risk), at_risk - d
+        t_half = FORKS[j] if t_half is None and S <= Fraction(1, 2) else t_half
+    assert S == Fraction(1, 2) and out["S_end"] == pytest.approx(0.5, abs=1e-12)
+    assert t_half is not None and out["t_half"] == t_half
+
+
 def test_threshold_is_inclusive_and_death_at_fork_zero():
     P = [[0.95, 0.95, 0.95, 0.95, 0.95], [0.9, 1.0, 1.0, 1.0, 1.0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     d, o = death_times(P, [20] * 4, FORKS, threshold=0.95)
