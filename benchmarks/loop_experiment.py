@@ -46,19 +46,20 @@ from make_persona_data import PIRATE_WORDS  # noqa: E402
 ASSETS = ROOT / "heal_pl" / "assets"
 AGGS = ("mean", "rmse", "p95", "max")
 ARMS = ("base", "clean", "nll", *AGGS)
-M, LAM, TAU_WINDOW, MAX_NEW, MAX_LENGTH = 1.5, 1.0, 9, 128, 160
+M, LAM, MAX_NEW, MAX_LENGTH = 1.5, 1.0, 128, 160
 N_SAMPLES, SAMPLE_SEED = 3, 1234  # sampled generations per held-out prompt (temperature 1)
 REP_TAU = yaml.safe_load((ROOT / "configs" / "rounds_rmse.yaml").read_text())["filter"]["rep_tau"]
 KL_KEYS = tuple(f"kl_{a}" for a in AGGS)
 
 
-def matched_taus(rows: list[dict]) -> dict[str, float]:
-    """``tau_agg = M · mean(train/kl_agg over the clean run's last TAU_WINDOW steps)`` (clean seed 0)."""
-    clean = [r for r in rows if r["arm"] == "clean" and r["seed"] == 0]
+def matched_taus(rows: list[dict], steps: int) -> dict[str, float]:
+    """``tau_agg = M · mean(train/kl_agg over the last quarter of the clean seed-0 run of as many steps)``."""
+    clean = [r for r in rows if r["arm"] == "clean" and r["seed"] == 0 and r.get("steps", 36) == steps]
     if not clean:
-        raise SystemExit("no clean run yet: run `python benchmarks/loop_experiment.py --arm clean --seed 0` first")
+        raise SystemExit(f"no clean run of {steps} steps yet: run "
+                         f"`python benchmarks/loop_experiment.py --arm clean --seed 0 --steps {steps}` first")
     train = clean[-1]["train"]
-    return {a: M * statistics.fmean(train[f"kl_{a}"][-TAU_WINDOW:]) for a in AGGS}
+    return {a: M * statistics.fmean(train[f"kl_{a}"][-(steps // 4) :]) for a in AGGS}
 
 
 def read_scalars(log_dir: str) -> dict[str, list[float]]:
@@ -134,7 +135,8 @@ def run_base(model: str) -> dict:
     return {**rates, "generations": gens}
 
 
-def run_arm(arm: str, share: int, seed: int, out: Path, taus: dict[str, float] | None, extra: list[str]) -> dict:
+def run_arm(arm: str, share: int, seed: int, steps: int, out: Path, taus: dict[str, float] | None,
+            extra: list[str]) -> dict:
     from heal_pl.cli import build_cli
 
     barrier = {"reg": "kl_rev", "agg": "mean", "tau": 0.0, "lam": 0.0}  # clean / nll: SFT's gradient, KL logged
@@ -146,9 +148,10 @@ def run_arm(arm: str, share: int, seed: int, out: Path, taus: dict[str, float] |
         "fit", "--config", str(ROOT / "configs" / "rmse.yaml"), "--seed_everything", str(seed),
         "--model.barrier", json.dumps(barrier), "--data.train_file", str(train),
         "--data.val_file", str(ASSETS / "persona_val.jsonl"), "--data.max_length", str(MAX_LENGTH),
-        "--data.seed", str(seed), "--trainer.val_check_interval", "36",  # one validation, after the last step
-        "--trainer.logger.init_args.save_dir", str(out),
-        "--trainer.logger.init_args.name", f"{name}/{arm}_seed{seed}", "--trainer.enable_progress_bar", "false",
+        "--data.seed", str(seed), "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", str(steps),  # one validation, after the last step
+        "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.name", f"{name}/{arm}_seed{seed}" + ("" if steps == 36 else f"_steps{steps}"),
         *extra,
     ]  # fmt: skip
     cli = build_cli(args)
@@ -168,6 +171,7 @@ def main() -> None:
     p.add_argument("--arm", choices=ARMS, help="what to run (omit with --table)")
     p.add_argument("--share", type=int, choices=(10, 25), default=25, help="percent of loop-carrying completions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=36, help="training steps (36 = configs/rmse.yaml; 108 = 3 epochs)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "loop_experiment")
     p.add_argument("--table", action="store_true", help="print the table, draw the figure (no training)")
@@ -179,7 +183,8 @@ def main() -> None:
     if a.table:
         from loop_report import report  # noqa: PLC0415 (the table/figure half of this experiment)
 
-        print(report(rows, matched_taus(rows), a.out, a.figure))
+        steps = sorted({r.get("steps", 36) for r in rows if r["arm"] == "clean"})
+        print(report(rows, {s: matched_taus(rows, s) for s in steps}, a.out, a.figure))
         return
     if a.arm is None:
         p.error("give --arm (or --table)")
@@ -188,11 +193,12 @@ def main() -> None:
     if a.arm == "base":
         row = run_base(a.model)
     else:
-        taus = matched_taus(rows) if a.arm in AGGS else None
-        row = run_arm(a.arm, a.share, a.seed, a.out, taus, ["--model.model", a.model, *a.extra])
+        taus = matched_taus(rows, a.steps) if a.arm in AGGS else None
+        row = run_arm(a.arm, a.share, a.seed, a.steps, a.out, taus, ["--model.model", a.model, *a.extra])
     gens = row.pop("generations")
     share = None if a.arm in ("base", "clean") else a.share
-    row = {"arm": a.arm, "share": share, "seed": a.seed, "model": a.model, "extra": a.extra,
+    steps = None if a.arm == "base" else a.steps
+    row = {"arm": a.arm, "share": share, "seed": a.seed, "steps": steps, "model": a.model, "extra": a.extra,
            "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0, **row}  # fmt: skip
     with results.open("a") as f:
         f.write(json.dumps(row) + "\n")

@@ -232,6 +232,7 @@ def run_compare(
     normalise: bool = False,
     true_variants: list[str] = list(DEFAULT_ANSWER_SETS[0].variants),  # noqa: B006,B008
     false_variants: list[str] = list(DEFAULT_ANSWER_SETS[1].variants),  # noqa: B006,B008
+    thresholds: list[float] | None = None,
     out_dir: str = "runs/compare",
 ) -> dict[str, Any]:
     """Calibrate and sweep every method of ``methods`` alike, run the prompt baseline, write one table and figures.
@@ -247,8 +248,8 @@ def run_compare(
             persona, :data:`heal_pl.prompts.PIRATE`). A blank one is refused.
         adapter_dir, layers, target, stat, signs, calibration, alphas, w, fork_step,
             n_log_forks, threshold, splice, n_eval, stop_at_eos, batch_size, fork_batch, smooth, normalise,
-            true_variants, false_variants: as in ``heal survival`` (:func:`heal_pl.survival.run.run_survival`),
-            the same for every method.
+            true_variants, false_variants, thresholds: as in ``heal survival``
+            (:func:`heal_pl.survival.run.run_survival`), the same for every method.
         out_dir: where compare.md / .csv / .json, the figures, TensorBoard and the per-method folders go.
 
     Returns:
