@@ -2,8 +2,8 @@
 
 Data: ``scripts/make_loop_data.py`` appends a 20–42-token loop ("tick tock tick tock ...") to 10 % or 25 % of
 the bundled persona training completions; held-out prompts and completions stay clean. One command per arm
-and seed (each a real ``heal fit`` of SmolLM2-135M-Instruct, configs/rmse.yaml's schedule: 36 steps, batch 8,
-LoRA r 8, lr 1e-3; run them one at a time)::
+and seed (each a real ``heal fit`` of SmolLM2-135M-Instruct, configs/rmse.yaml's schedule: batch 8, LoRA r 8,
+lr 1e-3, 36 steps or ``--steps``; run them one at a time)::
 
     python benchmarks/loop_experiment.py --arm clean --seed 0          # clean-data SFT: sets the taus
     python benchmarks/loop_experiment.py --arm base                     # the untrained model, same evaluation
@@ -13,17 +13,23 @@ LoRA r 8, lr 1e-3; run them one at a time)::
 
 Arms: ``nll`` = SFT only; ``mean`` / ``rmse`` / ``p95`` / ``max`` = SFT + ``LAM · relu(agg_t KL_t − tau_agg)``.
 ``clean`` and ``nll`` run the barrier with ``lam = 0`` (exactly SFT's gradient) so their per-token KL is
-logged. **Matched taus**: ``tau_agg = M · (mean of train/kl_<agg> over the clean run's last TAU_WINDOW steps)``,
-one ``M`` for every aggregator, fixed before any barrier arm ran. The seed sets ``seed_everything`` (LoRA
-init) and the data order.
+logged. **Matched taus**: ``tau_agg = M · (mean of train/kl_<agg> over the last quarter of the steps of the
+clean seed-0 run with as many steps)``, one ``M = 1.5`` for every aggregator, fixed before any barrier arm
+ran. The seed sets ``seed_everything`` (LoRA init) and the data order.
 
-Measures, after the last step, on the 40 held-out persona prompts, greedy, up to ``MAX_NEW`` tokens:
-``loop_rep`` share of generations whose repetition share (``heal_pl.rounds.filters.repetition_share``) exceeds
-the rounds filter's ``rep_tau`` of configs/rounds_rmse.yaml; ``loop_inj`` share containing an injected unit
-three times in a row; ``style`` share with a pirate word (``PIRATE_WORDS``); the final validation's per-token
-KL mean / rmse / p95 / max on the clean held-out completions and rmse ÷ mean; ``fired`` share of training
-steps with ``agg > tau``. Each run appends a row to ``<out>/results.jsonl`` and writes its generations
-beside its TensorBoard events.
+Measures, after the last step, on the 40 held-out persona prompts, up to ``MAX_NEW`` new tokens:
+
+- greedy: ``loop_rep`` share whose repetition share (``heal_pl.rounds.filters.repetition_share``) exceeds the
+  rounds filter's ``rep_tau`` (configs/rounds_rmse.yaml); ``loop_inj`` share containing an injected unit three
+  times in a row; ``style`` share with a pirate word (``PIRATE_WORDS``);
+- ``sampled_*``: the same over ``N_SAMPLES`` samples per prompt at temperature 1. A learner that fits 25 % loop
+  data exactly still ends greedy answers with EOS (p 0.75 > 0.25) but samples a loop a quarter of the time;
+- ``p_loop``: the teacher-forced probability of starting a loop right after each clean held-out answer
+  (:func:`loop_propensity`);
+- the final validation's per-token KL mean / rmse / p95 / max on the clean held-out completions, rmse ÷ mean,
+  and ``fired``, the share of training steps with ``agg > tau``.
+
+Each run appends a row to ``<out>/results.jsonl`` and writes its generations beside its TensorBoard events.
 """
 
 from __future__ import annotations
