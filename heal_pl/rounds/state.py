@@ -23,7 +23,7 @@ from typing import Any
 
 STATE_FILE = "state.json"
 # the arguments a resumed run may change: where the run is, whether to resume, how far to go
-RESUMABLE = frozenset({"out_dir", "resume", "rounds", "progress"})
+RESUMABLE = frozenset({"out_dir", "resume", "rounds", "progress", "device"})  # a run may continue on other hardware
 
 
 def write_json(path: Path, data: Any) -> None:

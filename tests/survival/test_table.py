@@ -102,12 +102,12 @@ def test_t_half_when_exactly_half_died(n):
     for i in range(n // 2):
         P[i, 1 + (i * 4) // (n // 2) :] = 0.0
     out = survival_table(P, [20] * n, FORKS, threshold=0.5)
-    at_risk, S, t_half = n, Fraction(1), None
+    at_risk, surv, t_half = n, Fraction(1), None
     for j in range(1, 5):  # Kaplan–Meier by hand, in exact arithmetic
         d = int(np.sum((P[:, j] == 0) & (P[:, j - 1] == 1)))
-        S, at_risk = S * Fraction(at_risk - d, at_risk), at_risk - d
-        t_half = FORKS[j] if t_half is None and S <= Fraction(1, 2) else t_half
-    assert S == Fraction(1, 2) and out["S_end"] == pytest.approx(0.5, abs=1e-12)
+        surv, at_risk = surv * Fraction(at_risk - d, at_risk), at_risk - d
+        t_half = FORKS[j] if t_half is None and surv <= Fraction(1, 2) else t_half
+    assert surv == Fraction(1, 2) and out["S_end"] == pytest.approx(0.5, abs=1e-12)
     assert t_half is not None and out["t_half"] == t_half
 
 
