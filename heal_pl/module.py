@@ -24,7 +24,7 @@ from torch import Tensor
 
 from heal_pl.adapters.card import final_validation, write_card
 from heal_pl.adapters.lora import LoRASpec, spectral_norms, wrap_lora
-from heal_pl.adapters.routed import RoutedSpec, wrap_routed
+from heal_pl.adapters.routed import RoutedSpec, hack_decay_groups, wrap_routed
 from heal_pl.checks import choice_problem
 from heal_pl.distributed import gather_tokens
 from heal_pl.kl import (
@@ -41,7 +41,6 @@ from heal_pl.models import load_model
 from heal_pl.panels import DriftPanels, logged_step
 from heal_pl.ref_cache import RefRowCache, example_keys, ref_fingerprint
 from heal_pl.resume import RNG_KEY, rng_state, set_rng_state
-from heal_pl.routing.train import hack_decay_groups
 from heal_pl.shared_prefix import SharedPrefix, first_adapted_block, prefix_dropout
 
 log = logging.getLogger("heal_pl")

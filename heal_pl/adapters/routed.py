@@ -31,11 +31,12 @@ import contextlib
 import json
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -337,3 +338,14 @@ def wrap_routed(model: nn.Module, spec: RoutedSpec) -> RoutedAdapter:
         parent = model.get_submodule(parent_name)
         setattr(parent, child, RoutedLinear(model.get_submodule(name), spec, name))
     return RoutedAdapter(model, spec)
+
+
+def hack_decay_groups(params: Sequence[nn.Parameter], hack: Sequence[nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: ``params`` (minus the hack knobs) with ``weight_decay``, the hack knobs with 0."""
+    hack_ids = {id(p) for p in hack}
+    if weight_decay > 0:
+        rank_zero_warn(f"weight_decay={weight_decay} applies to delta only; delta_hack's weight decay is forced to 0")
+    return [
+        {"params": [p for p in params if id(p) not in hack_ids], "weight_decay": weight_decay},
+        {"params": list(hack), "weight_decay": 0.0},
+    ]

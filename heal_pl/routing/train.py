@@ -24,7 +24,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from heal_pl.adapters.routed import RoutedAdapter, RoutedLinear, routed_modules
+from heal_pl.adapters.routed import (  # noqa: F401 (hack_decay_groups: also public here)
+    RoutedAdapter,
+    RoutedLinear,
+    hack_decay_groups,
+    routed_modules,
+)
 from heal_pl.checks import check_choice
 from heal_pl.routing.project import Arm, Gate, fired, project, projection_metrics
 
@@ -99,17 +104,6 @@ def find_routed_adapter(module: nn.Module) -> RoutedAdapter:
         if isinstance(candidate, PreTrainedModel) and any(isinstance(m, RoutedLinear) for m in candidate.modules()):
             return RoutedAdapter(candidate, layers[0].spec)
     raise ValueError(f"the routed layers of {type(module).__name__} are not inside a Hugging Face PreTrainedModel")
-
-
-def hack_decay_groups(params: Sequence[nn.Parameter], hack: Sequence[nn.Parameter], weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: ``params`` (minus the hack knobs) with ``weight_decay``, the hack knobs with 0."""
-    hack_ids = {id(p) for p in hack}
-    if weight_decay > 0:
-        rank_zero_warn(f"weight_decay={weight_decay} applies to delta only; delta_hack's weight decay is forced to 0")
-    return [
-        {"params": [p for p in params if id(p) not in hack_ids], "weight_decay": weight_decay},
-        {"params": list(hack), "weight_decay": 0.0},
-    ]
 
 
 def force_zero_hack_decay(
