@@ -108,7 +108,7 @@ def test_interrupted_survival_rerun_gives_the_files_of_one_run(
 ) -> None:
     with monkeypatch.context() as m:
         kl_calls = _counting(m, heal_pl.steering.isokl, "measure_kl", None)
-        alpha_calls = _counting(m, heal_pl.survival.sweep, "_measure", None)
+        alpha_calls = _counting(m, heal_pl.survival.sweep, "measure_alpha", None)
         _survival(tmp_path / "straight")
     n_kl, n_alpha = len(kl_calls), len(alpha_calls)
     assert n_alpha == 5 and n_kl >= 4  # α = 0, ±1, ±4; per sign >= 1 evaluation + the audit
@@ -119,7 +119,7 @@ def test_interrupted_survival_rerun_gives_the_files_of_one_run(
         _survival(out)
     with monkeypatch.context() as m, pytest.raises(Killed):  # dies in the sweep, after the first α
         kl_calls = _counting(m, heal_pl.steering.isokl, "measure_kl", None)
-        _counting(m, heal_pl.survival.sweep, "_measure", 2)
+        _counting(m, heal_pl.survival.sweep, "measure_alpha", 2)
         with caplog.at_level(logging.INFO, logger="heal_pl"):
             _survival(out)
     assert len(kl_calls) == n_kl - 2, "the two finished evaluations are read back, not measured again"
@@ -127,7 +127,7 @@ def test_interrupted_survival_rerun_gives_the_files_of_one_run(
     caplog.clear()
     with monkeypatch.context() as m:
         kl_calls = _counting(m, heal_pl.steering.isokl, "measure_kl", None)
-        alpha_calls = _counting(m, heal_pl.survival.sweep, "_measure", None)
+        alpha_calls = _counting(m, heal_pl.survival.sweep, "measure_alpha", None)
         with caplog.at_level(logging.INFO, logger="heal_pl"):
             _survival(out)
     assert (len(kl_calls), len(alpha_calls)) == (0, n_alpha - 1)

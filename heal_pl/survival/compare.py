@@ -56,7 +56,7 @@ from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_fi
 from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, answer_token_ids
 from heal_pl.survival.run import run_survival
 from heal_pl.survival.stored import fmt_cell
-from heal_pl.survival.sweep import ALPHAS, SPLICE, SweepConfig, _measure, _nan_to_none, _slug, eval_prompts
+from heal_pl.survival.sweep import ALPHAS, SPLICE, SweepConfig, eval_prompts, file_slug, measure_alpha, nan_to_none
 from heal_pl.survival.table import survival_table
 
 log = logging.getLogger("heal_pl")
@@ -107,7 +107,7 @@ def prompt_survival(
     evals, with_system = eval_prompts(model, tokenizer, config, system)  # checks the (longer) prompts' window
     _, without = eval_prompts(model, tokenizer, config)
     forks = config.fork_points()
-    m = journaled(journal, PROMPT, {"system": system}, lambda: {"system": system, **_measure(
+    m = journaled(journal, PROMPT, {"system": system}, lambda: {"system": system, **measure_alpha(
         model, tokenizer, method, with_system, 1.0, config, forks, answer_ids, PROMPT, base_prompts=without)})
     table = survival_table(np.asarray(m["pmass"], dtype=np.float64), np.asarray(m["gen_len"]), forks,
                            config.threshold)  # fmt: skip
@@ -189,7 +189,7 @@ def write_compare(
             if line.get_label() == PROMPT:
                 line.set_linestyle("--")  # the reference: dashed
         ax.legend(title="method", fontsize="small")
-        save_figure(fig, out / "figures" / f"compare_{_slug(label)}.png")
+        save_figure(fig, out / "figures" / f"compare_{file_slug(label)}.png")
         if writer is not None:
             writer.add_figure(f"compare/curves/{label}", fig, 0)
     if writer is not None:
@@ -305,7 +305,7 @@ def _run_prompt(
     lm = load_on(model_name, device, dtype)
     result = prompt_survival(lm, tokenizer, system, config, answer_ids, journal)
     trs = result["trajectories"]
-    strict = [{**t, "pmass": _nan_to_none(t["pmass"]), "p_true": _nan_to_none(t["p_true"])} for t in trs]
+    strict = [{**t, "pmass": nan_to_none(t["pmass"]), "p_true": nan_to_none(t["p_true"])} for t in trs]
     (out / "prompt.json").write_text(json.dumps({"system": system, "row": result["row"], "stats": result["stats"],
                                                  "fork_points": config.fork_points().tolist(), "trajectories": strict},
                                                 indent=2, allow_nan=False))  # fmt: skip

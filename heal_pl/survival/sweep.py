@@ -158,7 +158,8 @@ def label_of(sign: str, alpha: float) -> str:
     return "0" if alpha == 0 else f"{sign}{alpha:g}"
 
 
-def _slug(label: str) -> str:
+def file_slug(label: str) -> str:
+    """The file-name form of an α label: ``0``, ``plus_1``, ``minus_0.5``."""
     return label if label == "0" else f"{SIGN_WORD[label[0]]}_{label[1:]}"
 
 
@@ -239,8 +240,8 @@ def sweep_survival(
     for sign, alpha in tqdm(runs, desc="survival sweep", unit="α"):
         label = label_of(sign, alpha)
         coeff = (1.0 if sign == "+" else -1.0) * alpha * float(c_stars[sign])
-        m = journaled(journal, f"alpha_{_slug(label)}", {"coeff": coeff},
-                      lambda c=coeff, lab=label: _measure(model, tokenizer, method, prompts, c, config, forks,
+        m = journaled(journal, f"alpha_{file_slug(label)}", {"coeff": coeff},
+                      lambda c=coeff, lab=label: measure_alpha(model, tokenizer, method, prompts, c, config, forks,
                                                           answer_ids, lab))  # fmt: skip
         pmass = np.asarray(m["pmass"], dtype=np.float64)  # [prompts, forks]; a fork past the end is NaN
         gen_lens = np.asarray(m["gen_len"])
@@ -265,7 +266,7 @@ def sweep_survival(
     return {**summary, "trajectories": trajectories}
 
 
-def _measure(
+def measure_alpha(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, method: SteeringMethod, prompts: Sequence[str],
     coeff: float, config: SweepConfig, forks: np.ndarray, answer_ids: Mapping[str, Sequence[int]], label: str,
     base_prompts: Sequence[str] | None = None,
@@ -288,7 +289,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return markdown_rows(rows, TABLE_COLUMNS)
 
 
-def _nan_to_none(xs: Sequence[float]) -> list[float | None]:
+def nan_to_none(xs: Sequence[float]) -> list[float | None]:
     """Standard JSON has no NaN: a fork past the trajectory's end is written as null."""
     return [None if x != x else x for x in xs]
 
@@ -301,7 +302,7 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     rows = summary["table"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    strict = [{**t, "pmass": _nan_to_none(t["pmass"]), "p_true": _nan_to_none(t["p_true"])} for t in trajectories]
+    strict = [{**t, "pmass": nan_to_none(t["pmass"]), "p_true": nan_to_none(t["p_true"])} for t in trajectories]
     (out / "trajectories.json").write_text(
         json.dumps({"fork_points": summary["fork_points"], "trajectories": strict}, allow_nan=False)
     )
@@ -330,7 +331,7 @@ def write_outputs(
                                [t["gen_len"] - 1 if t["eos"] else None for t in trs], target=kl_target,
                                smooth=config.smooth, normalise=config.normalise,
                                title=f"α = {label} · c*  (red: after death, pmass < {config.threshold:g})")  # fmt: skip
-        save_figure(fig, figures / f"spaghetti_{_slug(label)}.png")
+        save_figure(fig, figures / f"spaghetti_{file_slug(label)}.png")
         if writer is not None:
             writer.add_figure(f"{tag_prefix}spaghetti/{label}", fig, step)
     for sign in (s for s in SIGN_WORD if s in summary["c_star"]):
