@@ -5,10 +5,12 @@ the bundled persona training completions; held-out prompts and completions stay 
 and seed (each a real ``heal fit`` of SmolLM2-135M-Instruct, configs/rmse.yaml's schedule: batch 8, LoRA r 8,
 lr 1e-3, 36 steps or ``--steps``; run them one at a time)::
 
-    python benchmarks/loop_experiment.py --arm clean --seed 0          # clean-data SFT: sets the taus
-    python benchmarks/loop_experiment.py --arm base                     # the untrained model, same evaluation
-    python benchmarks/loop_experiment.py --arm nll  --share 25 --seed 0
-    python benchmarks/loop_experiment.py --arm mean --share 25 --seed 0   # ... rmse, p95, max; seeds 0 1 2
+    python benchmarks/loop_experiment.py --arm clean --seed 0 --steps 108          # clean-data SFT: sets the taus
+    python benchmarks/loop_experiment.py --arm base                                 # the untrained model
+    python benchmarks/loop_experiment.py --arm nll  --share 25 --seed 0 --steps 108
+    python benchmarks/loop_experiment.py --arm mean --share 25 --seed 0 --steps 108  # rmse, p95, max; seeds 0 1 2
+
+(36 steps, configs/rmse.yaml's schedule and the default, is under one epoch: SFT does not learn the loop there.)
     python benchmarks/loop_experiment.py --table                        # the README table, figure, TensorBoard
 
 Arms: ``nll`` = SFT only; ``mean`` / ``rmse`` / ``p95`` / ``max`` = SFT + ``LAM · relu(agg_t KL_t − tau_agg)``.
