@@ -58,16 +58,17 @@ M, LAM, MAX_NEW, MAX_LENGTH = 1.5, 1.0, 128, 160
 N_SAMPLES, SAMPLE_SEED = 3, 1234  # sampled generations per held-out prompt (temperature 1)
 REP_TAU = yaml.safe_load((ROOT / "configs" / "rounds_rmse.yaml").read_text())["filter"]["rep_tau"]
 KL_KEYS = tuple(f"kl_{a}" for a in AGGS)
+TWIN_KEYS = ("arm", "share", "seed", "steps", "model", "extra", "threads")  # what a never-fired arm shares with nll
 
 
-def matched_taus(rows: list[dict], steps: int) -> dict[str, float]:
-    """``tau_agg = M · mean(train/kl_agg over the last quarter of the clean seed-0 run of as many steps)``."""
+def matched_taus(rows: list[dict], steps: int, m: float = M) -> dict[str, float]:
+    """``tau_agg = m · mean(train/kl_agg over the last quarter of the clean seed-0 run of as many steps)``."""
     clean = [r for r in rows if r["arm"] == "clean" and r["seed"] == 0 and r.get("steps", 36) == steps]
     if not clean:
         raise SystemExit(f"no clean run of {steps} steps yet: run "
                          f"`python benchmarks/loop_experiment.py --arm clean --seed 0 --steps {steps}` first")
     train = clean[-1]["train"]
-    return {a: M * statistics.fmean(train[f"kl_{a}"][-(steps // 4) :]) for a in AGGS}
+    return {a: m * statistics.fmean(train[f"kl_{a}"][-(steps // 4) :]) for a in AGGS}
 
 
 def read_scalars(log_dir: str) -> dict[str, list[float]]:
@@ -143,8 +144,8 @@ def run_base(model: str) -> dict:
     return {**rates, "generations": gens}
 
 
-def run_arm(arm: str, share: int, seed: int, steps: int, out: Path, taus: dict[str, float] | None,
-            extra: list[str]) -> dict:
+def run_arm(arm: str, share: int, seed: int, steps: int, m: float, out: Path, taus: dict[str, float] | None,
+            extra: list[str], nll_runs: list[dict]) -> dict:
     from heal_pl.cli import build_cli
 
     barrier = {"reg": "kl_rev", "agg": "mean", "tau": 0.0, "lam": 0.0}  # clean / nll: SFT's gradient, KL logged
@@ -159,19 +160,45 @@ def run_arm(arm: str, share: int, seed: int, steps: int, out: Path, taus: dict[s
         "--data.seed", str(seed), "--trainer.max_steps", str(steps),
         "--trainer.val_check_interval", str(steps),  # one validation, after the last step
         "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.name", f"{name}/{arm}_seed{seed}" + ("" if steps == 36 else f"_steps{steps}"),
+        "--trainer.logger.init_args.name", f"{name}/{arm}_seed{seed}" + ("" if steps == 36 else f"_steps{steps}")
+        + ("" if arm not in AGGS or m == M else f"_m{m:g}"),
         *extra,
     ]  # fmt: skip
     cli = build_cli(args)
     metrics = {k.removeprefix("val/"): float(v) for k, v in cli.trainer.callback_metrics.items()
                if k.startswith("val/kl_")}  # fmt: skip
-    from heal_pl.models import load_tokenizer
-
-    rates, gens = evaluate(cli.model.student, load_tokenizer(cli.model.hparams.model))
     scalars = read_scalars(cli.trainer.log_dir)
+    fired = statistics.fmean(scalars["barrier_fired"]) if arm in AGGS else None
+    twin = nll_twin(nll_runs, cli.trainer.log_dir) if fired == 0 else None
+    if twin is not None:  # never fired: SFT's gradient at every step, the same adapter bit for bit
+        rates = {k: twin[k] for k in twin if k.startswith(("loop_", "sampled_", "style", "p_loop"))}
+        gens = [json.loads(x) for x in (Path(twin["log_dir"]) / "generations.jsonl").read_text().splitlines()]
+    else:
+        from heal_pl.models import load_tokenizer
+
+        rates, gens = evaluate(cli.model.student, load_tokenizer(cli.model.hparams.model))
     return {**rates, "val": metrics, "train": {k: scalars[k] for k in (*KL_KEYS, "barrier_fired")},
-            "fired": statistics.fmean(scalars["barrier_fired"]) if arm in AGGS else None, "barrier": barrier,
-            "log_dir": cli.trainer.log_dir, "generations": gens}  # fmt: skip
+            "fired": fired, "barrier": barrier, "log_dir": cli.trainer.log_dir, "generations": gens,
+            "measures_of": twin["log_dir"] if twin else None}  # fmt: skip
+
+
+def nll_twin(nll_runs: list[dict], log_dir: str) -> dict | None:
+    """The nll run (same seed, share, steps, model, overrides, threads) whose adapter equals this run's, bit for bit.
+
+    A barrier that never fired adds zero gradient at every step, so on the same threads the run retraces nll's
+    exactly; its held-out generations are then nll's, and are read rather than generated again (checked here
+    with ``torch.equal`` on every adapter tensor, never assumed).
+    """
+    from safetensors.torch import load_file
+
+    mine = load_file(Path(log_dir) / "adapter" / "adapter_model.safetensors")
+    for r in nll_runs:
+        theirs = Path(r["log_dir"]) / "adapter" / "adapter_model.safetensors"
+        if theirs.is_file():
+            other = load_file(theirs)
+            if other.keys() == mine.keys() and all(torch.equal(mine[k], other[k]) for k in mine):
+                return r
+    return None
 
 
 def main() -> None:
@@ -180,6 +207,7 @@ def main() -> None:
     p.add_argument("--share", type=int, choices=(10, 25), default=25, help="percent of loop-carrying completions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=36, help="training steps (36 = configs/rmse.yaml; 108 = 3 epochs)")
+    p.add_argument("--m", type=float, default=M, help="matched-tau multiplier of the barrier arms")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "loop_experiment")
     p.add_argument("--table", action="store_true", help="print the table, draw the figure (no training)")
@@ -192,7 +220,8 @@ def main() -> None:
         from loop_report import report  # noqa: PLC0415 (the table/figure half of this experiment)
 
         steps = sorted({r.get("steps", 36) for r in rows if r["arm"] == "clean"})
-        print(report(rows, {s: matched_taus(rows, s) for s in steps}, a.out, a.figure))
+        ms = sorted({r.get("m") or M for r in rows})
+        print(report(rows, {(s, m): matched_taus(rows, s, m) for s in steps for m in ms}, a.out, a.figure))
         return
     if a.arm is None:
         p.error("give --arm (or --table)")
@@ -201,13 +230,17 @@ def main() -> None:
     if a.arm == "base":
         row = run_base(a.model)
     else:
-        taus = matched_taus(rows, a.steps) if a.arm in AGGS else None
-        row = run_arm(a.arm, a.share, a.seed, a.steps, a.out, taus, ["--model.model", a.model, *a.extra])
+        taus = matched_taus(rows, a.steps, a.m) if a.arm in AGGS else None
+        same = ("nll", a.share, a.seed, a.steps, a.model, a.extra, torch.get_num_threads())
+        nll_runs = [r for r in rows if tuple(r.get(k) for k in TWIN_KEYS) == same]
+        row = run_arm(a.arm, a.share, a.seed, a.steps, a.m, a.out, taus, ["--model.model", a.model, *a.extra], nll_runs)
     gens = row.pop("generations")
     share = None if a.arm in ("base", "clean") else a.share
     steps = None if a.arm == "base" else a.steps
     row = {"arm": a.arm, "share": share, "seed": a.seed, "steps": steps, "model": a.model, "extra": a.extra,
            "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0, **row}  # fmt: skip
+    if a.arm in AGGS:
+        row["m"] = a.m
     with results.open("a") as f:
         f.write(json.dumps(row) + "\n")
     gen_dir = Path(row.get("log_dir") or a.out / "base")

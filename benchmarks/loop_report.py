@@ -31,6 +31,7 @@ def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         steps = f"steps {r.get('steps', 36)}" if r["arm"] != "base" else "untrained"
+        steps += f", m {r['m']:g}" if r.get("m", 1.5) != 1.5 else ""  # a second matched-tau setting
         out[(r["share"] or 0, r["arm"], r["model"], " ".join([steps, *r["extra"]]))].append(r)
     for rs in out.values():
         rs.sort(key=lambda r: r["seed"])
@@ -104,7 +105,7 @@ def figure(rows: list[dict]):
     return fig
 
 
-def report(rows: list[dict], taus: dict[int, dict[str, float]], out: Path, figure_path: Path) -> str:
+def report(rows: list[dict], taus: dict[tuple[int, float], dict[str, float]], out: Path, figure_path: Path) -> str:
     """Write ``out/table.md``, the figure (``figure_path`` and TensorBoard ``loop_experiment/loop_vs_style``)."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -116,8 +117,8 @@ def report(rows: list[dict], taus: dict[int, dict[str, float]], out: Path, figur
     writer = SummaryWriter(str(out / "summary"))
     writer.add_figure("loop_experiment/loop_vs_style", fig, 0)
     writer.close()
-    tau_line = "; ".join(f"{steps} steps: " + ", ".join(f"{a} {t:.3g}" for a, t in by_agg.items())
-                         for steps, by_agg in taus.items())
+    tau_line = "; ".join(f"{steps} steps, m {m:g}: " + ", ".join(f"{a} {t:.3g}" for a, t in by_agg.items())
+                         for (steps, m), by_agg in taus.items())
     text = (f"{len(rows)} runs; matched taus: {tau_line}\n\n{main_table(rows)}\n\npaired against the mean arm:\n\n"
             f"{paired_table(rows)}\n\nfigure: {figure_path}; TensorBoard: {out / 'summary'}")  # fmt: skip
     (out / "table.md").write_text(text + "\n")
