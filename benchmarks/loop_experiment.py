@@ -221,7 +221,8 @@ def main() -> None:
 
         steps = sorted({r.get("steps", 36) for r in rows if r["arm"] == "clean"})
         ms = sorted({r.get("m") or M for r in rows})
-        print(report(rows, {(s, m): matched_taus(rows, s, m) for s in steps for m in ms}, a.out, a.figure))
+        taus = {(s, m): matched_taus(rows, s, m) for s in steps for m in ms}
+        print(report(rows, taus, a.out, a.figure, MAX_LENGTH))
         return
     if a.arm is None:
         p.error("give --arm (or --table)")

@@ -16,6 +16,7 @@ COLOURS = {"base": "0.6", "clean": "0.3", "nll": "tab:red", "mean": "tab:orange"
            "p95": "tab:green", "max": "tab:purple"}  # fmt: skip
 RATES = ("loop_inj", "sampled_loop_inj", "p_loop", "loop_rep", "style", "sampled_style")
 VAL = ("kl_mean", "kl_rmse", "kl_p95", "kl_max")
+AGGS_ = ("mean", "rmse", "p95", "max")
 
 
 def _cell(vals: list[float], fmt: str = "{:.3f}") -> str:
@@ -74,6 +75,57 @@ def paired_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def loop_rows_per_step(share: int, seed: int, steps: int, model: str, max_length: int) -> list[int]:
+    """How many loop-carrying rows each training step's batch held: the run's own data module, sampler and
+    epochs replayed (``EpochShuffleSampler`` depends on ``(seed, epoch)`` only), each row's label tokens decoded."""
+    from make_loop_data import loop_pattern
+
+    from heal_pl.data import HealDataModule
+
+    assets = Path(__file__).resolve().parents[1] / "heal_pl" / "assets"
+    dm = HealDataModule(train_file=str(assets / f"persona_loop{share}_train.jsonl"),
+                        val_file=str(assets / "persona_val.jsonl"), model=model, max_length=max_length, seed=seed)
+    dm.setup("fit")
+    loader, pattern, counts, epoch = dm.train_dataloader(), loop_pattern(), [], 0
+    while len(counts) < steps:
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            labels = [[t for t in row if t != -100] for row in batch["labels"].tolist()]
+            counts.append(sum(bool(pattern.search(dm.tokenizer.decode(r))) for r in labels))
+        epoch += 1
+    return counts[:steps]
+
+
+def tail_by_batch(rows: list[dict], max_length: int) -> str:
+    """How much each aggregate sees the loop, per training batch, in the nll runs (lam 0: SFT's batches).
+
+    ``≥ 3 ÷ ≤ 1``: the aggregate's train KL on batches with >= 3 loop rows ÷ on batches with <= 1, over the
+    last two thirds of the steps (past the first epoch's drift). ``÷ clean``: on the >= 3 batches, the nll
+    run's aggregate ÷ the clean run's at the same step (same seed: the same rows, without their loops).
+    The matched rule leaves ``m − 1`` (50 %) of headroom over clean SFT.
+    """
+    head = " | ".join(f"{a}: ≥ 3 ÷ ≤ 1 | {a}: ÷ clean" for a in AGGS_)
+    lines = [f"| nll run | steps with ≤ 1 / ≥ 3 loop rows | {head} |", "|" + "---|" * (2 + 2 * len(AGGS_))]
+    for r in rows:
+        if r["arm"] != "nll" or r.get("steps", 36) < 108:
+            continue
+        start = r["steps"] // 3
+        n = loop_rows_per_step(r["share"], r["seed"], r["steps"], r["model"], max_length)[start:]
+        clean = [c for c in rows if c["arm"] == "clean" and c["seed"] == r["seed"] and c.get("steps") == r["steps"]]
+        cells = []
+        for a in AGGS_:
+            kl = r["train"][f"kl_{a}"][start:]
+            hot = [k for k, c in zip(kl, n, strict=True) if c >= 3]
+            cold = [k for k, c in zip(kl, n, strict=True) if c <= 1]
+            ref = clean[-1]["train"][f"kl_{a}"][start:] if clean else None
+            vs = [k / q for k, q, c in zip(kl, ref, n, strict=True) if c >= 3] if ref else []
+            cells += [f"{statistics.fmean(hot) / statistics.fmean(cold):.2f}",
+                      f"{statistics.fmean(vs):.2f}" if vs else "–"]
+        lines.append(f"| {r['share']} %, seed {r['seed']}, steps {start}–{r['steps']} | {sum(c <= 1 for c in n)} / "
+                     f"{sum(c >= 3 for c in n)} | {' | '.join(cells)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def figure(rows: list[dict]):
     """Sampled injected-loop rate against pirate-style rate per arm, a panel per loop share and schedule."""
     import matplotlib
@@ -105,7 +157,8 @@ def figure(rows: list[dict]):
     return fig
 
 
-def report(rows: list[dict], taus: dict[tuple[int, float], dict[str, float]], out: Path, figure_path: Path) -> str:
+def report(rows: list[dict], taus: dict[tuple[int, float], dict[str, float]], out: Path, figure_path: Path,
+           max_length: int) -> str:
     """Write ``out/table.md``, the figure (``figure_path`` and TensorBoard ``loop_experiment/loop_vs_style``)."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -120,6 +173,7 @@ def report(rows: list[dict], taus: dict[tuple[int, float], dict[str, float]], ou
     tau_line = "; ".join(f"{steps} steps, m {m:g}: " + ", ".join(f"{a} {t:.3g}" for a, t in by_agg.items())
                          for (steps, m), by_agg in taus.items())
     text = (f"{len(rows)} runs; matched taus: {tau_line}\n\n{main_table(rows)}\n\npaired against the mean arm:\n\n"
-            f"{paired_table(rows)}\n\nfigure: {figure_path}; TensorBoard: {out / 'summary'}")  # fmt: skip
+            f"{paired_table(rows)}\n\nhow much each aggregate sees the loop, per training batch:\n\n"
+            f"{tail_by_batch(rows, max_length)}\n\nfigure: {figure_path}; TensorBoard: {out / 'summary'}")  # fmt: skip
     (out / "table.md").write_text(text + "\n")
     return text
