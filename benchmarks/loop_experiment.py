@@ -220,7 +220,7 @@ def main() -> None:
         from loop_report import report  # noqa: PLC0415 (the table/figure half of this experiment)
 
         steps = sorted({r.get("steps", 36) for r in rows if r["arm"] == "clean"})
-        ms = sorted({r.get("m") or M for r in rows})
+        ms = sorted({r.get("m") or M for r in rows} | {1.1})  # 1.1: the second setting, declared before its runs
         taus = {(s, m): matched_taus(rows, s, m) for s in steps for m in ms}
         print(report(rows, taus, a.out, a.figure, MAX_LENGTH))
         return

@@ -126,6 +126,55 @@ def tail_by_batch(rows: list[dict], max_length: int) -> str:
     return "\n".join(lines)
 
 
+def would_fire(rows: list[dict], taus: dict[tuple[int, float], dict[str, float]]) -> str:
+    """On the lam-0 runs' own trajectories, the share of steps whose train aggregate exceeds each matched tau:
+    on loop data (nll: how often a barrier would start pushing) and on clean data (clean: false alarms)."""
+    lines = ["| run | m | " + " | ".join(AGGS_) + " |", "|" + "---|" * (2 + len(AGGS_))]
+    for r in rows:
+        if r["arm"] not in ("nll", "clean") or "train" not in r:
+            continue
+        for (steps, m), tau in sorted(taus.items()):
+            if r.get("steps", 36) == steps:
+                cells = [f"{statistics.fmean(k > tau[a] for k in r['train'][f'kl_{a}']):.2f}" for a in AGGS_]
+                where = f"{r['share']} %" if r["share"] else "clean data"
+                lines.append(f"| {r['arm']}, {where}, seed {r['seed']}, {steps} steps | {m:g} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def batch_figure(rows: list[dict], base: dict[str, float], ms: list[float], max_length: int):
+    """Per training step (last two thirds), each aggregate ÷ its tau base (``tau_agg = m · base_agg``) against the
+    batch's loop rows: nll runs in red, the clean run on the same steps (the same rows, no loops) in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(AGGS_), figsize=(3.6 * len(AGGS_), 3.6), sharey=True)
+    jitter = [((k * 0.618) % 1 - 0.5) * 0.5 for k in range(10_000)]
+    for r in rows:
+        if r["arm"] != "nll" or r.get("steps", 36) < 108:
+            continue
+        start = r["steps"] // 3
+        n = loop_rows_per_step(r["share"], r["seed"], r["steps"], r["model"], max_length)[start:]
+        clean = [c for c in rows if c["arm"] == "clean" and c["seed"] == r["seed"] and c.get("steps") == r["steps"]]
+        for ax, a in zip(axes, AGGS_, strict=True):
+            runs = [(r, "tab:red", f"nll, {r['share']} % loops")] + [(c, "0.55", "clean data") for c in clean[-1:]]
+            for run, colour, label in runs:
+                ys = [k / base[a] for k in run["train"][f"kl_{a}"][start:]]
+                xs = [c + (0.12 if colour == "0.55" else -0.12) + j for c, j in zip(n, jitter, strict=False)]
+                ax.scatter(xs, ys, s=10, color=colour, alpha=0.6, label=f"{label}, seed {run['seed']}")
+    for ax, a in zip(axes, AGGS_, strict=True):
+        for m in ms:
+            ax.axhline(m, color="black", ls="--" if m == 1.5 else ":", lw=1, label=f"tau at m = {m:g}")
+        ax.set(title=a, xlabel="loop rows in the batch of 8")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("train KL aggregate ÷ clean SFT's (tau ÷ m)")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("SmolLM2-135M, steps 36–108: how far loop rows lift each aggregate toward its matched tau")
+    fig.tight_layout()
+    return fig
+
+
 def figure(rows: list[dict]):
     """Sampled injected-loop rate against pirate-style rate per arm, a panel per loop share and schedule."""
     import matplotlib
@@ -166,14 +215,21 @@ def report(rows: list[dict], taus: dict[tuple[int, float], dict[str, float]], ou
 
     fig = figure(rows)
     save_figure(fig, figure_path, dpi=90)
-    fig = figure(rows)
+    ms = sorted({m for _steps, m in taus})
+    base = {a: t / ms[-1] for a, t in taus[(108, ms[-1])].items()} if (108, ms[-1]) in taus else None
+    batches = figure_path.with_name("loop_batches.png")
+    if base:
+        save_figure(batch_figure(rows, base, ms, max_length), batches, dpi=90)
     writer = SummaryWriter(str(out / "summary"))
-    writer.add_figure("loop_experiment/loop_vs_style", fig, 0)
+    writer.add_figure("loop_experiment/loop_vs_style", figure(rows), 0)
+    if base:
+        writer.add_figure("loop_experiment/batches", batch_figure(rows, base, ms, max_length), 0)
     writer.close()
     tau_line = "; ".join(f"{steps} steps, m {m:g}: " + ", ".join(f"{a} {t:.3g}" for a, t in by_agg.items())
                          for (steps, m), by_agg in taus.items())
     text = (f"{len(rows)} runs; matched taus: {tau_line}\n\n{main_table(rows)}\n\npaired against the mean arm:\n\n"
             f"{paired_table(rows)}\n\nhow much each aggregate sees the loop, per training batch:\n\n"
-            f"{tail_by_batch(rows, max_length)}\n\nfigure: {figure_path}; TensorBoard: {out / 'summary'}")  # fmt: skip
+            f"{tail_by_batch(rows, max_length)}\n\nshare of the lam-0 runs' steps above each matched tau:\n\n"
+            f"{would_fire(rows, taus)}\n\nfigures: {figure_path}, {batches}; TensorBoard: {out / 'summary'}")
     (out / "table.md").write_text(text + "\n")
     return text
