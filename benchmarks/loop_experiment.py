@@ -58,7 +58,7 @@ M, LAM, MAX_NEW, MAX_LENGTH = 1.5, 1.0, 128, 160
 N_SAMPLES, SAMPLE_SEED = 3, 1234  # sampled generations per held-out prompt (temperature 1)
 REP_TAU = yaml.safe_load((ROOT / "configs" / "rounds_rmse.yaml").read_text())["filter"]["rep_tau"]
 KL_KEYS = tuple(f"kl_{a}" for a in AGGS)
-TWIN_KEYS = ("arm", "share", "seed", "steps", "model", "extra", "threads")  # what a never-fired arm shares with nll
+TWIN_KEYS = ("arm", "share", "seed", "steps", "model", "extra")  # what a never-fired arm shares with its nll run
 
 
 def matched_taus(rows: list[dict], steps: int, m: float = M) -> dict[str, float]:
@@ -145,7 +145,7 @@ def run_base(model: str) -> dict:
 
 
 def run_arm(arm: str, share: int, seed: int, steps: int, m: float, out: Path, taus: dict[str, float] | None,
-            extra: list[str], nll_runs: list[dict]) -> dict:
+            extra: list[str]) -> dict:
     from heal_pl.cli import build_cli
 
     barrier = {"reg": "kl_rev", "agg": "mean", "tau": 0.0, "lam": 0.0}  # clean / nll: SFT's gradient, KL logged
@@ -167,37 +167,31 @@ def run_arm(arm: str, share: int, seed: int, steps: int, m: float, out: Path, ta
     cli = build_cli(args)
     metrics = {k.removeprefix("val/"): float(v) for k, v in cli.trainer.callback_metrics.items()
                if k.startswith("val/kl_")}  # fmt: skip
+    from heal_pl.models import load_tokenizer
+
+    rates, gens = evaluate(cli.model.student, load_tokenizer(cli.model.hparams.model))
     scalars = read_scalars(cli.trainer.log_dir)
-    fired = statistics.fmean(scalars["barrier_fired"]) if arm in AGGS else None
-    twin = nll_twin(nll_runs, cli.trainer.log_dir) if fired == 0 else None
-    if twin is not None:  # never fired: SFT's gradient at every step, the same adapter bit for bit
-        rates = {k: twin[k] for k in twin if k.startswith(("loop_", "sampled_", "style", "p_loop"))}
-        gens = [json.loads(x) for x in (Path(twin["log_dir"]) / "generations.jsonl").read_text().splitlines()]
-    else:
-        from heal_pl.models import load_tokenizer
-
-        rates, gens = evaluate(cli.model.student, load_tokenizer(cli.model.hparams.model))
     return {**rates, "val": metrics, "train": {k: scalars[k] for k in (*KL_KEYS, "barrier_fired")},
-            "fired": fired, "barrier": barrier, "log_dir": cli.trainer.log_dir, "generations": gens,
-            "measures_of": twin["log_dir"] if twin else None}  # fmt: skip
+            "fired": statistics.fmean(scalars["barrier_fired"]) if arm in AGGS else None, "barrier": barrier,
+            "log_dir": cli.trainer.log_dir, "generations": gens}  # fmt: skip
 
 
-def nll_twin(nll_runs: list[dict], log_dir: str) -> dict | None:
-    """The nll run (same seed, share, steps, model, overrides, threads) whose adapter equals this run's, bit for bit.
+def derive_from_nll(agg: str, tau: float, nll_runs: list[dict]) -> dict | None:
+    """The run of barrier ``agg`` at ``tau``, when it is exactly the nll run of the same seed, share and steps.
 
-    A barrier that never fired adds zero gradient at every step, so on the same threads the run retraces nll's
-    exactly; its held-out generations are then nll's, and are read rather than generated again (checked here
-    with ``torch.equal`` on every adapter tensor, never assumed).
+    Until a barrier first fires, its arm and the nll arm (lam 0) take the same steps: the loss gains
+    ``lam · relu(D − tau) = 0`` and the gradient ``0``, bit for bit. So if the nll run's own ``D`` stays below
+    ``tau`` at every step (with a margin for the logged rmse's missing eps and float32 logging), the barrier
+    never fires and the arm's run *is* the nll run: its row is nll's, with ``fired = 0``, and is not trained
+    again. Seed 0 ran the mean and p95 arms anyway: every measure matched nll's.
     """
-    from safetensors.torch import load_file
-
-    mine = load_file(Path(log_dir) / "adapter" / "adapter_model.safetensors")
     for r in nll_runs:
-        theirs = Path(r["log_dir"]) / "adapter" / "adapter_model.safetensors"
-        if theirs.is_file():
-            other = load_file(theirs)
-            if other.keys() == mine.keys() and all(torch.equal(mine[k], other[k]) for k in mine):
-                return r
+        series = r["train"][f"kl_{agg}"]
+        if len(series) == r["steps"] and max(series) < tau * (1 - 1e-5):
+            keep = ("model", "extra", "threads", "val", "train", "log_dir")
+            rates = {k: v for k, v in r.items() if k.startswith(("loop_", "sampled_", "style", "p_loop")) or k in keep}
+            margin = tau - max(series)
+            return {**rates, "fired": 0.0, "derived_from": r["log_dir"], "margin": margin, "generations": None}
     return None
 
 
@@ -211,6 +205,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "loop_experiment")
     p.add_argument("--table", action="store_true", help="print the table, draw the figure (no training)")
+    p.add_argument("--derive_only", action="store_true", help="write the arm's row only if the nll run determines it")
     p.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "loop_vs_style.png")
     p.add_argument("extra", nargs="*", help="more `heal fit` overrides, after --, e.g. -- --trainer.max_steps=4")
     a = p.parse_args()
@@ -232,21 +227,30 @@ def main() -> None:
         row = run_base(a.model)
     else:
         taus = matched_taus(rows, a.steps, a.m) if a.arm in AGGS else None
-        same = ("nll", a.share, a.seed, a.steps, a.model, a.extra, torch.get_num_threads())
+        same = ("nll", a.share, a.seed, a.steps, a.model, a.extra)
         nll_runs = [r for r in rows if tuple(r.get(k) for k in TWIN_KEYS) == same]
-        row = run_arm(a.arm, a.share, a.seed, a.steps, a.m, a.out, taus, ["--model.model", a.model, *a.extra], nll_runs)
+        row = derive_from_nll(a.arm, taus[a.arm], nll_runs) if a.arm in AGGS else None
+        if row is None and a.derive_only:
+            raise SystemExit(f"{a.arm}: the nll run of seed {a.seed} does not determine this arm (none, or it "
+                             "crosses tau): it must be trained")  # fmt: skip
+        if row is None:
+            row = run_arm(a.arm, a.share, a.seed, a.steps, a.m, a.out, taus, ["--model.model", a.model, *a.extra])
+        else:
+            print(f"{a.arm}: the nll run's {a.arm} stays {row['margin']:.3g} below tau {taus[a.arm]:.3g} at every "
+                  f"step, so this arm is that run (derived, not trained): {row['derived_from']}")  # fmt: skip
     gens = row.pop("generations")
     share = None if a.arm in ("base", "clean") else a.share
     steps = None if a.arm == "base" else a.steps
     row = {"arm": a.arm, "share": share, "seed": a.seed, "steps": steps, "model": a.model, "extra": a.extra,
-           "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0, **row}  # fmt: skip
+           "threads": torch.get_num_threads(), **row, "seconds": time.perf_counter() - t0}  # fmt: skip
     if a.arm in AGGS:
         row["m"] = a.m
     with results.open("a") as f:
         f.write(json.dumps(row) + "\n")
-    gen_dir = Path(row.get("log_dir") or a.out / "base")
-    gen_dir.mkdir(parents=True, exist_ok=True)
-    (gen_dir / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
+    if gens is not None:  # a derived row's generations are its nll run's
+        gen_dir = Path(row.get("log_dir") or a.out / "base")
+        gen_dir.mkdir(parents=True, exist_ok=True)
+        (gen_dir / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
     shown = {k: row[k] for k in ("loop_inj", "sampled_loop_inj", "p_loop", "style", "fired", "val") if k in row}
     print(json.dumps({"arm": a.arm, "share": share, "seed": a.seed, "seconds": round(row["seconds"]), **shown}))
 

@@ -49,10 +49,13 @@ def main_table(rows: list[dict]) -> str:
         ratio = [r["val"]["kl_rmse"] / r["val"]["kl_mean"] for r in rs if "val" in r and r["val"]["kl_mean"] > 0]
         cells = [_cell([r.get(k) for r in rs], "{:.2g}" if k == "p_loop" else "{:.2f}") for k in RATES]
         cells += [_cell(val[k]) for k in VAL] + [_cell(ratio, "{:.2f}"), _cell([r.get("fired") for r in rs], "{:.2f}")]
-        seeds = ",".join(str(r["seed"]) for r in rs)
-        minutes = statistics.fmean(r["seconds"] for r in rs) / 60
+        seeds = ",".join(str(r["seed"]) + ("†" if r.get("derived_from") else "") for r in rs)
+        trained = [r["seconds"] for r in rs if not r.get("derived_from")]
+        minutes = f"{statistics.fmean(trained) / 60:.1f}" if trained else "–"
         where = f"{share} %" if share else "clean"
-        lines.append(f"| {where} | {arm} | {extra} | {seeds} | {' | '.join(cells)} | {minutes:.1f} |")
+        lines.append(f"| {where} | {arm} | {extra} | {seeds} | {' | '.join(cells)} | {minutes} |")
+    lines.append("\n† derived, not trained: the nll run of that seed stays below this arm's tau at every step, so the "
+                 "barrier never fires and the arm's run is the nll run (``derive_from_nll``)")
     return "\n".join(lines)
 
 
