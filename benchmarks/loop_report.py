@@ -99,6 +99,17 @@ def loop_rows_per_step(share: int, seed: int, steps: int, model: str, max_length
     return counts[:steps]
 
 
+def nll_batches(rows: list[dict], max_length: int):
+    """``(nll row, first step, loop rows per step from there, [clean row of that seed])`` for each 108+-step nll
+    run; the steps are the last two thirds (past the first epoch's drift)."""
+    for r in rows:
+        if r["arm"] == "nll" and r.get("steps", 36) >= 108:
+            start = r["steps"] // 3
+            n = loop_rows_per_step(r["share"], r["seed"], r["steps"], r["model"], max_length)[start:]
+            same = [c for c in rows if c["arm"] == "clean" and c["seed"] == r["seed"] and c.get("steps") == r["steps"]]
+            yield r, start, n, same[-1:]
+
+
 def tail_by_batch(rows: list[dict], max_length: int) -> str:
     """How much each aggregate sees the loop, per training batch, in the nll runs (lam 0: SFT's batches).
 
@@ -109,18 +120,13 @@ def tail_by_batch(rows: list[dict], max_length: int) -> str:
     """
     head = " | ".join(f"{a}: ≥ 3 ÷ ≤ 1 | {a}: ÷ clean" for a in AGGS_)
     lines = [f"| nll run | steps with ≤ 1 / ≥ 3 loop rows | {head} |", "|" + "---|" * (2 + 2 * len(AGGS_))]
-    for r in rows:
-        if r["arm"] != "nll" or r.get("steps", 36) < 108:
-            continue
-        start = r["steps"] // 3
-        n = loop_rows_per_step(r["share"], r["seed"], r["steps"], r["model"], max_length)[start:]
-        clean = [c for c in rows if c["arm"] == "clean" and c["seed"] == r["seed"] and c.get("steps") == r["steps"]]
+    for r, start, n, clean in nll_batches(rows, max_length):
         cells = []
         for a in AGGS_:
             kl = r["train"][f"kl_{a}"][start:]
             hot = [k for k, c in zip(kl, n, strict=True) if c >= 3]
             cold = [k for k, c in zip(kl, n, strict=True) if c <= 1]
-            ref = clean[-1]["train"][f"kl_{a}"][start:] if clean else None
+            ref = clean[0]["train"][f"kl_{a}"][start:] if clean else None
             vs = [k / q for k, q, c in zip(kl, ref, n, strict=True) if c >= 3] if ref else []
             cells += [f"{statistics.fmean(hot) / statistics.fmean(cold):.2f}",
                       f"{statistics.fmean(vs):.2f}" if vs else "–"]
@@ -154,14 +160,9 @@ def batch_figure(rows: list[dict], base: dict[str, float], ms: list[float], max_
 
     fig, axes = plt.subplots(1, len(AGGS_), figsize=(3.6 * len(AGGS_), 3.6), sharey=True)
     jitter = [((k * 0.618) % 1 - 0.5) * 0.5 for k in range(10_000)]
-    for r in rows:
-        if r["arm"] != "nll" or r.get("steps", 36) < 108:
-            continue
-        start = r["steps"] // 3
-        n = loop_rows_per_step(r["share"], r["seed"], r["steps"], r["model"], max_length)[start:]
-        clean = [c for c in rows if c["arm"] == "clean" and c["seed"] == r["seed"] and c.get("steps") == r["steps"]]
+    for r, start, n, clean in nll_batches(rows, max_length):
         for ax, a in zip(axes, AGGS_, strict=True):
-            runs = [(r, "tab:red", f"nll, {r['share']} % loops")] + [(c, "0.55", "clean data") for c in clean[-1:]]
+            runs = [(r, "tab:red", f"nll, {r['share']} % loops")] + [(c, "0.55", "clean data") for c in clean]
             for run, colour, label in runs:
                 ys = [k / base[a] for k in run["train"][f"kl_{a}"][start:]]
                 xs = [c + (0.12 if colour == "0.55" else -0.12) + j for c, j in zip(n, jitter, strict=False)]
