@@ -55,7 +55,7 @@ def main_table(rows: list[dict]) -> str:
         where = f"{share} %" if share else "clean"
         lines.append(f"| {where} | {arm} | {extra} | {seeds} | {' | '.join(cells)} | {minutes} |")
     lines.append("\n† derived, not trained: the nll run of that seed stays below this arm's tau at every step, so the "
-                 "barrier never fires and the arm's run is the nll run (``derive_from_nll``)")
+                 "barrier never fires and the arm's run is the nll run (`derive_from_nll`)")
     return "\n".join(lines)
 
 
