@@ -42,7 +42,7 @@ def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
 def main_table(rows: list[dict]) -> str:
     head = ("| loop share | arm | schedule | seeds | injected loop, greedy | injected loop, sampled | p_loop | "
             "repetition > rep_tau | pirate style | pirate style, sampled | val KL mean | val KL rmse | val KL p95 | "
-            "val KL max | rmse ÷ mean | fired | min/run |")  # fmt: skip
+            "val KL max | rmse ÷ mean | fired | min per run |")  # fmt: skip
     lines = [head, "|" + "---|" * 17]
     for (share, arm, _model, extra), rs in groups(rows).items():
         val = {k: [r["val"][k] for r in rs] if "val" in rs[0] else [] for k in VAL}
@@ -50,8 +50,7 @@ def main_table(rows: list[dict]) -> str:
         cells = [_cell([r.get(k) for r in rs], "{:.2g}" if k == "p_loop" else "{:.2f}") for k in RATES]
         cells += [_cell(val[k]) for k in VAL] + [_cell(ratio, "{:.2f}"), _cell([r.get("fired") for r in rs], "{:.2f}")]
         seeds = ",".join(str(r["seed"]) + ("†" if r.get("derived_from") else "") for r in rs)
-        trained = [r["seconds"] for r in rs if not r.get("derived_from")]
-        minutes = f"{statistics.fmean(trained) / 60:.1f}" if trained else "–"
+        minutes = " / ".join("–" if r.get("derived_from") else f"{r['seconds'] / 60:.0f}" for r in rs)
         where = f"{share} %" if share else "clean"
         lines.append(f"| {where} | {arm} | {extra} | {seeds} | {' | '.join(cells)} | {minutes} |")
     lines.append("\n† derived, not trained: the nll run of that seed stays below this arm's tau at every step, so the "
@@ -162,19 +161,22 @@ def batch_figure(rows: list[dict], base: dict[str, float], ms: list[float], max_
     jitter = [((k * 0.618) % 1 - 0.5) * 0.5 for k in range(10_000)]
     for r, start, n, clean in nll_batches(rows, max_length):
         for ax, a in zip(axes, AGGS_, strict=True):
-            runs = [(r, "tab:red", f"nll, {r['share']} % loops")] + [(c, "0.55", "clean data") for c in clean]
+            runs = [(r, "tab:red", f"nll, {r['share']} % loops")] + [(c, "0.55", "clean data, seed 0") for c in clean]
             for run, colour, label in runs:
                 ys = [k / base[a] for k in run["train"][f"kl_{a}"][start:]]
                 xs = [c + (0.12 if colour == "0.55" else -0.12) + j for c, j in zip(n, jitter, strict=False)]
-                ax.scatter(xs, ys, s=10, color=colour, alpha=0.6, label=f"{label}, seed {run['seed']}")
+                ax.scatter(xs, ys, s=10, color=colour, alpha=0.6, label=label)
     for ax, a in zip(axes, AGGS_, strict=True):
         for m in ms:
             ax.axhline(m, color="black", ls="--" if m == 1.5 else ":", lw=1, label=f"tau at m = {m:g}")
         ax.set(title=a, xlabel="loop rows in the batch of 8")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("train KL aggregate ÷ clean SFT's (tau ÷ m)")
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("SmolLM2-135M, steps 36–108: how far loop rows lift each aggregate toward its matched tau")
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))  # one entry per kind of run, whatever the seeds
+    axes[0].legend(unique.values(), unique.keys(), fontsize=7, loc="upper left")
+    seeds = ", ".join(str(r["seed"]) for r in rows if r["arm"] == "nll" and r.get("steps", 36) >= 108)
+    fig.suptitle(f"SmolLM2-135M, steps 36–108, nll seeds {seeds}: how far loop rows lift each aggregate toward its tau")
     fig.tight_layout()
     return fig
 
@@ -199,13 +201,14 @@ def figure(rows: list[dict]):
                 continue
             xs, ys = [r["style"] for r in rs], [r["sampled_loop_inj"] for r in rs]
             ax.scatter(xs, ys, color=COLOURS[arm], alpha=0.45, s=28)
-            ax.scatter([statistics.fmean(xs)], [statistics.fmean(ys)], color=COLOURS[arm], s=110, marker="D",
+            size = 190 - 22 * ORDER.index(arm)  # later arms smaller: equal runs show as nested diamonds
+            ax.scatter([statistics.fmean(xs)], [statistics.fmean(ys)], color=COLOURS[arm], s=size, marker="D",
                        edgecolor="black", label=f"{arm} (n={len(rs)})")  # fmt: skip
         ax.set(xlabel="pirate-style rate (held-out, greedy)", ylabel="injected-loop rate (sampled, T = 1)",
                xlim=(-0.03, 1.03), ylim=(-0.01, 0.3), title=f"{share} % loop data, {schedule}")  # fmt: skip
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle("SmolLM2-135M: matched-tau barriers (points = seeds, diamond = their mean)")
+    fig.suptitle("SmolLM2-135M: matched-tau barriers (points = seeds, diamond = their mean; equal runs nest)")
     fig.tight_layout()
     return fig
 
