@@ -23,7 +23,7 @@ def _cell(vals: list[float], fmt: str = "{:.3f}") -> str:
     vals = [v for v in vals if v is not None]
     if not vals:
         return "–"
-    sd = f" ± {fmt.format(statistics.stdev(vals))}" if len(vals) > 1 else ""
+    sd = ' ± ' + fmt.replace('+', '').format(statistics.stdev(vals)) if len(vals) > 1 else ''
     return fmt.format(statistics.fmean(vals)) + sd
 
 
