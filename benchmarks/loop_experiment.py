@@ -55,10 +55,11 @@ ASSETS = ROOT / "heal_pl" / "assets"
 AGGS = ("mean", "rmse", "p95", "max")
 ARMS = ("base", "clean", "nll", *AGGS)
 M, LAM, MAX_NEW, MAX_LENGTH = 1.5, 1.0, 128, 160
+M_SECOND = 1.1  # the second matched-tau setting, declared before its runs
 N_SAMPLES, SAMPLE_SEED = 3, 1234  # sampled generations per held-out prompt (temperature 1)
 REP_TAU = yaml.safe_load((ROOT / "configs" / "rounds_rmse.yaml").read_text())["filter"]["rep_tau"]
 KL_KEYS = tuple(f"kl_{a}" for a in AGGS)
-TWIN_KEYS = ("arm", "share", "seed", "steps", "model", "extra")  # what a never-fired arm shares with its nll run
+NLL_KEYS = ("arm", "share", "seed", "steps", "model", "extra")  # what a derived arm shares with its nll run
 
 
 def matched_taus(rows: list[dict], steps: int, m: float = M) -> dict[str, float]:
@@ -215,7 +216,7 @@ def main() -> None:
         from loop_report import report  # noqa: PLC0415 (the table/figure half of this experiment)
 
         steps = sorted({r.get("steps", 36) for r in rows if r["arm"] == "clean"})
-        ms = sorted({r.get("m") or M for r in rows} | {1.1})  # 1.1: the second setting, declared before its runs
+        ms = sorted({r.get("m") or M for r in rows} | {M_SECOND})
         taus = {(s, m): matched_taus(rows, s, m) for s in steps for m in ms}
         print(report(rows, taus, a.out, a.figure, MAX_LENGTH))
         return
@@ -228,7 +229,7 @@ def main() -> None:
     else:
         taus = matched_taus(rows, a.steps, a.m) if a.arm in AGGS else None
         same = ("nll", a.share, a.seed, a.steps, a.model, a.extra)
-        nll_runs = [r for r in rows if tuple(r.get(k) for k in TWIN_KEYS) == same]
+        nll_runs = [r for r in rows if tuple(r.get(k) for k in NLL_KEYS) == same]
         row = derive_from_nll(a.arm, taus[a.arm], nll_runs) if a.arm in AGGS else None
         if row is None and a.derive_only:
             raise SystemExit(f"{a.arm}: the nll run of seed {a.seed} does not determine this arm (none, or it "

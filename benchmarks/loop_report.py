@@ -7,6 +7,7 @@ The paired comparison matches each barrier arm's seed with the mean arm's run of
 
 from __future__ import annotations
 
+import shutil
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -15,15 +16,15 @@ ORDER = ("base", "clean", "nll", "mean", "rmse", "p95", "max")
 COLOURS = {"base": "0.6", "clean": "0.3", "nll": "tab:red", "mean": "tab:orange", "rmse": "tab:blue",
            "p95": "tab:green", "max": "tab:purple"}  # fmt: skip
 RATES = ("loop_inj", "sampled_loop_inj", "p_loop", "loop_rep", "style", "sampled_style")
-VAL = ("kl_mean", "kl_rmse", "kl_p95", "kl_max")
-AGGS_ = ("mean", "rmse", "p95", "max")
+AGGS = ("mean", "rmse", "p95", "max")
+VAL = tuple(f"kl_{a}" for a in AGGS)
 
 
-def _cell(vals: list[float], fmt: str = "{:.3f}") -> str:
+def cell(vals: list[float], fmt: str = "{:.3f}") -> str:
     vals = [v for v in vals if v is not None]
     if not vals:
         return "–"
-    sd = ' ± ' + fmt.replace('+', '').format(statistics.stdev(vals)) if len(vals) > 1 else ''
+    sd = " ± " + fmt.replace("+", "").format(statistics.stdev(vals)) if len(vals) > 1 else ""
     return fmt.format(statistics.fmean(vals)) + sd
 
 
@@ -47,8 +48,8 @@ def main_table(rows: list[dict]) -> str:
     for (share, arm, _model, extra), rs in groups(rows).items():
         val = {k: [r["val"][k] for r in rs] if "val" in rs[0] else [] for k in VAL}
         ratio = [r["val"]["kl_rmse"] / r["val"]["kl_mean"] for r in rs if "val" in r and r["val"]["kl_mean"] > 0]
-        cells = [_cell([r.get(k) for r in rs], "{:.2g}" if k == "p_loop" else "{:.2f}") for k in RATES]
-        cells += [_cell(val[k]) for k in VAL] + [_cell(ratio, "{:.2f}"), _cell([r.get("fired") for r in rs], "{:.2f}")]
+        cells = [cell([r.get(k) for r in rs], "{:.2g}" if k == "p_loop" else "{:.2f}") for k in RATES]
+        cells += [cell(val[k]) for k in VAL] + [cell(ratio, "{:.2f}"), cell([r.get("fired") for r in rs], "{:.2f}")]
         seeds = ",".join(str(r["seed"]) + ("†" if r.get("derived_from") else "") for r in rs)
         minutes = " / ".join("–" if r.get("derived_from") else f"{r['seconds'] / 60:.0f}" for r in rs)
         where = f"{share} %" if share else "clean"
@@ -72,8 +73,8 @@ def paired_table(rows: list[dict]) -> str:
         d_style = [a["style"] - b["style"] for a, b in pairs]
         d_rmse = [a["val"]["kl_rmse"] - b["val"]["kl_rmse"] for a, b in pairs]
         counts = f"{sum(d < 0 for d in d_loop)} / {sum(d > 0 for d in d_loop)} / {sum(d == 0 for d in d_loop)}"
-        lines.append(f"| {share} % | {extra} | {arm} | {len(pairs)} | {_cell(d_loop, '{:+.3f}')} | {counts} | "
-                     f"{_cell(d_style, '{:+.3f}')} | {_cell(d_rmse, '{:+.3f}')} |")  # fmt: skip
+        lines.append(f"| {share} % | {extra} | {arm} | {len(pairs)} | {cell(d_loop, '{:+.3f}')} | {counts} | "
+                     f"{cell(d_style, '{:+.3f}')} | {cell(d_rmse, '{:+.3f}')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -117,11 +118,11 @@ def tail_by_batch(rows: list[dict], max_length: int) -> str:
     run's aggregate ÷ the clean run's at the same step (same seed: the same rows, without their loops).
     The matched rule leaves ``m − 1`` (50 %) of headroom over clean SFT.
     """
-    head = " | ".join(f"{a}: ≥ 3 ÷ ≤ 1 | {a}: ÷ clean" for a in AGGS_)
-    lines = [f"| nll run | steps with ≤ 1 / ≥ 3 loop rows | {head} |", "|" + "---|" * (2 + 2 * len(AGGS_))]
+    head = " | ".join(f"{a}: ≥ 3 ÷ ≤ 1 | {a}: ÷ clean" for a in AGGS)
+    lines = [f"| nll run | steps with ≤ 1 / ≥ 3 loop rows | {head} |", "|" + "---|" * (2 + 2 * len(AGGS))]
     for r, start, n, clean in nll_batches(rows, max_length):
         cells = []
-        for a in AGGS_:
+        for a in AGGS:
             kl = r["train"][f"kl_{a}"][start:]
             hot = [k for k, c in zip(kl, n, strict=True) if c >= 3]
             cold = [k for k, c in zip(kl, n, strict=True) if c <= 1]
@@ -137,13 +138,13 @@ def tail_by_batch(rows: list[dict], max_length: int) -> str:
 def would_fire(rows: list[dict], taus: dict[tuple[int, float], dict[str, float]]) -> str:
     """On the lam-0 runs' own trajectories, the share of steps whose train aggregate exceeds each matched tau:
     on loop data (nll: how often a barrier would start pushing) and on clean data (clean: false alarms)."""
-    lines = ["| run | m | " + " | ".join(AGGS_) + " |", "|" + "---|" * (2 + len(AGGS_))]
+    lines = ["| run | m | " + " | ".join(AGGS) + " |", "|" + "---|" * (2 + len(AGGS))]
     for r in rows:
         if r["arm"] not in ("nll", "clean") or "train" not in r:
             continue
         for (steps, m), tau in sorted(taus.items()):
             if r.get("steps", 36) == steps:
-                cells = [f"{statistics.fmean(k > tau[a] for k in r['train'][f'kl_{a}']):.2f}" for a in AGGS_]
+                cells = [f"{statistics.fmean(k > tau[a] for k in r['train'][f'kl_{a}']):.2f}" for a in AGGS]
                 where = f"{r['share']} %" if r["share"] else "clean data"
                 lines.append(f"| {r['arm']}, {where}, seed {r['seed']}, {steps} steps | {m:g} | {' | '.join(cells)} |")
     return "\n".join(lines)
@@ -157,16 +158,16 @@ def batch_figure(rows: list[dict], base: dict[str, float], ms: list[float], max_
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(AGGS_), figsize=(3.6 * len(AGGS_), 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(AGGS), figsize=(3.6 * len(AGGS), 3.6), sharey=True)
     jitter = [((k * 0.618) % 1 - 0.5) * 0.5 for k in range(10_000)]
     for r, start, n, clean in nll_batches(rows, max_length):
-        for ax, a in zip(axes, AGGS_, strict=True):
+        for ax, a in zip(axes, AGGS, strict=True):
             runs = [(r, "tab:red", f"nll, {r['share']} % loops")] + [(c, "0.55", "clean data, seed 0") for c in clean]
             for run, colour, label in runs:
                 ys = [k / base[a] for k in run["train"][f"kl_{a}"][start:]]
                 xs = [c + (0.12 if colour == "0.55" else -0.12) + j for c, j in zip(n, jitter, strict=False)]
                 ax.scatter(xs, ys, s=10, color=colour, alpha=0.6, label=label)
-    for ax, a in zip(axes, AGGS_, strict=True):
+    for ax, a in zip(axes, AGGS, strict=True):
         for m in ms:
             ax.axhline(m, color="black", ls="--" if m == 1.5 else ":", lw=1, label=f"tau at m = {m:g}")
         ax.set(title=a, xlabel="loop rows in the batch of 8")
@@ -227,6 +228,7 @@ def report(rows: list[dict], taus: dict[tuple[int, float], dict[str, float]], ou
     batches = figure_path.with_name("loop_batches.png")
     if base:
         save_figure(batch_figure(rows, base, ms, max_length), batches, dpi=90)
+    shutil.rmtree(out / "summary", ignore_errors=True)  # one event file: the latest table's figures
     writer = SummaryWriter(str(out / "summary"))
     writer.add_figure("loop_experiment/loop_vs_style", figure(rows), 0)
     if base:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 from loop_experiment import AGGS, LAM, M, read_scalars
-from loop_report import _cell
+from loop_report import cell
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "rounds_rmse.yaml"
@@ -95,7 +95,7 @@ def table(rows: list[dict]) -> str:
     for (model, _extra, arm), rs in by_arm(rows).items():
         minutes = statistics.fmean(r["seconds"] for r in rs) / 60
         for r in range(max(len(run["rounds"]) for run in rs)):
-            cells = [_cell(_at(rs, r, k), "{:.2f}" if k != "coherence_healed" else "{:.3f}") for k in keys]
+            cells = [cell(_at(rs, r, k), "{:.2f}" if k != "coherence_healed" else "{:.3f}") for k in keys]
             lines.append(f"| {model} | {arm} | {r} | {len(_at(rs, r, 'loop'))} | {' | '.join(cells)} | {minutes:.1f} |")
     return "\n".join(lines)
 
@@ -116,7 +116,7 @@ def paired(rows: list[dict]) -> str:
         d_coh = [a["rounds"][n - 1]["coherence_healed"] - b["rounds"][n - 1]["coherence_healed"] for a, b, n in pairs]
         d_loop = [sum(a["rounds"][i]["loop"] - b["rounds"][i]["loop"] for i in range(n)) for a, b, n in pairs]
         counts = f"{sum(d < 0 for d in d_loop)} / {sum(d > 0 for d in d_loop)} / {sum(d == 0 for d in d_loop)}"
-        lines.append(f"| {model} | {arm} | {len(pairs)} | {_cell(d_coh, '{:+.3f}')} | {_cell(d_loop, '{:+.2f}')} | "
+        lines.append(f"| {model} | {arm} | {len(pairs)} | {cell(d_coh, '{:+.3f}')} | {cell(d_loop, '{:+.2f}')} | "
                      f"{counts} |")  # fmt: skip
     return "\n".join(lines)
 
