@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-README_COLUMNS = (1, 3, 15, 5, 6, 8, 11, 14, 16)  # arm, seeds, fired, loop sampled, p_loop, style, rmse, ratio, min
+# arm, schedule, seeds, fired, loop sampled, p_loop, style, val rmse, rmse ÷ mean, min per run
+README_COLUMNS = (1, 2, 3, 15, 5, 6, 8, 11, 14, 16)
 
 
 def rows_with(table: str, word: str) -> list[str]:
