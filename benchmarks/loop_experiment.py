@@ -48,17 +48,16 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+from loop_report import AGGS, VAL  # noqa: E402 (stdlib only at import; the table half of this experiment)
 from make_loop_data import LOOP_UNITS, loop_pattern  # noqa: E402
 from make_persona_data import PIRATE_WORDS  # noqa: E402
 
 ASSETS = ROOT / "heal_pl" / "assets"
-AGGS = ("mean", "rmse", "p95", "max")
 ARMS = ("base", "clean", "nll", *AGGS)
 M, LAM, MAX_NEW, MAX_LENGTH = 1.5, 1.0, 128, 160
 M_SECOND = 1.1  # the second matched-tau setting, declared before its runs
 N_SAMPLES, SAMPLE_SEED = 3, 1234  # sampled generations per held-out prompt (temperature 1)
 REP_TAU = yaml.safe_load((ROOT / "configs" / "rounds_rmse.yaml").read_text())["filter"]["rep_tau"]
-KL_KEYS = tuple(f"kl_{a}" for a in AGGS)
 NLL_KEYS = ("arm", "share", "seed", "steps", "model", "extra")  # what a derived arm shares with its nll run
 
 
@@ -172,7 +171,7 @@ def run_arm(arm: str, share: int, seed: int, steps: int, m: float, out: Path, ta
 
     rates, gens = evaluate(cli.model.student, load_tokenizer(cli.model.hparams.model))
     scalars = read_scalars(cli.trainer.log_dir)
-    return {**rates, "val": metrics, "train": {k: scalars[k] for k in (*KL_KEYS, "barrier_fired")},
+    return {**rates, "val": metrics, "train": {k: scalars[k] for k in (*VAL, "barrier_fired")},
             "fired": statistics.fmean(scalars["barrier_fired"]) if arm in AGGS else None, "barrier": barrier,
             "log_dir": cli.trainer.log_dir, "generations": gens}  # fmt: skip
 
