@@ -13,6 +13,11 @@ A fork ``j`` reads on "the rollout's cache cropped to its first ``k_j`` position
   fork's feed starts from the snapshot. A recurrent layer has no mask to crop with, so those forks are read one
   per row (``batched``) instead of packed into one row.
 
+Positions are Python ints throughout: :func:`cached_positions` counts the attention layers' keys, and every fork
+point is passed through ``operator.index`` before it keys a snapshot. transformers' own ``Cache.get_seq_length()``
+reads layer 0, which from 5.25 on counts a linear-attention layer's tokens in a 0-d tensor (a tensor hashes by
+identity, so it could never match a snapshot's key).
+
 Anything else (another cache layer class, chunked attention, an attention kernel that takes no 4-D mask) gets no
 plan: the forks are recomputed (:func:`heal_pl.survival.forks.fork_probe_recompute`), with one log line.
 
@@ -22,6 +27,7 @@ plan: the forks are recomputed (:func:`heal_pl.survival.forks.fork_probe_recompu
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -90,6 +96,19 @@ class ForkCache(DynamicCache):
 
     plan: ForkPlan
     states: dict[int, list[list[tuple[Tensor | None, Tensor | None]] | None]]
+
+
+def cached_positions(cache: DynamicCache) -> int:
+    """The number of positions ``C`` a cache holds, as a Python int: the keys of its first attention layer.
+
+    Not ``cache.get_seq_length()``: that reads layer 0 whatever its kind, and a linear-attention layer counts its
+    tokens in a 0-d tensor (transformers ≥ 5.25), one that its decode kernel moves on in place. A cache with no
+    attention layer (or none filled yet) falls back to that count, converted.
+    """
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.is_initialized:
+            return int(layer.keys.shape[-2])
+    return operator.index(cache.get_seq_length())
 
 
 def _layer_classes() -> dict[type, type]:
@@ -179,6 +198,7 @@ def snapshot(cache: ForkCache, k: int) -> None:
     """Store (clones of) every linear-attention layer's conv and recurrent states as ``cache.states[k]``."""
     if cache.plan.mode != "batched":
         return
+    k = operator.index(k)  # an int key: a 0-d tensor would hash by identity and never be found again
     states = []
     for layer in cache.layers:
         if LinearAttentionCacheLayerMixin is None or not isinstance(layer, LinearAttentionCacheLayerMixin):
@@ -193,6 +213,7 @@ def snapshot(cache: ForkCache, k: int) -> None:
 def read_cache(model: nn.Module, cache: ForkCache, keeps: Sequence[int]) -> ForkCache:
     """A fresh cache of ``len(keeps)`` rows: row ``j`` holds the attention keys/values of the first ``max(keeps)``
     positions (the mask hides those past ``keeps[j]``) and the recurrent states snapshotted at ``keeps[j]``."""
+    keeps = [operator.index(k) for k in keeps]
     missing = sorted(set(keeps) - set(cache.states))
     if missing:
         raise ValueError(f"cache has no recurrent-state snapshot at positions {missing}; pass the cache from "
@@ -251,8 +272,8 @@ def rollout(
         if nxt in eos_set or len(gen) == w:
             break
         cur, pos = torch.tensor([[nxt]], device=device), pos[:, -1:] + 1
-    if cache.get_seq_length() not in cache.states:
-        snapshot(cache, cache.get_seq_length())  # the fork at t = g starts here
+    if cached_positions(cache) not in cache.states:
+        snapshot(cache, cached_positions(cache))  # the fork at t = g starts here
     return gen, cache
 
 

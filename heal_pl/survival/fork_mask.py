@@ -21,6 +21,7 @@ The logits are the model's own (``model(..., logits_to_keep=rows)``), whatever i
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from heal_pl.generate import cache_kwargs
 from heal_pl.lm import base_lm
-from heal_pl.survival.fork_cache import ForkCache, read_cache
+from heal_pl.survival.fork_cache import ForkCache, cached_positions, read_cache
 from heal_pl.survival.probes import probe_from_logits
 
 
@@ -97,10 +98,10 @@ def read_forks(
     """
     device = next(model.parameters()).device
     dtype = base_lm(model).get_input_embeddings().weight.dtype
-    plan, cached = cache.plan, cache.get_seq_length()
+    plan, cached = cache.plan, cached_positions(cache)
     pmass, p_true = np.full(len(feeds), np.nan), np.full(len(feeds), np.nan)
     for start in range(0, len(feeds), fork_batch):
-        ks, fs = list(keeps[start : start + fork_batch]), feeds[start : start + fork_batch]
+        ks, fs = [operator.index(k) for k in keeps[start : start + fork_batch]], feeds[start : start + fork_batch]
         lens = [len(f) for f in fs]
         if plan.mode == "packed":
             ids = torch.tensor([[i for f in fs for i in f]], dtype=torch.long, device=device)
@@ -110,7 +111,7 @@ def read_forks(
             try:
                 logits = _forward(model, ids, pos, mask, cache, ends)[0]
             finally:
-                cache.crop(cached - cache.get_seq_length())  # crop(−k) drops the k packed positions
+                cache.crop(cached - cached_positions(cache))  # crop(−k) drops the k packed positions
         else:
             width, kmax = max(lens), max(ks)
             ids = torch.tensor([list(f) + [f[-1]] * (width - len(f)) for f in fs], dtype=torch.long, device=device)

@@ -45,7 +45,7 @@ from transformers import PreTrainedTokenizerBase
 from heal_pl.context import checked_context
 from heal_pl.generate import eos_ids, greedy_generate
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
-from heal_pl.survival.fork_cache import ForkCache, fork_plan, prefill, rollout
+from heal_pl.survival.fork_cache import ForkCache, cached_positions, fork_plan, prefill, rollout
 from heal_pl.survival.fork_mask import packed_fork_mask, read_forks
 from heal_pl.survival.probes import THINK_OPEN, has_thinking_tokens, probe_from_logits, splice_text
 from heal_pl.survival.table import fork_schedule
@@ -187,7 +187,7 @@ def _read_cached(
     gen: list[int], cache: ForkCache, answer_ids: Mapping[str, Sequence[int]], true_name: str, fork_batch: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(pmass, p_true)`` at the reached forks, read on ``cache`` (module docstring, step 2)."""
-    P, cached = len(setup.prompt_ids), cache.get_seq_length()  # cached = P + g − 1
+    P, cached = len(setup.prompt_ids), cached_positions(cache)  # cached = P + g − 1
     ts = [t for t in setup.forks.tolist() if t <= len(gen)]
     keeps = _keeps(setup, gen, cached)
     feeds = [gen[k - P : t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice)
@@ -290,8 +290,8 @@ def probe_forks(
     if cache is not None and not isinstance(cache, ForkCache):
         raise ValueError(f"cache is a {type(cache).__name__}; pass the cache from rollout() or none")
     cached = len(setup.prompt_ids) + len(gen) - 1
-    if cache is not None and cache.get_seq_length() != cached:
-        raise ValueError(f"cache holds {cache.get_seq_length()} positions; prompt ⊕ tokens[:-1] needs {cached}")
+    if cache is not None and cached_positions(cache) != cached:
+        raise ValueError(f"cache holds {cached_positions(cache)} positions; prompt ⊕ tokens[:-1] needs {cached}")
     plan = fork_plan(model)
     if plan is None:
         return probe_forks_recompute(model, tokenizer, prompt, tokens, method, coeff, w, fork_points, splice,

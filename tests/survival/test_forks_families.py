@@ -28,6 +28,13 @@ W, STEP = 24, 3
 MODES = {"qwen3_5": "batched"}  # every other family: packed
 
 
+def keys_held(cache: cache_utils.Cache) -> int:
+    """Positions held by every attention layer of ``cache`` (read off the keys; all layers must agree)."""
+    held = {x.keys.shape[-2] for x in cache.layers if getattr(x, "keys", None) is not None}
+    assert len(held) == 1, held
+    return held.pop()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fast_forks_equal_the_recompute(family: str, tokenizer) -> None:
     model = lively(family)
@@ -50,9 +57,39 @@ def test_fast_forks_equal_the_recompute(family: str, tokenizer) -> None:
     prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     with vec.steering(model, COEFF), torch.no_grad():
         gen, cache = rollout(model, prompt_ids, W, torch.tensor([], dtype=torch.long), forks=range(0, W + 1, STEP))
-    assert cache.get_seq_length() == len(prompt_ids) + W - 1
+    assert keys_held(cache) == len(prompt_ids) + W - 1
     on_cache = probe_forks(model, tokenizer, PROMPT, gen, vec, COEFF, W, STEP, SPLICE, ids, cache=cache, fork_batch=5)
-    assert cache.get_seq_length() == len(prompt_ids) + W - 1
+    assert keys_held(cache) == len(prompt_ids) + W - 1
+    assert_same(on_cache, ref)
+
+
+@pytest.mark.parametrize("count", ["int", "tensor"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fork_at_the_last_token_reads_the_whole_cache(family: str, count: str, tokenizer, monkeypatch) -> None:
+    """The fork at ``t = g`` keeps every cached position (``k = C``), on both fork readers.
+
+    transformers 5.25 counts a linear-attention layer's tokens in a 0-d tensor, and ``Cache.get_seq_length()`` reads
+    layer 0: on Qwen3.5 (layer 0 linear) the count arrives as a tensor. ``tensor`` makes every family's cache count
+    so (as a later transformers may for any layer), ``int`` leaves the cache as transformers builds it.
+    """
+    if count == "tensor":
+        own = cache_utils.Cache.get_seq_length
+        monkeypatch.setattr(cache_utils.Cache, "get_seq_length",
+                            lambda self, layer_idx=0: torch.as_tensor(own(self, layer_idx)))  # fmt: skip
+    model, w = lively(family), 12
+    ids, vec = answer_token_ids(tokenizer), random_vector()
+    ref = fork_probe_recompute(model, tokenizer, PROMPT, vec, COEFF, w, STEP, SPLICE, ids, eos_token_id=[])
+    assert ref.gen_len == w and ref.fork_points[-1] == w  # the last fork sits on the last generated token
+    assert_same(fork_probe(model, tokenizer, PROMPT, vec, COEFF, w, STEP, SPLICE, ids, eos_token_id=[]), ref)
+    assert_same(probe_forks(model, tokenizer, PROMPT, ref.tokens, vec, COEFF, w, STEP, SPLICE, ids), ref)  # prefill
+    prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    with vec.steering(model, COEFF), torch.no_grad():
+        gen, cache = rollout(model, prompt_ids, w, torch.tensor([], dtype=torch.long), forks=range(0, w + 1, STEP))
+    C = len(prompt_ids) + w - 1
+    assert keys_held(cache) == C
+    assert all(type(k) is int for k in cache.states) and (C in cache.states) == (fork_plan(model).mode == "batched")
+    on_cache = probe_forks(model, tokenizer, PROMPT, gen, vec, COEFF, w, STEP, SPLICE, ids, cache=cache, fork_batch=2)
+    assert keys_held(cache) == C  # the cache leaves as it came
     assert_same(on_cache, ref)
 
 
