@@ -32,9 +32,11 @@ class HealCLI(LightningCLI):
         parser.link_arguments("model.model", "data.model")
         parser.add_lightning_class_args(ProgressLog, "progress")
 
-    def _parse_ckpt_path(self) -> None:
-        """Refuse a ``--ckpt_path`` whose model settings differ from the config's: LightningCLI would silently
-        replace the config's values by the checkpoint's (a checkpoint of another model, another LoRA rank, ...)."""
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then refuse a ``--ckpt_path`` whose model settings differ from the config's: LightningCLI (≥ 2.5.5)
+        would silently replace the config's values by the checkpoint's (a checkpoint of another model, another LoRA
+        rank, ...). Checked here, before that replacement, on every Lightning version."""
+        super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and Path(ckpt_path).is_file():
@@ -46,7 +48,6 @@ class HealCLI(LightningCLI):
                 raise ValueError(f"ckpt_path={str(ckpt_path)!r} was written with other model settings: "
                                  + "; ".join(f"model.{c}" for c in changes)
                                  + ". Resume with the checkpoint's settings, or start a new run without ckpt_path")
-        super()._parse_ckpt_path()
 
 
 def configure_logging() -> None:

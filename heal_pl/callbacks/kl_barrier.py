@@ -4,7 +4,8 @@ The module must hold one peft-wrapped Hugging Face causal LM and feed it batches
 ``input_ids``, ``labels`` (-100 on non-completion tokens, Hugging Face convention) and optionally
 ``attention_mask``. The callback
 
-1. hooks the causal LM's forward to keep the logits of the module's own forward pass (no second
+1. hooks the causal LM's forward, and the peft tuner's around it, to keep the logits of the module's own forward
+   pass (peft < 0.21 calls the LM's ``.forward`` directly, past its hooks; a call seen by both is kept once; no second
    student forward: the barrier reuses them, with their graph). Which forward is the student is decided by
    :func:`heal_pl.callbacks.student_forward.pick_student` (the grad-enabled forward on the batch whose logits
    the returned loss depends on; a no-grad metric pass never counts; an error when it cannot tell);
@@ -85,7 +86,7 @@ class KLBarrierCallback(Callback):
         self.ref_cache = RefRowCache() if ref_cache else None
         self._captured: list[Forward] = []
         self._capturing = False
-        self._hook: RemovableHandle | None = None
+        self._hooks: list[RemovableHandle] = []
         self._wrapped: list[str] = []
 
     # ------------------------------------------------------------------ wiring
@@ -96,16 +97,17 @@ class KLBarrierCallback(Callback):
         lm = base_lm(self.peft)
         check_head(self.peft, "KLBarrierCallback")
         self.head = LMHead(lm)
-        self._hook = lm.register_forward_hook(self._capture, with_kwargs=True)
+        tuner = self.peft.base_model  # peft's LoraModel: calls lm.forward() directly before peft 0.21
+        self._hooks = [m.register_forward_hook(self._capture, with_kwargs=True) for m in (lm, tuner) if m is not None]
         for name, wrap in (("training_step", self._wrap_train), ("validation_step", self._wrap_val)):
             original = getattr(pl_module, name)
             setattr(pl_module, name, wrap(original))
             self._wrapped.append(name)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         for name in self._wrapped:
             pl_module.__dict__.pop(name, None)  # back to the class's method
         self._wrapped = []
@@ -113,7 +115,8 @@ class KLBarrierCallback(Callback):
     def _capture(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         if self._capturing:
             logits = logits_of(output)
-            if logits is not None:
+            seen = self._captured and self._captured[-1].logits is logits  # the tuner passing the LM's output on
+            if logits is not None and not seen:
                 self._captured.append(Forward(args, kwargs, logits))
 
     def _ref_head(self, rows: Tensor) -> Tensor:

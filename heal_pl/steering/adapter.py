@@ -34,6 +34,14 @@ def _lora_layers(root: nn.Module, adapter_name: str) -> list[tuple[str, LoraLaye
     return [(n, m) for n, m in root.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.scaling]
 
 
+def _variant(layer: LoraLayer, adapter_name: str) -> str | None:
+    """The LoRA variant of ``adapter_name`` on ``layer`` (``None``: vanilla LoRA). peft ≥ 0.16 keeps variants in
+    ``lora_variant``; before, DoRA was the only one, flagged in ``use_dora``."""
+    if adapter_name in getattr(layer, "lora_variant", {}):
+        return type(layer.lora_variant[adapter_name]).__name__
+    return "DoRA" if getattr(layer, "use_dora", {}).get(adapter_name) else None
+
+
 class AdapterSteering:
     """Steer by a peft LoRA adapter's delta scaled by α; a :class:`~heal_pl.steering.hooks.SteeringMethod`.
 
@@ -92,8 +100,8 @@ class AdapterSteering:
                     f"{name}: adapter {self.adapter_name!r} is not active (active: {list(layer.active_adapters)}, "
                     f"disabled: {layer.disable_adapters}); scaling it would change nothing"
                 )
-            if self.adapter_name in getattr(layer, "lora_variant", {}):
-                variant = type(layer.lora_variant[self.adapter_name]).__name__
+            variant = _variant(layer, self.adapter_name)
+            if variant is not None:
                 raise ValueError(
                     f"{name}: adapter {self.adapter_name!r} is a LoRA variant ({variant}), whose output is not "
                     "linear in its scaling; AdapterSteering supports vanilla LoRA only"
