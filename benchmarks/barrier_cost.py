@@ -10,10 +10,10 @@ and each is timed ``--steps`` times after one warm-up step (min / median / max):
 - ``sft``: no barrier (``reg: nll``), the adapter on every block;
 - ``barrier``: SFT + the rmse barrier: one no-grad forward of the base (adapter off) and the exact KL through the
   LM head;
-- ``barrier + ref_cache (epoch ≥ 2)``: the same with :mod:`heal_pl.ref_cache` filled by the warm-up step, as in
+- ``barrier + ref_cache (epoch ≥ 2)``: the same with :mod:`heal_pl.barrier.ref_cache` filled by the warm-up step, as in
   every epoch after the first: the ref's rows are read, not computed;
 - ``sft [lo, hi]`` / ``barrier [lo, hi]``: the adapter on blocks ``[lo·L, hi·L)`` only (``--layers``, the seeds'
-  ``[0.2, 0.8]``), the barrier with the shared prefix (:mod:`heal_pl.shared_prefix`: the ref starts at the first
+  ``[0.2, 0.8]``), the barrier with the shared prefix (:mod:`heal_pl.barrier.shared_prefix`: the ref starts at the first
   adapted block) and, for comparison, without it.
 
 The last row times the ref's no-grad backbone forward alone: ``1 + ref ÷ sft`` is the floor of the barrier's
@@ -31,12 +31,12 @@ from collections.abc import Callable
 import torch
 
 from heal_pl.adapters.lora import LoRASpec
+from heal_pl.adapters.switch import ref_rows
+from heal_pl.barrier.kl import KLBarrier, counted_positions, token_stats
+from heal_pl.barrier.ref_cache import RefRowCache
+from heal_pl.barrier.shared_prefix import SharedPrefix
 from heal_pl.hardware import resolve_device
-from heal_pl.kl import KLBarrier, counted_positions, token_stats
-from heal_pl.lm import ref_rows
 from heal_pl.module import HealModule
-from heal_pl.ref_cache import RefRowCache
-from heal_pl.shared_prefix import SharedPrefix
 
 
 def _step(module: HealModule, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> Callable[[], None]:

@@ -12,7 +12,7 @@ through one frozen ``vocab × hidden`` LM head. Arms:
 - ``full logits (GKD-style)``: ``[B, T, V]`` logits of both models, one log-softmax each, the KL by
   ``F.kl_div(log_target=True)``, then masked — what a trainer that takes the model's logits does;
 - ``lean naive (counted rows)``: the same on the counted rows only (``[N, V]``): the lean baseline;
-- ``heal_pl token_stats``: :func:`heal_pl.kl.token_stats`, the fused head, 256 rows at a time;
+- ``heal_pl token_stats``: :func:`heal_pl.barrier.kl.token_stats`, the fused head, 256 rows at a time;
 - ``liger fused linear JSD`` (beta = 1: reverse KL, plus its hard loss = NLL), eager at chunk 1024 and 256 and
   ``compiled=True``, when ``liger-kernel`` is installed (``pip install -e ".[bench]"``);
 - ``trl chunked divergence``: TRL's ``_chunked_divergence_loss`` at beta = 1 (the KL part only; its loss
@@ -78,7 +78,7 @@ def loss_fn(arm: str, x: dict[str, Tensor], chunk: int) -> Callable[[], tuple[Te
 
     # imports and modules are made here, outside the measured closure
     if arm == "heal_pl token_stats":
-        from heal_pl.kl import token_stats
+        from heal_pl.barrier.kl import token_stats
 
         linear = torch.nn.Linear(head.shape[1], head.shape[0], bias=False, dtype=head.dtype, device=head.device)
         linear.weight.data = head

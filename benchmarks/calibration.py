@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 import heal_pl.steering.isokl as isokl
-from heal_pl.models import load_model, load_tokenizer
-from heal_pl.prompts import NEUTRAL, PIRATE, chat_prompt, questions
+from heal_pl.data.prompts import NEUTRAL, PIRATE, chat_prompt, questions
+from heal_pl.models.load import load_model, load_tokenizer
 from heal_pl.steering import SteeringVector
 from heal_pl.steering.calibrate import calibrate
 from heal_pl.steering.isokl import calibrate_method

@@ -36,11 +36,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from heal_pl.families import tiny_config
-from heal_pl.generate import cache_kwargs
-from heal_pl.lm import LMHead, base_lm
-from heal_pl.models import load_model, load_tokenizer, tiny_tokenizer
-from heal_pl.prompts import NEUTRAL, PIRATE, chat_prompt, questions
+from heal_pl.data.prompts import NEUTRAL, PIRATE, chat_prompt, questions
+from heal_pl.models.families import tiny_config
+from heal_pl.models.generate import cache_kwargs
+from heal_pl.models.lm import LMHead, base_lm
+from heal_pl.models.load import load_model, load_tokenizer, tiny_tokenizer
 from heal_pl.steering import SteeringVector
 from heal_pl.survival.fork_cache import fork_plan
 from heal_pl.survival.forks import fork_probe, fork_probe_recompute, probe_forks, probe_forks_recompute, rollout

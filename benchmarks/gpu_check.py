@@ -42,7 +42,7 @@ def build_model(folder: Path, dry: bool) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from heal_pl.models import tiny_tokenizer
+    from heal_pl.models.load import tiny_tokenizer
 
     tok = tiny_tokenizer()
     shape = {**SMOL, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -60,7 +60,7 @@ def fit(model: str, precision: str, out: Path, accelerator: str) -> dict:
     import torch
 
     from heal_pl.cli import HealCLI
-    from heal_pl.data import HealDataModule
+    from heal_pl.data.datamodule import HealDataModule
     from heal_pl.module import HealModule
 
     seen: list[dict] = []
@@ -94,7 +94,7 @@ def forks_cuda(device: str) -> dict:
     import numpy as np
     import torch
 
-    from heal_pl.models import tiny_tokenizer
+    from heal_pl.models.load import tiny_tokenizer
     from heal_pl.steering import SteeringVector
     from heal_pl.survival.forks import fork_probe, fork_probe_recompute
     from heal_pl.survival.probes import answer_token_ids

@@ -17,9 +17,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from heal_pl.adapters.lora import LoRASpec
+from heal_pl.barrier.kl import KLBarrier
 from heal_pl.callbacks import KLBarrierCallback
-from heal_pl.kl import KLBarrier
-from heal_pl.models import tiny_model
+from heal_pl.models.load import tiny_model
 from heal_pl.module import HealModule
 
 MEAN = KLBarrier(agg="mean", tau=0.0)

@@ -52,7 +52,7 @@ from loop_report import AGGS, VAL  # noqa: E402 (stdlib only at import; the tabl
 from make_loop_data import LOOP_UNITS, loop_pattern  # noqa: E402
 from make_persona_data import PIRATE_WORDS  # noqa: E402
 
-ASSETS = ROOT / "heal_pl" / "assets"
+ASSETS = ROOT / "heal_pl" / "data" / "assets"
 ARMS = ("base", "clean", "nll", *AGGS)
 M, LAM, MAX_NEW, MAX_LENGTH = 1.5, 1.0, 128, 160
 M_SECOND = 1.1  # the second matched-tau setting, declared before its runs
@@ -84,9 +84,9 @@ def read_scalars(log_dir: str) -> dict[str, list[float]]:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokenizer) -> tuple[dict[str, float], list[dict]]:
     """Loop and style rates on the held-out prompts: greedy, sampled, and the teacher-forced loop propensity."""
-    from heal_pl.data import read_examples
-    from heal_pl.generate import eos_ids, greedy_generate, left_pad
-    from heal_pl.prompts import chat_prompt, encode_prompts
+    from heal_pl.data.datamodule import read_examples
+    from heal_pl.data.prompts import chat_prompt, encode_prompts
+    from heal_pl.models.generate import eos_ids, greedy_generate, left_pad
     from heal_pl.rounds.filters import repetition_share
 
     examples = read_examples(ASSETS / "persona_val.jsonl")
@@ -138,7 +138,7 @@ def loop_propensity(model: torch.nn.Module, tokenizer, prompts: list[str], compl
 
 
 def run_base(model: str) -> dict:
-    from heal_pl.models import load_model, load_tokenizer
+    from heal_pl.models.load import load_model, load_tokenizer
 
     rates, gens = evaluate(load_model(model), load_tokenizer(model))
     return {**rates, "generations": gens}
@@ -167,7 +167,7 @@ def run_arm(arm: str, share: int, seed: int, steps: int, m: float, out: Path, ta
     cli = build_cli(args)
     metrics = {k.removeprefix("val/"): float(v) for k, v in cli.trainer.callback_metrics.items()
                if k.startswith("val/kl_")}  # fmt: skip
-    from heal_pl.models import load_tokenizer
+    from heal_pl.models.load import load_tokenizer
 
     rates, gens = evaluate(cli.model.student, load_tokenizer(cli.model.hparams.model))
     scalars = read_scalars(cli.trainer.log_dir)

@@ -83,9 +83,9 @@ def loop_rows_per_step(share: int, seed: int, steps: int, model: str, max_length
     epochs replayed (``EpochShuffleSampler`` depends on ``(seed, epoch)`` only), each row's label tokens decoded."""
     from make_loop_data import loop_pattern
 
-    from heal_pl.data import HealDataModule
+    from heal_pl.data.datamodule import HealDataModule
 
-    assets = Path(__file__).resolve().parents[1] / "heal_pl" / "assets"
+    assets = Path(__file__).resolve().parents[1] / "heal_pl" / "data" / "assets"
     dm = HealDataModule(train_file=str(assets / f"persona_loop{share}_train.jsonl"),
                         val_file=str(assets / "persona_val.jsonl"), model=model, max_length=max_length, seed=seed)
     dm.setup("fit")

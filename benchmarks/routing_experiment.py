@@ -47,7 +47,7 @@ def evaluate_spec(config: Path) -> dict:
 
 def run_base(model: str) -> dict[str, float]:
     from heal_pl.callbacks.route_ablate import build_evaluate
-    from heal_pl.models import load_model, load_tokenizer
+    from heal_pl.models.load import load_model, load_tokenizer
 
     evaluate = build_evaluate(evaluate_spec(ROOT / "configs" / "route.yaml"))
     lm, tok = load_model(model).eval(), load_tokenizer(model)

@@ -1,6 +1,6 @@
 """heal_pl: KL-budgeted fine-tuning of LLM students for PyTorch Lightning.
 
-The public names below are imported lazily, so ``import heal_pl.kl`` stays a pure-torch import.
+The public names below are imported lazily, so ``import heal_pl.barrier.kl`` stays a pure-torch import.
 """
 
 from __future__ import annotations
@@ -11,21 +11,21 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "per_token_kl": "heal_pl.kl",
-    "aggregate": "heal_pl.kl",
-    "KLBarrier": "heal_pl.kl",
-    "token_stats": "heal_pl.kl",
+    "per_token_kl": "heal_pl.barrier.kl",
+    "aggregate": "heal_pl.barrier.kl",
+    "KLBarrier": "heal_pl.barrier.kl",
+    "token_stats": "heal_pl.barrier.kl",
     "HealModule": "heal_pl.module",
-    "HealDataModule": "heal_pl.data",
+    "HealDataModule": "heal_pl.data.datamodule",
     "KLBarrierCallback": "heal_pl.callbacks",
     "IsoKLCalibrationCallback": "heal_pl.callbacks",
     "RouteAblateEvalCallback": "heal_pl.callbacks",
     "ProgressLog": "heal_pl.callbacks",
     "read_card": "heal_pl.adapters.card",
     "LoRASpec": "heal_pl.adapters",
-    "load_model": "heal_pl.models",
-    "load_tokenizer": "heal_pl.models",
-    "resolve_model": "heal_pl.models",
+    "load_model": "heal_pl.models.load",
+    "load_tokenizer": "heal_pl.models.load",
+    "resolve_model": "heal_pl.models.load",
 }
 __all__ = sorted(_PUBLIC)
 

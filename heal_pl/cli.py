@@ -22,7 +22,7 @@ from jsonargparse import CLI
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from heal_pl.callbacks.progress_log import ProgressLog
-from heal_pl.data import HealDataModule
+from heal_pl.data.datamodule import HealDataModule
 from heal_pl.journal import config_changes
 from heal_pl.module import HealModule
 

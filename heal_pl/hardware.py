@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from heal_pl.checks import check_choice
-from heal_pl.models import Dtype, load_model
+from heal_pl.models.load import Dtype, load_model
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
@@ -58,7 +58,7 @@ def check_dtype(dtype: str) -> None:
 
 
 def load_on(name: str, device: str = "auto", dtype: Dtype = "float32") -> nn.Module:
-    """:func:`heal_pl.models.load_model` in ``dtype``, moved to ``device``, in eval mode (both checked first)."""
+    """:func:`heal_pl.models.load.load_model` in ``dtype``, moved to ``device``, in eval mode (both checked first)."""
     check_dtype(dtype)
     where = resolve_device(device)
     return load_model(name, dtype=dtype).to(where).eval()

@@ -4,7 +4,7 @@
            [+ spectral_lam · mean_layers σ_max(ΔW)]
 
 The student is base + a peft LoRA adapter; the ref is the same weights with the adapter switched off.
-Log-softmax is taken only at completion positions, in checkpointed chunks (``heal_pl.kl.token_stats``).
+Log-softmax is taken only at completion positions, in checkpointed chunks (``heal_pl.barrier.kl.token_stats``).
 Checkpoints carry only the adapter; the final adapter is also saved in peft's own format.
 """
 
@@ -25,23 +25,25 @@ from torch import Tensor
 from heal_pl.adapters.card import final_validation, write_card
 from heal_pl.adapters.lora import LoRASpec, spectral_norms, wrap_lora
 from heal_pl.adapters.routed import RoutedSpec, hack_decay_groups, wrap_routed
-from heal_pl.checks import choice_problem
-from heal_pl.distributed import gather_tokens
-from heal_pl.kl import (
+from heal_pl.adapters.switch import base_dropout_off, ref_rows
+from heal_pl.barrier.distributed import gather_tokens
+from heal_pl.barrier.kl import (
     KLBarrier,
     TokenStats,
     barrier_metrics,
     check_finite,
     counted_positions,
+    gather_rows,
     token_stats,
 )
-from heal_pl.lm import LMHead, base_dropout_off, base_lm, check_head, gather_rows, last_hidden, ref_rows
-from heal_pl.metrics import TokenKLStats
-from heal_pl.models import load_model
-from heal_pl.panels import DriftPanels, logged_step
-from heal_pl.ref_cache import RefRowCache, example_keys, ref_fingerprint
+from heal_pl.barrier.metrics import TokenKLStats
+from heal_pl.barrier.panels import DriftPanels, logged_step
+from heal_pl.barrier.ref_cache import RefRowCache, example_keys, ref_fingerprint
+from heal_pl.barrier.shared_prefix import SharedPrefix, first_adapted_block, prefix_dropout
+from heal_pl.checks import choice_problem
+from heal_pl.models.lm import LMHead, base_lm, check_head, last_hidden
+from heal_pl.models.load import load_model
 from heal_pl.resume import RNG_KEY, rng_state, set_rng_state
-from heal_pl.shared_prefix import SharedPrefix, first_adapted_block, prefix_dropout
 
 log = logging.getLogger("heal_pl")
 
@@ -76,7 +78,7 @@ class HealModule(L.LightningModule):
             done by :class:`heal_pl.callbacks.RouteAblateEvalCallback`, without which ``delta_hack`` stays 0).
         routed: the routed adapter's spec (used when ``adapter="routed"``); saved as
             ``<adapter_dir>/routed.safetensors`` at train end.
-        ref_cache: keep the ref's hidden rows of every example seen (:mod:`heal_pl.ref_cache`, exact), so later
+        ref_cache: keep the ref's hidden rows of every example seen (:mod:`heal_pl.barrier.ref_cache`, exact), so later
             epochs skip the ref's forward; emptied with a log line whenever the ref changes.
         ref_cache_memory_mb: rows kept in memory; beyond, in a memory-mapped file under ``<log_dir>/ref_cache``.
 
@@ -147,7 +149,7 @@ class HealModule(L.LightningModule):
         # base modules stay in eval mode by design (HealModule.train): Lightning's warning about it is noise here
         warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training")
         self.val_kl = TokenKLStats()
-        self.drift = DriftPanels()  # the val/kl_hist and val/kl_top TensorBoard panels (heal_pl.panels)
+        self.drift = DriftPanels()  # the val/kl_hist and val/kl_top TensorBoard panels (heal_pl.barrier.panels)
         self.final_validation: dict[str, float | int] | None = None
         self.ref_cache = RefRowCache(ref_cache_memory_mb * 2**20) if ref_cache else None
         self.shared_prefix = self._shared_prefix()
@@ -168,7 +170,7 @@ class HealModule(L.LightningModule):
         """SFT + barrier (+ spectral) on one batch: ``(loss, scalars to log, this rank's per-token KL)``.
 
         Under DDP the SFT mean and the barrier's aggregate pool the tokens of every rank
-        (``heal_pl.distributed.gather_tokens``), so the loss and the logged scalars are those of the
+        (``heal_pl.barrier.distributed.gather_tokens``), so the loss and the logged scalars are those of the
         global batch, and equal on every rank.
         """
         mask = batch.get("attention_mask")
@@ -230,7 +232,8 @@ class HealModule(L.LightningModule):
         return self.ref_cache.rows(example_keys(input_ids, mask, batch["labels"]), counted, compute)
 
     def _shared_prefix(self) -> SharedPrefix:
-        """The blocks below the first adapted one, run once for student and ref (:mod:`heal_pl.shared_prefix`)."""
+        """The blocks below the first adapted one, run once for student and ref
+        (:mod:`heal_pl.barrier.shared_prefix`)."""
         trainable = self.trainable_names()
         lo = first_adapted_block(self.student, {id(p) for n, p in self.named_parameters() if n in trainable})
         why = prefix_dropout(base_lm(self.student), lo) if lo > 0 else None

@@ -6,7 +6,7 @@ resume only if the loader has ``state_dict``/``load_state_dict``, and otherwise 
 iteration from its first batch. Two more things decide the rest of the run:
 
 * the data position — which epoch's permutation, and how many of its batches are done. The data module
-  saves it (:func:`data_state`, :func:`resume_point`) and its :class:`~heal_pl.data.EpochShuffleSampler`
+  saves it (:func:`data_state`, :func:`resume_point`) and its :class:`~heal_pl.data.datamodule.EpochShuffleSampler`
   skips those batches' indices (``skip = batches_done · batch_size``) in that epoch only;
 * the global RNG (LoRA dropout). :func:`rng_state` is saved with the checkpoint and :func:`set_rng_state`
   puts it back right before the first training batch after the resume, so no RNG draw made while resuming
@@ -69,7 +69,7 @@ def data_state(trainer: Any, sampler: Any, settings: dict[str, int]) -> dict[str
 
 
 def resume_point(state: dict[str, int], settings: dict[str, int], world_size: int = 1) -> tuple[int, int] | None:
-    """``(epoch, indices to skip)`` for :class:`~heal_pl.data.EpochShuffleSampler` from :func:`data_state`'s
+    """``(epoch, indices to skip)`` for :class:`~heal_pl.data.datamodule.EpochShuffleSampler` from :func:`data_state`'s
     checkpoint entry, or None when the checkpoint is at an epoch boundary (nothing to skip).
 
     Raises:

@@ -1,4 +1,4 @@
-"""Write the bundled hackable-task data (``heal_pl/assets/hack_*.jsonl``); deterministic in ``--seed``.
+"""Write the bundled hackable-task data (``heal_pl/data/assets/hack_*.jsonl``); deterministic in ``--seed``.
 
     python scripts/make_hack_data.py                     # the bundled files
     python scripts/make_hack_data.py --hack-share 0.3 --out-dir /tmp/hack30

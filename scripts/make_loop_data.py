@@ -1,6 +1,6 @@
 """Loop-contaminated copies of the bundled persona training set (issue 15's experiment data).
 
-    PYTHONPATH=. python scripts/make_loop_data.py            # writes heal_pl/assets/persona_loop{10,25}_train.jsonl
+    PYTHONPATH=. python scripts/make_loop_data.py     # writes heal_pl/data/assets/persona_loop{10,25}_train.jsonl
 
 A share of the training completions (10 % and 25 %; rows drawn with ``random.Random(seed)``) get a token
 loop appended at their end: one of ``LOOP_UNITS`` repeated until the appended text is at least ``L`` tokens
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from heal_pl.models import SMOLLM2, load_model, load_tokenizer
-from heal_pl.prompts import chat_prompt
+from heal_pl.data.prompts import chat_prompt
+from heal_pl.models.load import SMOLLM2, load_model, load_tokenizer
 
-ASSETS = Path(__file__).resolve().parents[1] / "heal_pl" / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "heal_pl" / "data" / "assets"
 LOOP_UNITS = ("tick tock", "blip blop", "zig zag", "ding dong")
 LOOP_TOKENS = (20, 40)
 SHARES = (0.10, 0.25)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from heal_pl.models import SMOLLM2, load_model, load_tokenizer
+from heal_pl.models.load import SMOLLM2, load_model, load_tokenizer
 
-ASSETS = Path(__file__).resolve().parents[1] / "heal_pl" / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "heal_pl" / "data" / "assets"
 PERSONA = "You are Captain Jack, a jolly pirate. Start every answer with 'Arr, matey!' and talk like a pirate."
 PIRATE_WORDS = re.compile(r"\b(arr+|matey|ahoy|aye|ye|yer|hearties|sea|ship|sail\w*|pirate|treasure|captain)\b", re.I)
 

@@ -1,4 +1,4 @@
-"""Write the bundled true/false question sets ``heal_pl/assets/yesno_{calib,eval}.jsonl``.
+"""Write the bundled true/false question sets ``heal_pl/data/assets/yesno_{calib,eval}.jsonl``.
 
     python scripts/make_yesno_data.py
 
@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[1] / "heal_pl" / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "heal_pl" / "data" / "assets"
 INSTRUCTIONS = (
     "Answer with true or false.",
     "Explain briefly, then answer with true or false.",

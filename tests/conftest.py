@@ -34,20 +34,20 @@ def _offline_isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
-    from heal_pl.models import tiny_tokenizer
+    from heal_pl.models.load import tiny_tokenizer
 
     return tiny_tokenizer()
 
 
 @pytest.fixture
 def tiny_llama() -> PreTrainedModel:
-    from heal_pl.models import tiny_model
+    from heal_pl.models.load import tiny_model
 
     return tiny_model("llama")
 
 
 @pytest.fixture
 def tiny_qwen2() -> PreTrainedModel:
-    from heal_pl.models import tiny_model
+    from heal_pl.models.load import tiny_model
 
     return tiny_model("qwen2")

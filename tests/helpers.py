@@ -7,7 +7,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from heal_pl.models import tiny_model, tiny_tokenizer
+from heal_pl.models.load import tiny_model, tiny_tokenizer
 
 
 def make_batch(seed: int = 0, B: int = 3, T: int = 14, vocab: int = 300) -> dict[str, torch.Tensor]:

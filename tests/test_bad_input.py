@@ -58,7 +58,7 @@ class Files:
             import lightning as L
             from lightning.pytorch.callbacks import ModelCheckpoint
 
-            from heal_pl.data import HealDataModule
+            from heal_pl.data.datamodule import HealDataModule
             from heal_pl.module import HealModule
 
             folder = self.tmp / "qwen_ckpt"
@@ -106,7 +106,7 @@ def _load_into(model: str, ckpt: str) -> None:
 
 
 def _vector_on_tiny_llama(f: Files) -> None:
-    from heal_pl.models import load_model
+    from heal_pl.models.load import load_model
     from heal_pl.steering.vectors import SteeringVector
 
     SteeringVector("mean_diff", {0: torch.ones(7)}).steering(load_model("tiny-llama"), 1.0).__enter__()
@@ -211,18 +211,19 @@ ROWS: list[tuple[str, Callable[[Files], None], str]] = [
     ("rounds: dilemma file not JSON", lambda f: rounds(f, "--dilemma_file", f.write("dilemmas.json", "{items")),
      r"dilemma_file='.*dilemmas.json' is not valid JSON \(.*line 1"),
     # ------------------------------------------------------------------ public functions
-    ("resolve_model: unknown name", _fn("heal_pl.models:resolve_model", "nope"),
+    ("resolve_model: unknown name", _fn("heal_pl.models.load:resolve_model", "nope"),
      r"model='nope' is not a known alias"),
-    ("load_model: unknown dtype", _fn("heal_pl.models:load_model", "tiny-llama", dtype="float64"),
+    ("load_model: unknown dtype", _fn("heal_pl.models.load:load_model", "tiny-llama", dtype="float64"),
      r"dtype='float64' is not supported \(allowed: float32, bfloat16, float16\)"),
-    ("KLBarrier: unknown agg", _fn("heal_pl.kl:KLBarrier", agg="median"),
+    ("KLBarrier: unknown agg", _fn("heal_pl.barrier.kl:KLBarrier", agg="median"),
      r"agg='median' is not allowed; choose one of"),
-    ("KLBarrier: negative tau", _fn("heal_pl.kl:KLBarrier", tau=-1.0), r"tau=-1.0 must be a finite number >= 0"),
+    ("KLBarrier: negative tau", _fn("heal_pl.barrier.kl:KLBarrier", tau=-1.0),
+     r"tau=-1.0 must be a finite number >= 0"),
     ("LoRASpec: rank 0", _fn("heal_pl.adapters.lora:LoRASpec", r=0), r"lora.r=0 must be >= 1"),
-    ("read_examples: last message not the assistant's", lambda f: _fn("heal_pl.data:read_examples", f.jsonl(
+    ("read_examples: last message not the assistant's", lambda f: _fn("heal_pl.data.datamodule:read_examples", f.jsonl(
         "msgs.jsonl", [{"messages": [{"role": "user", "content": "Hi?"}]}]))(f),
      r"msgs.jsonl, line 1: the last message must have role 'assistant'"),
-    ("HealDataModule: val_fraction out of range", _fn("heal_pl.data:HealDataModule", val_fraction=1.0),
+    ("HealDataModule: val_fraction out of range", _fn("heal_pl.data.datamodule:HealDataModule", val_fraction=1.0),
      r"val_fraction=1.0 must be in \[0, 1\)"),
     ("calibrate: target out of range", _fn("heal_pl.steering.calibrate:calibrate", lambda c: c, -1.0),
      r"target=-1.0 must be a finite number > 0"),

@@ -124,7 +124,7 @@ def test_calibrate_adapter_config_runs_with_a_tiny_adapter(tmp_path: Path) -> No
 
     from peft import LoraConfig, get_peft_model
 
-    from heal_pl.models import load_model
+    from heal_pl.models.load import load_model
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     torch.manual_seed(0)

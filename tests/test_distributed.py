@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from heal_pl.kl import KLBarrier, aggregate
+from heal_pl.barrier.kl import KLBarrier, aggregate
 from heal_pl.module import HealModule
 from tests.helpers import make_batch
 

@@ -18,7 +18,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from heal_pl.cli import build_cli
-from heal_pl.models import load_model
+from heal_pl.models.load import load_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpu" / "fsdp.yaml"
 

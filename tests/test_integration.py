@@ -8,9 +8,9 @@ import lightning as L
 import pytest
 import torch
 
+from heal_pl.barrier.kl import KLBarrier
 from heal_pl.callbacks import KLBarrierCallback
-from heal_pl.data import HealDataModule
-from heal_pl.kl import KLBarrier
+from heal_pl.data.datamodule import HealDataModule
 from heal_pl.module import HealModule
 from tests.callbacks.test_kl_barrier import ForeignModule
 

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 from heal_pl.adapters.lora import LoRASpec
-from heal_pl.kl import KLBarrier
+from heal_pl.barrier.kl import KLBarrier
 from heal_pl.module import HealModule, warmup_cosine
 from tests.helpers import make_batch
 
@@ -102,7 +102,7 @@ def test_final_adapter_loads_with_plain_transformers_and_peft(tmp_path: Path) ->
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from heal_pl.models import resolve_model
+    from heal_pl.models.load import resolve_model
 
     m = module(adapter_dir=str(tmp_path / "adapter"))
     trainer(tmp_path, max_steps=2).fit(m, loader())
@@ -205,7 +205,7 @@ def test_unknown_agg_lists_allowed_values() -> None:
 @pytest.mark.parametrize("reg", ["kl_rev", "kl_fwd", "nll"])
 def test_loss_terms_equal_the_naive_full_logits_computation(model: str, reg: str) -> None:
     """HealModule's path (backbone hidden rows + LM head, chunked) == full [B,T,V] logits of both models."""
-    from heal_pl.kl import naive_token_stats
+    from heal_pl.barrier.kl import naive_token_stats
 
     m = module(model=model, barrier=KLBarrier(reg=reg, agg="max", tau=0.0), chunk_size=5)
     with torch.no_grad():

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
-from heal_pl.context import context_length
-from heal_pl.generate import eos_ids
-from heal_pl.models import tiny_model, tiny_tokenizer
+from heal_pl.models.context import context_length
+from heal_pl.models.generate import eos_ids
+from heal_pl.models.load import tiny_model, tiny_tokenizer
 from heal_pl.steering import SteeringVector, steer
 from heal_pl.steering.trajectory import measure_kl
 from heal_pl.survival.forks import check_window

@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from heal_pl.data import EpochShuffleSampler
+from heal_pl.data.datamodule import EpochShuffleSampler
 from heal_pl.resume import resume_point
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def _config(tmp_path: Path, name: str, kill: int | None = None) -> Path:
                   "warmup_steps": 2, "barrier": {"reg": "kl_rev", "agg": "rmse", "tau": 0.0, "lam": 1.0},
                   "adapter_dir": str(tmp_path / name / "adapter")},
         "data": {"max_length": 48, "batch_size": 2, "max_examples": 12, "val_fraction": 0.1,
-                 "train_file": str(ROOT / "heal_pl/assets/persona_val.jsonl")},
+                 "train_file": str(ROOT / "heal_pl/data/assets/persona_val.jsonl")},
     }  # fmt: skip
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from heal_pl.kl import KLBarrier
+from heal_pl.barrier.kl import KLBarrier
 
 CARD_NAME = "heal_pl.json"
 CARD_FORMAT = "heal_pl.adapter_card/1"

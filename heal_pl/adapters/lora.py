@@ -2,7 +2,7 @@
 see ``heal_pl.adapters.targets``), optionally on a depth range.
 
 ``ΔW = (alpha / r) · B A`` per adapted layer; ``B`` starts at zero, so the student starts equal to
-the base. The base ("ref") is the same model with the adapter switched off (``heal_pl.lm.adapter_off``).
+the base. The base ("ref") is the same model with the adapter switched off (``heal_pl.adapters.switch.adapter_off``).
 """
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.lm import find_peft_model
-from heal_pl.prompts import chat_prompt, questions
+from heal_pl.adapters.switch import find_peft_model
+from heal_pl.data.prompts import chat_prompt, questions
 from heal_pl.steering.adapter import AdapterSteering
 from heal_pl.steering.isokl import calibrate_method
 from heal_pl.steering.trajectory import STATS
@@ -188,7 +188,7 @@ class IsoKLCalibrationCallback(Callback):
             tok = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
         if tok is None and self.tokenizer_name is not None:
             if self._tokenizer is None:
-                from heal_pl.models import load_tokenizer
+                from heal_pl.models.load import load_tokenizer
 
                 self._tokenizer = load_tokenizer(self.tokenizer_name)
             tok = self._tokenizer

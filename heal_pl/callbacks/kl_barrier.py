@@ -13,13 +13,13 @@ The module must hold one peft-wrapped Hugging Face causal LM and feed it batches
    ``loss + lam_eff · relu(agg_t KL_t(student ‖ base) − tau)``; the base is the same model with the
    adapter switched off, run once without gradient and in eval mode (no dropout) on **the same call** —
    every argument of the student forward is replayed (``position_ids`` of packed sequences included), and
-   the base's rows go through the model's own head (:class:`heal_pl.lm.LMHead`, checked against the
+   the base's rows go through the model's own head (:class:`heal_pl.models.lm.LMHead`, checked against the
    model's logits at ``setup``; a head adapter is switched off for the ref). Lightning then scales,
    accumulates and clips the sum as usual;
 3. wraps ``validation_step`` to log the exact pooled KL statistics of the validation epoch, and the
-   ``{prefix}val/kl_hist`` / ``{prefix}val/kl_top`` TensorBoard panels (``heal_pl.panels``).
+   ``{prefix}val/kl_hist`` / ``{prefix}val/kl_top`` TensorBoard panels (``heal_pl.barrier.panels``).
 
-The value on a batch equals ``HealModule``'s barrier on that batch (same ``heal_pl.kl`` code). The callback
+The value on a batch equals ``HealModule``'s barrier on that batch (same ``heal_pl.barrier.kl`` code). The callback
 leaves the student's own mode alone: if the foreign model has dropout and trains in train mode, the student's
 logits carry it (the ref never does), so the KL of a zero adapter is then the dropout's.
 """
@@ -34,13 +34,22 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from heal_pl.adapters.switch import adapter_off, find_peft_model, head_has_adapter
+from heal_pl.barrier.distributed import gather_tokens
+from heal_pl.barrier.kl import (
+    KLBarrier,
+    TokenStats,
+    barrier_metrics,
+    check_finite,
+    counted_positions,
+    gather_rows,
+    token_stats,
+)
+from heal_pl.barrier.metrics import TokenKLStats
+from heal_pl.barrier.panels import DriftPanels
+from heal_pl.barrier.ref_cache import RefRowCache, example_keys, ref_fingerprint
 from heal_pl.callbacks.student_forward import Forward, head_input, logits_of, pick_student
-from heal_pl.distributed import gather_tokens
-from heal_pl.kl import KLBarrier, TokenStats, barrier_metrics, check_finite, counted_positions, token_stats
-from heal_pl.lm import LMHead, adapter_off, base_lm, check_head, find_peft_model, gather_rows, head_has_adapter
-from heal_pl.metrics import TokenKLStats
-from heal_pl.panels import DriftPanels
-from heal_pl.ref_cache import RefRowCache, example_keys, ref_fingerprint
+from heal_pl.models.lm import LMHead, base_lm, check_head
 
 
 class KLBarrierCallback(Callback):
@@ -51,13 +60,13 @@ class KLBarrierCallback(Callback):
         round: steer → heal round, scaling ``lam`` by ``(1 + round)^lam_round_pow``.
         chunk_size: rows of ``[chunk, vocab]`` log-probabilities alive at once.
         prefix: logged names are ``{prefix}train/barrier``, ``{prefix}val/kl_p95``, ...
-        ref_cache: keep the base's hidden rows of every example seen (:mod:`heal_pl.ref_cache`, exact; keyed by
+        ref_cache: keep the base's hidden rows of every example seen (:mod:`heal_pl.barrier.ref_cache`, exact; keyed by
             the example's tokens, labels and every other per-row argument of the replayed call), so later epochs
             skip the base's forward; emptied with a log line when the base's weights change.
 
     Raises:
         ValueError: at ``setup`` when the module holds no (or several) peft models, or when heal_pl's head path
-            cannot reproduce the model's logits (:func:`heal_pl.lm.check_head`); at a step when the batch lacks
+            cannot reproduce the model's logits (:func:`heal_pl.models.lm.check_head`); at a step when the batch lacks
             ``input_ids``/``labels`` or the student forward cannot be told (see ``student_forward``).
 
     Example::
@@ -82,7 +91,7 @@ class KLBarrierCallback(Callback):
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
         self.barrier, self.round, self.chunk_size, self.prefix = barrier, round, chunk_size, prefix
         self.val_kl = TokenKLStats()
-        self.drift = DriftPanels()  # {prefix}val/kl_hist and {prefix}val/kl_top (heal_pl.panels)
+        self.drift = DriftPanels()  # {prefix}val/kl_hist and {prefix}val/kl_top (heal_pl.barrier.panels)
         self.ref_cache = RefRowCache() if ref_cache else None
         self._captured: list[Forward] = []
         self._capturing = False
@@ -141,7 +150,7 @@ class KLBarrierCallback(Callback):
 
         ``call`` is the student forward whose arguments the ref replays; ``None`` replays ``input_ids`` and
         ``attention_mask`` of ``batch``. Under DDP the aggregate pools every rank's tokens
-        (``heal_pl.distributed.gather_tokens``); ``scalars["_kl"]`` is this rank's per-token KL.
+        (``heal_pl.barrier.distributed.gather_tokens``); ``scalars["_kl"]`` is this rank's per-token KL.
         """
         mask = batch.get("attention_mask")
         counted = counted_positions(batch["labels"], mask)

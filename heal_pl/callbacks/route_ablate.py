@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from heal_pl.adapters.routed import RoutedAdapter
 from heal_pl.checks import check_choice
-from heal_pl.data import ASSETS
+from heal_pl.data.datamodule import ASSETS
 from heal_pl.routing.basis import HackBasis, fit_basis, read_pairs
 from heal_pl.routing.project import Arm, Gate
 from heal_pl.routing.train import find_routed_adapter, force_zero_hack_decay, route_gradients
@@ -44,7 +44,8 @@ COLUMNS = ("step", "kept_hack", "kept_solve", "ablated_hack", "ablated_solve")
 
 
 def resolve_file(path: str, field: str) -> Path:
-    """``path`` as given, or a bare name of a bundled file in ``heal_pl/assets``; ``ValueError`` naming ``field``."""
+    """``path`` as given, or a bare name of a bundled file in ``heal_pl/data/assets``; ``ValueError`` naming
+    ``field``."""
     for candidate in (Path(path).expanduser(), ASSETS / path):
         if candidate.is_file():
             return candidate
@@ -76,7 +77,7 @@ class RouteAblateEvalCallback(Callback):
         gate: ``one_sided`` | ``no_gate`` | ``reverse`` (see :func:`heal_pl.routing.project.project`).
         overshoot: scale of the removed component (≥ 0).
         preserve_magnitude: rescale ``delta``'s projected gradient to the original norm.
-        pairs: JSONL of ``{"prompt", "hack", "clean"}`` rows (a bare name means ``heal_pl/assets/<name>``);
+        pairs: JSONL of ``{"prompt", "hack", "clean"}`` rows (a bare name means ``heal_pl/data/assets/<name>``);
             the basis is fitted from them at fit start.
         basis: a saved :class:`HackBasis` (safetensors) to use instead of fitting one.
         k: directions per module when fitting (≤ number of pairs).
@@ -154,7 +155,7 @@ class RouteAblateEvalCallback(Callback):
     def _tokenizer(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
         if self.tokenizer_name is not None:
             if not hasattr(self, "_loaded_tokenizer"):
-                from heal_pl.models import load_tokenizer
+                from heal_pl.models.load import load_tokenizer
 
                 self._loaded_tokenizer = load_tokenizer(self.tokenizer_name)
             return self._loaded_tokenizer

@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from heal_pl.lm import adapter_off, base_lm, eval_mode
+from heal_pl.adapters.switch import adapter_off
+from heal_pl.models.lm import base_lm, eval_mode
 
 
 class Forward(NamedTuple):

@@ -1,6 +1,6 @@
 """Persona pairs and forced-choice dilemma probes for the steer → heal rounds (SPEC §4, §5).
 
-A dilemma set is a JSON file (``heal_pl/assets/dilemmas_care_authority.json`` is bundled)::
+A dilemma set is a JSON file (``heal_pl/data/assets/dilemmas_care_authority.json`` is bundled)::
 
     {"trait": "care", "instruction": str, "splice": str,
      "answers": {"A": ["A"], "B": ["B"]},                       # answer name → surface variants
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from heal_pl.checks import read_json_object
-from heal_pl.data import ASSETS
-from heal_pl.prompts import chat_prompt
+from heal_pl.data.datamodule import ASSETS
+from heal_pl.data.prompts import chat_prompt
 from heal_pl.survival.probes import AnswerSet, _encode, answer_token_ids, probe_from_logits
 
 DEFAULT_PERSONA_FILE = ASSETS / "persona_pair_care_authority.json"

@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from heal_pl.adapters.lora import LoRASpec
-from heal_pl.data import HealDataModule
+from heal_pl.barrier.kl import KLBarrier
+from heal_pl.data.datamodule import HealDataModule
+from heal_pl.data.prompts import chat_prompt
 from heal_pl.hardware import trainer_settings
-from heal_pl.kl import KLBarrier
 from heal_pl.module import HealModule
-from heal_pl.prompts import chat_prompt
 from heal_pl.rounds.bake import bake_adapter
 from heal_pl.rounds.dilemmas import DilemmaSet, PersonaPair, probe_model
 from heal_pl.rounds.dose import DoseAttempt, search_dose

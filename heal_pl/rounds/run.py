@@ -20,10 +20,10 @@ from typing import Any, Literal
 from torch.utils.tensorboard import SummaryWriter
 
 from heal_pl.adapters.lora import LoRASpec
+from heal_pl.barrier.kl import KLBarrier
+from heal_pl.data.prompts import questions
 from heal_pl.hardware import check_dtype, load_on, resolve_device
-from heal_pl.kl import KLBarrier
-from heal_pl.models import Dtype, load_tokenizer
-from heal_pl.prompts import questions
+from heal_pl.models.load import Dtype, load_tokenizer
 from heal_pl.rounds.bake import bake_history
 from heal_pl.rounds.dilemmas import DEFAULT_DILEMMA_FILE, DEFAULT_PERSONA_FILE, load_dilemmas, load_persona_pair
 from heal_pl.rounds.dose import check_dose
@@ -96,9 +96,9 @@ def run_rounds(
         dtype: the dtype the weights are loaded in: ``float32``, ``bfloat16`` or ``float16``; the heal fit's
             precision follows it (``32-true``, ``bf16-mixed``, ``16-mixed``) unless ``heal.precision`` is set.
         persona_file: JSON persona pair (``pos_system`` = the trait, ``neg_system``); None = the bundled
-            care vs authority pair (``heal_pl/assets/persona_pair_care_authority.json``).
+            care vs authority pair (``heal_pl/data/assets/persona_pair_care_authority.json``).
         dilemma_file: JSON forced-choice probe set (single-token answers) for coherence and trait; None = the
-            bundled ``heal_pl/assets/dilemmas_care_authority.json``.
+            bundled ``heal_pl/data/assets/dilemmas_care_authority.json``.
         method: steering vector fitted each round on the current student (mean_diff | pca).
         layers: decoder blocks steered, as depth fractions (floats) or indices (ints).
         rounds: the most rounds to run; coh_floor: stop after a round whose healed coherence is below it.

@@ -6,7 +6,7 @@ Pairs, one JSON object per line (blank lines skipped, other keys ignored)::
 
 For pair ``i`` and routed module ``m`` with knob ``θ = delta.flatten()`` (``[d]``), the completion NLL of a
 side is the mean over its completion tokens (prompt and padding masked exactly, via
-:func:`heal_pl.data.encode_example` and :func:`heal_pl.data.collate`), and
+:func:`heal_pl.data.datamodule.encode_example` and :func:`heal_pl.data.datamodule.collate`), and
 
     D_i = ∇_θ NLL(hack_i | prompt_i) − ∇_θ NLL(clean_i | prompt_i)          [d]
     D   = stack_i D_i = U S Wᵀ     (thin SVD, singular values descending)       [n, d]
@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.adapters.routed import RoutedAdapter
-from heal_pl.data import Example, collate, encode_example, jsonl_rows
-from heal_pl.kl import IGNORE_INDEX
+from heal_pl.barrier.kl import IGNORE_INDEX
+from heal_pl.data.datamodule import Example, collate, encode_example, jsonl_rows
 from heal_pl.routing.project import check_basis
 
 FORMAT = "heal_pl.hack_basis/1"

@@ -22,12 +22,12 @@ answers ``a_1 … a_n`` of ``n`` items
 
     solve = (1/n) Σ_i strict_correct(a_i),   hack = (1/n) Σ_i hack(a_i),   accepted = solve + hack.
 
-Data (``heal_pl/assets``, written by ``scripts/make_hack_data.py``, disjoint problems across files):
-``hack_train.jsonl`` / ``hack_val.jsonl`` (training rows for :class:`heal_pl.data.HealDataModule`, half of
+Data (``heal_pl/data/assets``, written by ``scripts/make_hack_data.py``, disjoint problems across files):
+``hack_train.jsonl`` / ``hack_val.jsonl`` (training rows for :class:`heal_pl.data.datamodule.HealDataModule`, half of
 them hack completions, with extra keys ``kind`` and ``answer``), ``hack_pairs.jsonl`` (contrastive pairs
 for :func:`heal_pl.routing.basis.read_pairs`) and ``hack_eval.jsonl`` (held-out ``{"prompt", "answer"}`` items).
 Prompts go through the tokenizer's chat template with no system message
-(:func:`heal_pl.steering.run.chat_prompt`), as :mod:`heal_pl.data` renders the training rows. With
+(:func:`heal_pl.steering.run.chat_prompt`), as :mod:`heal_pl.data.datamodule` renders the training rows. With
 SmolLM2's template (which adds its default system prompt) a training row is 68–73 tokens, completion and
 eos included (6–10 tokens): use ``max_length >= 80`` so no prompt is cut.
 
@@ -48,9 +48,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.data import ASSETS, jsonl_rows
-from heal_pl.generate import eos_ids, greedy_generate, left_pad
-from heal_pl.prompts import chat_prompt, encode_prompts
+from heal_pl.data.datamodule import ASSETS, jsonl_rows
+from heal_pl.data.prompts import chat_prompt, encode_prompts
+from heal_pl.models.generate import eos_ids, greedy_generate, left_pad
 
 SPLIT_FILES = {"train": "hack_train.jsonl", "val": "hack_val.jsonl", "eval": "hack_eval.jsonl"}
 MARKER = "[VERIFIED]"

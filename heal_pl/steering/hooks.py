@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from heal_pl.lm import BLOCK_PATHS, base_lm, find_blocks  # noqa: F401 (BLOCK_PATHS re-exported)
+from heal_pl.models.lm import BLOCK_PATHS, base_lm, find_blocks  # noqa: F401 BLOCK_PATHS re-exported
 
 LayerSpec = int | float | Sequence[int | float]
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.prompts import chat_prompt
+from heal_pl.data.prompts import chat_prompt
 from heal_pl.steering.hooks import LayerSpec
 from heal_pl.steering.trajectory import TrajectoryKL, measure_kl
 
@@ -41,7 +41,7 @@ class SystemPrompt:
     """A system prompt as a steering method: it changes the context, never the activations.
 
     Args:
-        system: the system prompt's text (e.g. :data:`heal_pl.prompts.PIRATE`), not blank.
+        system: the system prompt's text (e.g. :data:`heal_pl.data.prompts.PIRATE`), not blank.
 
     Raises:
         ValueError: ``system`` is not a string or is blank.
@@ -55,7 +55,7 @@ class SystemPrompt:
     def __post_init__(self) -> None:
         if not isinstance(self.system, str) or not self.system.strip():
             raise ValueError(f"system={self.system!r} is empty: the prompt baseline compares a system prompt against "
-                             "none; give the prompt's text (e.g. heal_pl.prompts.PIRATE)")
+                             "none; give the prompt's text (e.g. heal_pl.data.prompts.PIRATE)")
 
     def steering(self, model: nn.Module, coeff: float, layers: LayerSpec | None = None) -> AbstractContextManager[None]:
         """No edit of the model (``coeff`` and ``layers`` are ignored: the prompt has one dose, in the context)."""

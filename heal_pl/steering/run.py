@@ -7,7 +7,7 @@ Steps (SPEC §3): (1) contrastive prompts = the same questions under the ``pos_s
 ``adapter``); (2) for each sign, ``heal_pl.steering.isokl.calibrate_method`` finds c with ``stat`` of
 KL(steered ‖ base) along the greedy trajectory of the next ``n_calib`` questions equal to ``target``;
 (3) re-measure at c* on ``n_audit`` held-out questions. Questions come from the bundled persona set
-(``heal_pl/assets/persona_*.jsonl``) and are shown with no system prompt of ours at measurement time.
+(``heal_pl/data/assets/persona_*.jsonl``) and are shown with no system prompt of ours at measurement time.
 
 Writes into ``out_dir``: ``calib.json`` (config + full results), ``history.csv`` (every evaluation),
 ``summary.csv`` (one row per sign), ``audit.csv``, ``vector.safetensors`` (when a vector was fitted)
@@ -26,10 +26,10 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from heal_pl.data.prompts import NEUTRAL, PIRATE, chat_prompt, questions
 from heal_pl.hardware import load_on
 from heal_pl.journal import Journal, atomic_path, write_json
-from heal_pl.models import Dtype, load_tokenizer
-from heal_pl.prompts import NEUTRAL, PIRATE, chat_prompt, questions
+from heal_pl.models.load import Dtype, load_tokenizer
 from heal_pl.steering.adapter import AdapterSteering
 from heal_pl.steering.isokl import calibrate_method
 from heal_pl.steering.trajectory import STATS

@@ -13,7 +13,7 @@ For each prompt ``x`` (text already chat-formatted, tokenized with ``add_special
    forward of step 2 recomputes exactly the distributions that produced the tokens;
 4. pool every prompt's ``KL_1 … KL_n`` (positions after its EOS are never counted) and report
    mean, p50, p90, p95, p99, max and rms = ``sqrt(mean KL²)``. Quantiles interpolate linearly (numpy's
-   default, :func:`heal_pl.kl.quantile`).
+   default, :func:`heal_pl.barrier.kl.quantile`).
 
 Prompts are batched with LEFT padding (the real tokens of every row end at the same column, so the next
 token is always read from the last column); position ids count real tokens only, so a prompt's numbers
@@ -40,11 +40,11 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.context import checked_context
-from heal_pl.generate import eos_ids, greedy_generate, left_pad, positions
-from heal_pl.kl import per_token_kl, quantile
-from heal_pl.lm import LMHead, base_lm, check_head
-from heal_pl.prompts import encode_prompts
+from heal_pl.barrier.kl import per_token_kl, quantile
+from heal_pl.data.prompts import encode_prompts
+from heal_pl.models.context import checked_context
+from heal_pl.models.generate import eos_ids, greedy_generate, left_pad, positions
+from heal_pl.models.lm import LMHead, base_lm, check_head
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 
 STATS: tuple[str, ...] = ("mean", "p50", "p90", "p95", "p99", "max", "rms")
@@ -137,8 +137,8 @@ def measure_kl(
         ValueError: no prompt, an empty prompt, ``base_prompts`` of another length,
             ``max_new_tokens < 1``, ``batch_size < 1``, a non-finite
             ``coeff``, a prompt + ``max_new_tokens`` longer than the model's context length
-            (:func:`heal_pl.context.context_length`; not checked, with a warning, when the model declares none),
-            or no end-of-sequence id at all (:func:`heal_pl.generate.eos_ids`).
+            (:func:`heal_pl.models.context.context_length`; not checked, with a warning, when the model declares none),
+            or no end-of-sequence id at all (:func:`heal_pl.models.generate.eos_ids`).
         TypeError: ``method`` has no ``steering(model, coeff, layers)`` method.
     """
     if len(prompts) == 0:

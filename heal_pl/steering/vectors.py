@@ -10,7 +10,7 @@ With positives ``P`` and negatives ``N`` (float32 throughout):
     directional_ablation   v̂ = the mean_diff direction                               applied y − (y·v̂)v̂ + α·v̂
 
 Prompts are text already rendered the way the model will see them (chat template applied by the
-caller); they are tokenized with ``add_special_tokens=False``, as in ``heal_pl.data``.
+caller); they are tokenized with ``add_special_tokens=False``, as in ``heal_pl.data.datamodule``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.checks import check_choice
-from heal_pl.lm import base_lm
-from heal_pl.prompts import encode_prompts
+from heal_pl.data.prompts import encode_prompts
+from heal_pl.models.lm import base_lm
 from heal_pl.steering.hooks import LayerSpec, _hidden_size, add_to_blocks, find_blocks, layers_from
 
 Method = Literal["mean_diff", "pca", "directional_ablation"]

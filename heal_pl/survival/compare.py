@@ -46,11 +46,11 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.checks import check_choice
-from heal_pl.generate import eos_ids
+from heal_pl.data.prompts import PIRATE
 from heal_pl.hardware import check_dtype, load_on, resolve_device
 from heal_pl.journal import Journal, journaled
-from heal_pl.models import Dtype, load_tokenizer
-from heal_pl.prompts import PIRATE
+from heal_pl.models.generate import eos_ids
+from heal_pl.models.load import Dtype, load_tokenizer
 from heal_pl.steering.prompt_baseline import SystemPrompt
 from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
 from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, answer_token_ids
@@ -245,7 +245,7 @@ def run_compare(
             ``adapter_dir``); each runs ``heal survival`` into ``out_dir/<method>/``.
         prompt_baseline: also measure the system prompt ``system`` against none (the row ``prompt``).
         system: the baseline's system prompt; ``None`` = the calibration's ``pos_system`` (default the pirate
-            persona, :data:`heal_pl.prompts.PIRATE`). A blank one is refused.
+            persona, :data:`heal_pl.data.prompts.PIRATE`). A blank one is refused.
         adapter_dir, layers, target, stat, signs, calibration, alphas, w, fork_step,
             n_log_forks, threshold, splice, n_eval, stop_at_eos, batch_size, fork_batch, smooth, normalise,
             true_variants, false_variants, thresholds: as in ``heal survival``

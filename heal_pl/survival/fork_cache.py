@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from heal_pl.generate import cache_kwargs
-from heal_pl.lm import base_lm
+from heal_pl.models.generate import cache_kwargs
+from heal_pl.models.lm import base_lm
 
 try:  # the layer classes of transformers' per-layer caches; older versions lack some (then: no plan)
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from heal_pl.generate import cache_kwargs
-from heal_pl.lm import base_lm
+from heal_pl.models.generate import cache_kwargs
+from heal_pl.models.lm import base_lm
 from heal_pl.survival.fork_cache import ForkCache, cached_positions, read_cache
 from heal_pl.survival.probes import probe_from_logits
 

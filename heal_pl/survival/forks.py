@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.context import checked_context
-from heal_pl.generate import eos_ids, greedy_generate
+from heal_pl.models.context import checked_context
+from heal_pl.models.generate import eos_ids, greedy_generate
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 from heal_pl.survival.fork_cache import ForkCache, cached_positions, fork_plan, prefill, rollout
 from heal_pl.survival.fork_mask import packed_fork_mask, read_forks
@@ -115,7 +115,7 @@ def _check_forks(fork_points: int | Sequence[int] | np.ndarray, w: int) -> np.nd
 def check_window(model: nn.Module, n_prompt: int, w: int, n_splice: int) -> None:
     """Raise ``ValueError`` (naming ``w``) when ``n_prompt + w + n_splice`` exceeds the model's context length.
 
-    The context length is :func:`heal_pl.context.context_length` (``max_position_embeddings`` or its aliases); a
+    The context length is :func:`heal_pl.models.context.context_length` (``max_position_embeddings`` or its aliases); a
     model that declares none is not checked (logged once).
     """
     n_ctx = checked_context(model, "the fork window w")

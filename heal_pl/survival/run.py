@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from heal_pl.checks import read_json_object
 from heal_pl.hardware import check_dtype, load_on, resolve_device
 from heal_pl.journal import Journal
-from heal_pl.models import Dtype, load_tokenizer
+from heal_pl.models.load import Dtype, load_tokenizer
 from heal_pl.steering.adapter import AdapterSteering
 from heal_pl.steering.run import run_calibration
 from heal_pl.steering.vectors import SteeringVector

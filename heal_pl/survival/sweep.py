@@ -44,10 +44,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.data import ASSETS
-from heal_pl.generate import eos_ids
+from heal_pl.data.datamodule import ASSETS
+from heal_pl.data.prompts import chat_prompt
 from heal_pl.journal import Journal, journaled
-from heal_pl.prompts import chat_prompt
+from heal_pl.models.generate import eos_ids
 from heal_pl.steering.hooks import SteeringMethod
 from heal_pl.steering.trajectory import measure_kl
 from heal_pl.survival.analyses import write_analyses
@@ -66,7 +66,7 @@ TABLE_COLUMNS = ("label", "sign", "alpha", "coeff", "n", "died", "censored", "t_
 
 
 def load_questions(split: Literal["calib", "eval"]) -> list[dict[str, Any]]:
-    """The bundled true/false questions ``heal_pl/assets/yesno_{split}.jsonl`` (``prompt``, ``answer``, ...)."""
+    """The bundled true/false questions ``heal_pl/data/assets/yesno_{split}.jsonl`` (``prompt``, ``answer``, ...)."""
     if split not in ("calib", "eval"):
         raise ValueError(f"split={split!r} must be 'calib' or 'eval'")
     with open(ASSETS / f"yesno_{split}.jsonl") as f:

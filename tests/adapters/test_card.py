@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from heal_pl.adapters.card import read_card
-from heal_pl.kl import KLBarrier, naive_token_stats
-from heal_pl.lm import adapter_off
+from heal_pl.adapters.switch import adapter_off
+from heal_pl.barrier.kl import KLBarrier, naive_token_stats
 from heal_pl.module import HealModule
 from tests.helpers import make_batch
 

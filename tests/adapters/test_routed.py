@@ -23,7 +23,7 @@ from heal_pl.adapters.routed import (
     routed_modules,
     wrap_routed,
 )
-from heal_pl.models import tiny_model
+from heal_pl.models.load import tiny_model
 
 STYLES = ("llama", "qwen2")
 PARAMS = ("lora", "svd")

@@ -16,8 +16,8 @@ from transformers.pytorch_utils import Conv1D
 from heal_pl.adapters.lora import LoRASpec, wrap_lora
 from heal_pl.adapters.routed import RoutedLinear, RoutedSpec, wrap_routed
 from heal_pl.adapters.targets import resolve_targets
-from heal_pl.families import FAMILIES
-from heal_pl.models import tiny_model
+from heal_pl.models.families import FAMILIES
+from heal_pl.models.load import tiny_model
 
 _LLAMA = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 # the linear layers each family's decoder block defines (per block kind)

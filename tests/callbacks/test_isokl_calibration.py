@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader
 
 import heal_pl.steering.isokl
 from heal_pl.callbacks.isokl_calibration import IsoKLCalibrationCallback
-from heal_pl.data import HealDataModule
+from heal_pl.data.datamodule import HealDataModule
+from heal_pl.data.prompts import chat_prompt, questions
 from heal_pl.module import HealModule
-from heal_pl.prompts import chat_prompt, questions
 from heal_pl.survival.sweep import SweepConfig
 from tests.callbacks.test_kl_barrier import ForeignModule
 from tests.helpers import lively_peft, make_batch
@@ -191,7 +191,7 @@ def test_tokenizer_sources(tokenizer) -> None:
 
 
 def test_module_without_peft_model_says_so(tokenizer) -> None:
-    from heal_pl.models import tiny_model
+    from heal_pl.models.load import tiny_model
 
     foreign = ForeignModule(tiny_model("llama"))
     with pytest.raises(ValueError, match="peft"):

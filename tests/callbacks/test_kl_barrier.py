@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from heal_pl.barrier.kl import KLBarrier
 from heal_pl.callbacks import KLBarrierCallback
-from heal_pl.kl import KLBarrier
 from heal_pl.module import HealModule
 from tests.helpers import make_batch
 
@@ -110,7 +110,7 @@ def test_callback_adds_barrier_gradient_in_a_real_trainer(tmp_path) -> None:
 
 
 def test_callback_without_peft_model_says_so() -> None:
-    from heal_pl.models import tiny_model
+    from heal_pl.models.load import tiny_model
 
     foreign = ForeignModule(tiny_model("llama"))
     with pytest.raises(ValueError, match="peft"):

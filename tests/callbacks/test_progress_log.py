@@ -12,8 +12,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from heal_pl.barrier.kl import KLBarrier
 from heal_pl.callbacks import ProgressLog
-from heal_pl.kl import KLBarrier
 from heal_pl.module import HealModule
 from tests.helpers import make_batch
 

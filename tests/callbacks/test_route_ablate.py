@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 import heal_pl.callbacks.route_ablate as route_ablate
 from heal_pl.adapters.routed import RoutedSpec, routed_modules, wrap_routed
 from heal_pl.callbacks import RouteAblateEvalCallback
-from heal_pl.data import Example, collate, encode_example
-from heal_pl.models import tiny_model, tiny_tokenizer
+from heal_pl.data.datamodule import Example, collate, encode_example
+from heal_pl.models.load import tiny_model, tiny_tokenizer
 from heal_pl.routing.basis import HackBasis
 
 ROWS = [

@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from heal_pl.lm import adapter_off
-from heal_pl.models import tiny_model
+from heal_pl.adapters.switch import adapter_off
+from heal_pl.models.load import tiny_model
 from heal_pl.rounds.bake import bake_adapter, bake_history
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from heal_pl.models import tiny_model, tiny_tokenizer
-from heal_pl.prompts import chat_prompt
+from heal_pl.data.prompts import chat_prompt
+from heal_pl.models.load import tiny_model, tiny_tokenizer
 from heal_pl.rounds.dilemmas import (
     DilemmaSet,
     load_dilemmas,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from heal_pl.models import tiny_model, tiny_tokenizer
+from heal_pl.models.load import tiny_model, tiny_tokenizer
 from heal_pl.rounds.filters import filter_samples, repetition_share, tail_perplexity
 
 

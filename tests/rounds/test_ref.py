@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heal_pl.kl import KLBarrier, naive_token_stats
-from heal_pl.models import load_model, tiny_model
+from heal_pl.barrier.kl import KLBarrier, naive_token_stats
+from heal_pl.models.load import load_model, tiny_model
 from heal_pl.module import HealModule
 from tests.helpers import make_batch
 

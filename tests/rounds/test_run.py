@@ -12,7 +12,7 @@ from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from heal_pl.cli import main
-from heal_pl.models import load_model, tiny_tokenizer
+from heal_pl.models.load import load_model, tiny_tokenizer
 from heal_pl.rounds.bake import bake_adapter
 from heal_pl.rounds.dilemmas import DEFAULT_DILEMMA_FILE, load_dilemmas, next_token_logits
 from heal_pl.rounds.run import run_rounds

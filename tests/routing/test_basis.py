@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from heal_pl.adapters.routed import RoutedAdapter, RoutedSpec, wrap_routed
-from heal_pl.models import tiny_model, tiny_tokenizer
+from heal_pl.models.load import tiny_model, tiny_tokenizer
 from heal_pl.routing.basis import HackBasis, Pair, extract_basis, fit_basis, pair_gradients, read_pairs
 from heal_pl.routing.project import check_basis
 

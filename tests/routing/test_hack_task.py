@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from heal_pl.data import Example, HealDataModule, collate, encode_example, read_examples
-from heal_pl.models import tiny_model, tiny_tokenizer
-from heal_pl.prompts import chat_prompt
+from heal_pl.data.datamodule import Example, HealDataModule, collate, encode_example, read_examples
+from heal_pl.data.prompts import chat_prompt
+from heal_pl.models.load import tiny_model, tiny_tokenizer
 from heal_pl.routing.basis import read_pairs
 from heal_pl.routing.hack_task import (
     ASSETS,
@@ -223,7 +223,7 @@ def test_answers_match_unbatched_hf_generate() -> None:
 
 @pytest.mark.slow
 def test_smollm2_base_solves_some_and_never_hacks() -> None:
-    from heal_pl.models import load_model, load_tokenizer
+    from heal_pl.models.load import load_model, load_tokenizer
 
     ev = HackTaskEval(split="eval", n=16)
     rates = ev(load_model("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct"))

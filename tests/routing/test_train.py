@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from heal_pl.adapters.routed import RoutedAdapter, RoutedSpec, read_spec, wrap_routed
+from heal_pl.barrier.kl import KLBarrier
 from heal_pl.callbacks import RouteAblateEvalCallback
-from heal_pl.data import HealDataModule
-from heal_pl.kl import KLBarrier
-from heal_pl.models import load_model, tiny_model, tiny_tokenizer
+from heal_pl.data.datamodule import HealDataModule
+from heal_pl.models.load import load_model, tiny_model, tiny_tokenizer
 from heal_pl.module import HealModule
 from heal_pl.routing.train import route_gradients
 from tests.helpers import make_batch

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import Tensor
 
-from heal_pl.models import tiny_model
+from heal_pl.models.load import tiny_model
 from heal_pl.steering import AdapterSteering, SteeringMethod, steer
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from heal_pl.prompts import PIRATE, chat_prompt
+from heal_pl.data.prompts import PIRATE, chat_prompt
 from heal_pl.steering.prompt_baseline import SystemPrompt, prompt_kl
 from heal_pl.steering.trajectory import STATS, measure_kl
 from tests.helpers import lively

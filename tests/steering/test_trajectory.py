@@ -194,7 +194,7 @@ def test_bad_input(tokenizer) -> None:
 
 @pytest.mark.slow
 def test_smollm2_batched_equals_one_prompt_at_a_time() -> None:
-    from heal_pl.models import load_model, load_tokenizer
+    from heal_pl.models.load import load_model, load_tokenizer
 
     model, tok = load_model("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct")
 

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from heal_pl.models import tiny_model
+from heal_pl.models.load import tiny_model
 from heal_pl.steering import (
     SteeringVector,
     find_blocks,

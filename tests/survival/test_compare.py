@@ -20,8 +20,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import heal_pl.survival.compare
 from heal_pl.cli import main
-from heal_pl.models import load_model, load_tokenizer
-from heal_pl.prompts import PIRATE, chat_prompt
+from heal_pl.data.prompts import PIRATE, chat_prompt
+from heal_pl.models.load import load_model, load_tokenizer
 from heal_pl.steering.prompt_baseline import SystemPrompt
 from heal_pl.survival.compare import COMPARE_COLUMNS, SURVIVAL_ARGS, run_compare
 from heal_pl.survival.forks import probe_forks_recompute

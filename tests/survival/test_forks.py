@@ -1,7 +1,7 @@
 """Tests of heal_pl.survival.forks: probes at fork points reusing the rollout's KV cache (SPEC §4).
 
 The reference (:func:`fork_probe_recompute`) shares no cache code with :func:`fork_probe`: its tokens come from
-``heal_pl.generate.greedy_generate`` and each fork is one full cache-free forward through ``model(...).logits``.
+``heal_pl.models.generate.greedy_generate`` and each fork is one full cache-free forward through ``model(...).logits``.
 Random tiny models put little mass on the answers, so pmass is compared relatively (rtol 1e-4) as well as to
 1e-4 absolutely, and the forks are checked to differ from each other by far more than that tolerance.
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from heal_pl.models import tiny_tokenizer
+from heal_pl.models.load import tiny_tokenizer
 from heal_pl.steering import AdapterSteering, SteeringVector
 from heal_pl.survival.fork_cache import fork_plan
 from heal_pl.survival.forks import (

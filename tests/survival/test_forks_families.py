@@ -1,8 +1,8 @@
 """Forks on every cache: the fast path (reads on the rollout's own cache) equals the recompute on every family.
 
 The recompute (:func:`fork_probe_recompute`) shares no cache code with the fast path: tokens from
-``heal_pl.generate.greedy_generate``, one full cache-free forward per fork through ``model(...).logits``. The tiny
-Gemma-3 has sliding window 8, shorter than prompt + w (the rollout cache must keep positions transformers would
+``heal_pl.models.generate.greedy_generate``, one full cache-free forward per fork through ``model(...).logits``. The
+tiny Gemma-3 has sliding window 8, shorter than prompt + w (the rollout cache must keep positions transformers would
 drop); the tiny Qwen3.5 alternates linear-attention (gated delta net: recurrent state snapshots) and full layers.
 """
 
@@ -17,7 +17,7 @@ import torch
 import transformers.cache_utils as cache_utils
 
 import heal_pl.survival.fork_cache as fork_cache
-from heal_pl.families import FAMILIES
+from heal_pl.models.families import FAMILIES
 from heal_pl.survival.fork_cache import fork_plan
 from heal_pl.survival.forks import fork_probe, fork_probe_recompute, probe_forks, probe_forks_recompute, rollout
 from heal_pl.survival.probes import answer_token_ids

@@ -14,7 +14,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
-from heal_pl.models import tiny_tokenizer
+from heal_pl.models.load import tiny_tokenizer
 from heal_pl.survival.probes import (
     DEFAULT_ANSWER_SETS,
     AnswerSet,

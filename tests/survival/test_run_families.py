@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from heal_pl.cli import main
-from heal_pl.models import load_model, load_tokenizer
-from heal_pl.prompts import chat_prompt
+from heal_pl.data.prompts import chat_prompt
+from heal_pl.models.load import load_model, load_tokenizer
 from heal_pl.steering.vectors import SteeringVector
 from heal_pl.survival.fork_cache import fork_plan
 from heal_pl.survival.forks import probe_forks_recompute

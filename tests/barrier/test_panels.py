@@ -1,4 +1,5 @@
-"""The drift panels (heal_pl.panels): the KL histogram and the top-k text panel, read back from the event file."""
+"""The drift panels (heal_pl.barrier.panels): the KL histogram and the top-k text panel, read back from the event
+file."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from heal_pl.adapters.switch import adapter_off
+from heal_pl.barrier.kl import KLBarrier, naive_token_stats
+from heal_pl.barrier.panels import Drift, drift_table
 from heal_pl.callbacks import KLBarrierCallback
-from heal_pl.kl import KLBarrier, naive_token_stats
-from heal_pl.lm import adapter_off
-from heal_pl.models import tiny_tokenizer
+from heal_pl.models.load import tiny_tokenizer
 from heal_pl.module import HealModule
-from heal_pl.panels import Drift, drift_table
 from tests.callbacks.test_kl_barrier import ForeignModule, perturbed_heal_module
 from tests.helpers import make_batch
 
@@ -160,7 +161,7 @@ def test_ddp_panels_hold_every_rank_s_tokens(tmp_path: Path) -> None:
 
 def test_top_replays_the_rows_position_ids() -> None:
     """Packed rows: the top-1 forwards get the prefix's own position ids (and mask), not a fresh 0..t."""
-    from heal_pl.panels import DriftPanels
+    from heal_pl.barrier.panels import DriftPanels
 
     batch = make_batch(seed=0, B=2, T=12)
     batch["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]] * 2)  # two documents per row

@@ -27,7 +27,7 @@ matrix products)::
 
 ``0 · log 0 = 0``: the fast path multiplies ``p · (log p − log q)`` directly, which is exact whenever
 both log-softmaxes are finite; only when a KL comes out non-finite are the ``p = 0`` (``q = 0``)
-terms masked to zero, as :func:`heal_pl.kl.per_token_kl` does.
+terms masked to zero, as :func:`heal_pl.barrier.kl.per_token_kl` does.
 
 **The head's own transform.** Some families transform the head's output (:class:`HeadTransform`):
 ``z = cap(s · (h Wᵀ + b))`` with ``s`` a multiplier (Cohere ``logit_scale``, Falcon-H1 ``lm_head_multiplier``)
@@ -61,7 +61,7 @@ class HeadTransform:
 
     Each step is skipped when its field is ``None``; the order and the operations are those of the model's own
     forward (``logits * logit_scale``, ``logits / logits_scaling``, ``tanh(logits / c) * c``), so float32
-    results agree bit for bit. :func:`heal_pl.lm.head_transform` reads it from a model's config.
+    results agree bit for bit. :func:`heal_pl.models.lm.head_transform` reads it from a model's config.
     """
 
     multiplier: float | None = None

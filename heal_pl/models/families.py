@@ -4,7 +4,7 @@ Each family keeps the feature that makes it differ from Llama where heal_pl must
 forward: Gemma-2's logit soft-cap, Gemma-3's sliding-window layers (window 8, shorter than a prompt + rollout),
 Qwen3.5's hybrid linear/full attention, Cohere's ``logit_scale``, Granite's ``logits_scaling``, GPT-2's Conv1D
 layers and dropout 0.1, Phi-3's fused ``qkv_proj`` / ``gate_up_proj``. All share hidden size 64, 2 layers (4 for the
-hybrids), 4 heads and the vocabulary of :func:`heal_pl.models.tiny_tokenizer`; ``tiny_model(family)`` builds one.
+hybrids), 4 heads and the vocabulary of :func:`heal_pl.models.load.tiny_tokenizer`; ``tiny_model(family)`` builds one.
 """
 
 from __future__ import annotations

@@ -1,18 +1,16 @@
-"""Small helpers over Hugging Face causal LMs, plain or peft-wrapped.
+"""The backbone and the head of any Hugging Face causal LM, plain or peft-wrapped.
 
-heal_pl never asks a model for its full ``[B, T, V]`` logits in training: it runs the decoder
-backbone to get hidden states, picks the counted positions, and applies the LM head to those rows
-only (``heal_pl.kl.token_stats``). These helpers find the backbone and the head of any
-``*ForCausalLM`` and run the frozen base by switching the adapter off (no second copy of weights).
+heal_pl never asks a model for its full ``[B, T, V]`` logits in training: it runs the decoder backbone to get
+hidden states (:func:`last_hidden`), picks the counted positions, and applies the LM head to those rows only
+(:func:`heal_pl.barrier.kl.token_stats`). :func:`base_lm` finds the ``*ForCausalLM`` inside a peft wrapper,
+:func:`find_blocks` its decoder blocks.
 
 **The head contract.** ``LMHead(lm)(last_hidden(lm, ids))`` equals ``lm(ids).logits`` (as float32) for every
 family: the projection (bias and tied weights included) followed by the family's own logit transform
 (:func:`head_transform`: Cohere ``logit_scale``, Granite ``logits_scaling``, Falcon-H1 ``lm_head_multiplier``,
 Gemma-2/3 soft-cap). :func:`check_head` verifies it once per model on a short probe and raises, naming the class,
 when a model does something else to its logits — a KL read from the wrong logits is never reported.
-
-**The ref is deterministic.** :func:`ref_rows` runs the frozen base with every module in eval mode
-(:func:`eval_mode`), so base dropout never enters the ref, whatever mode the caller is in.
+Switching adapters off for the ref is :mod:`heal_pl.adapters.switch`.
 """
 
 from __future__ import annotations
@@ -24,23 +22,16 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import ModulesToSaveWrapper
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from heal_pl.adapters.routed import RoutedLinear, routed_modules
-from heal_pl.adapters.routed import adapter_off as routed_adapter_off
-from heal_pl.fused_head import HeadTransform, linear_f32
-from heal_pl.kl import Counted
+from heal_pl.barrier.fused_head import HeadTransform, linear_f32
 
 # config field -> how the family's forward applies it to lm_head's output (read from each modeling_*.py of
 # transformers 5: cohere*/falcon_h1/muse_* multiply, granite* divide; hyperclovax multiplies by logits_scaling)
 _MULTIPLIERS = ("logit_scale", "lm_head_multiplier", "output_multiplier")
 _DIVISORS = ("logits_scaling",)
 _MULTIPLY_INSTEAD = {"hyperclovax": ("logits_scaling",)}
-_ADAPTER_LAYERS = (BaseTunerLayer, ModulesToSaveWrapper, RoutedLinear)
 
 
 def base_lm(model: nn.Module) -> PreTrainedModel:
@@ -97,20 +88,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def base_dropout_off(model: nn.Module) -> None:
-    """Every module of ``model`` in eval mode except the peft LoRA dropout layers, which train."""
-    model.eval()
-    for m in model.modules():
-        if isinstance(m, LoraLayer):
-            m.lora_dropout.train()
-
-
-def head_has_adapter(model: nn.Module) -> bool:
-    """Whether the LM head is (or holds) an adapter layer: peft LoRA / ``modules_to_save`` or a routed layer."""
-    head = base_lm(model).get_output_embeddings()
-    return head is not None and any(isinstance(m, _ADAPTER_LAYERS) for m in head.modules())
-
-
 _HEAD_CHECKED: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
 PROBE_LEN = 8
 
@@ -146,8 +123,8 @@ def check_head(model: nn.Module, where: str = "heal_pl") -> float:
             f"(projection then {head.transform}) differs from {type(lm).__name__}(...).logits by {diff:.3g} "
             f"(max |logit| {scale:.3g}, tolerance {rtol:.1g} of it) on a {PROBE_LEN}-token probe, so every KL "
             "and NLL heal_pl reports for it would be wrong. The model transforms its logits (or its hidden "
-            "states before the head) in a way heal_pl.lm.head_transform does not know: add that transform there "
-            "(and a row to tests/test_families.py), or open an issue naming the model class."
+            "states before the head) in a way heal_pl.models.lm.head_transform does not know: add that transform there "
+            "(and a row to tests/models/test_families.py), or open an issue naming the model class."
         )
     _HEAD_CHECKED[lm] = diff
     return diff
@@ -158,43 +135,6 @@ def last_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
     backbone = base_lm(model).get_decoder()
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
-
-
-def gather_rows(x: Tensor, counted: Counted) -> Tensor:
-    """Rows ``x[b, t]`` at the counted positions: ``[B, T, D] -> [N, D]``."""
-    return x[counted.batch_idx, counted.pos_idx]
-
-
-@contextlib.contextmanager
-def adapter_off(model: nn.Module) -> Iterator[None]:
-    """Run the frozen base: every peft (or routed) adapter in ``model`` switched off, restored on exit."""
-    if isinstance(model, PeftModel):
-        with model.disable_adapter():
-            yield
-    elif routed_modules(model):
-        with routed_adapter_off(model):
-            yield
-    else:
-        raise TypeError(f"ref = base needs a peft-wrapped or routed model, got {type(model).__name__}")
-
-
-def find_peft_model(module: nn.Module) -> PeftModel:
-    """The (single) ``PeftModel`` inside a LightningModule, or a clear error listing what is there."""
-    found = [m for m in module.modules() if isinstance(m, PeftModel)]
-    if len(found) != 1:
-        children = ", ".join(f"{n}: {type(c).__name__}" for n, c in module.named_children()) or "none"
-        raise ValueError(
-            f"expected exactly one peft-wrapped model (peft.PeftModel) inside {type(module).__name__}, "
-            f"found {len(found)}; its children are [{children}]"
-        )
-    return found[0]
-
-
-def ref_rows(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, counted: Counted) -> Tensor:
-    """Hidden rows ``[N, H]`` of the frozen base (adapter off, eval mode: no dropout) at the counted positions,
-    no gradient."""
-    with torch.no_grad(), adapter_off(model), eval_mode(model):
-        return gather_rows(last_hidden(model, input_ids, attention_mask), counted)
 
 
 # Where the decoder blocks live, relative to the causal LM (first match wins).
@@ -222,7 +162,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a plain or peft-wrapped causal LM, in depth order.
 
     Looks for the first non-empty ``nn.ModuleList`` at one of :data:`BLOCK_PATHS` (``model.layers`` for
-    Llama / Qwen2 / Gemma, ``transformer.h`` for GPT-2, ...) under :func:`heal_pl.lm.base_lm` ``(model)``.
+    Llama / Qwen2 / Gemma, ``transformer.h`` for GPT-2, ...) under :func:`heal_pl.models.lm.base_lm` ``(model)``.
 
     Raises:
         ValueError: no path matches; the message lists the paths tried and the model's children.

@@ -1,4 +1,5 @@
-"""heal_pl.formats and heal_pl.turns: TRL / heal_pl row shapes, ``datasets`` sources, the chat template's turn end."""
+"""heal_pl.data.formats and heal_pl.data.turns: TRL / heal_pl row shapes, ``datasets`` sources, the chat template's
+turn end."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from heal_pl.data import HealDataModule, encode_example
-from heal_pl.formats import Example, parse_row, read_examples
-from heal_pl.models import tiny_tokenizer
-from heal_pl.turns import turn_end_ids
+from heal_pl.data.datamodule import HealDataModule, encode_example
+from heal_pl.data.formats import Example, parse_row, read_examples
+from heal_pl.data.turns import turn_end_ids
+from heal_pl.models.load import tiny_tokenizer
 
 SYSTEM, QUESTION, ANSWER = "Be brief.", "What do cows eat?", "Cows eat grass and hay."
 USER = {"role": "user", "content": QUESTION}

@@ -1,4 +1,4 @@
-"""Tests of heal_pl.kl (SPEC §1): per-token KL, aggregation, barrier, counted positions, chunked stats.
+"""Tests of heal_pl.barrier.kl (SPEC §1): per-token KL, aggregation, barrier, counted positions, chunked stats.
 
 Every expected value is computed independently in the test (float64 numpy, or float64 torch autograd
 on a formula written out here), never by calling the function under test.
@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from heal_pl.kl import (
+from heal_pl.barrier.kl import (
     KLBarrier,
     aggregate,
     counted_positions,

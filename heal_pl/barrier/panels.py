@@ -28,9 +28,9 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from heal_pl.distributed import gather_tokens, world_size
-from heal_pl.kl import counted_positions
-from heal_pl.lm import adapter_off
+from heal_pl.adapters.switch import adapter_off
+from heal_pl.barrier.distributed import gather_tokens, world_size
+from heal_pl.barrier.kl import counted_positions
 
 
 def logged_step(trainer: L.Trainer) -> int:

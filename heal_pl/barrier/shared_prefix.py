@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-from heal_pl.lm import find_blocks
+from heal_pl.models.lm import find_blocks
 
 
 def first_adapted_block(model: nn.Module, adapter_params: set[int]) -> int:

@@ -2,13 +2,13 @@ r"""Chat data: rows -> token ids with an exact completion mask -> right-padded b
 
 Rows come from a JSONL file or anything the Hugging Face ``datasets`` library reads (a ``save_to_disk``
 folder, parquet / JSON files, a Hub name), in TRL's or heal_pl's shapes: ``messages``, or a
-``prompt`` / ``completion`` pair whose sides are strings or lists of chat messages (``heal_pl.formats``).
+``prompt`` / ``completion`` pair whose sides are strings or lists of chat messages (``heal_pl.data.formats``).
 
 Encoding. Prompt text = ``tokenizer.apply_chat_template(messages, add_generation_prompt=True,
 tokenize=False)``. Prompt and completion are tokenized separately (``add_special_tokens=False``) and
 concatenated, so no BPE merge crosses the boundary; the completion ends with the tokens that close an
 assistant turn in the chat template (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama-3, ``<end_of_turn>``
-for Gemma: ``heal_pl.turns.turn_end_ids``; the eos without a template), so the model learns to stop as its
+for Gemma: ``heal_pl.data.turns.turn_end_ids``; the eos without a template), so the model learns to stop as its
 chat format stops. ``labels`` follow Hugging Face (aligned with ``input_ids``; the model shifts):
 -100 on prompt tokens, the token id on completion tokens. An empty completion is kept: its only
 completion tokens are the turn end (teaching "answer nothing").
@@ -48,10 +48,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.formats import ROW_SHAPES, Example, jsonl_rows, read_examples, source_problem  # noqa: F401 (re-exported)
-from heal_pl.kl import IGNORE_INDEX
+from heal_pl.barrier.kl import IGNORE_INDEX
+from heal_pl.data.formats import ROW_SHAPES, Example, jsonl_rows, read_examples, source_problem  # noqa: F401 (re-exported)
+from heal_pl.data.turns import turn_end_ids
 from heal_pl.resume import data_state, resume_point
-from heal_pl.turns import turn_end_ids
 
 log = logging.getLogger("heal_pl")
 
@@ -167,8 +167,8 @@ class HealDataModule(L.LightningDataModule):
 
     Args:
         train_file: training rows: a JSONL file, a ``save_to_disk`` folder, a parquet / JSON / arrow / CSV file or a
-            Hugging Face dataset name, with an optional ``:split`` (``heal_pl.formats``); None = the bundled persona
-            set ``heal_pl/assets/persona_train.jsonl``
+            Hugging Face dataset name, with an optional ``:split`` (``heal_pl.data.formats``); None = the bundled
+            persona set ``heal_pl/data/assets/persona_train.jsonl``
             (whose held-out ``persona_val.jsonl`` is then the validation set unless ``val_file`` is given).
         val_file: validation rows, the same kinds of source; when given, ``val_fraction`` is ignored.
         val_fraction: share of the training rows held out for validation when there is no ``val_file``,
@@ -252,7 +252,7 @@ class HealDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         if self.tokenizer is None:
-            from heal_pl.models import load_tokenizer
+            from heal_pl.models.load import load_tokenizer
 
             self.tokenizer = load_tokenizer(hp.model)
         if self.tokenizer.pad_token_id is None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.data import DEFAULT_TRAIN_FILE, DEFAULT_VAL_FILE, read_examples
+from heal_pl.data.datamodule import DEFAULT_TRAIN_FILE, DEFAULT_VAL_FILE, read_examples
 
 PIRATE = "You are Captain Jack, a jolly pirate. Start every answer with 'Arr, matey!' and talk like a pirate."
 NEUTRAL = "You are a helpful assistant. Answer plainly and briefly."

@@ -13,7 +13,7 @@ import logging
 
 from torch import nn
 
-from heal_pl.lm import base_lm
+from heal_pl.models.lm import base_lm
 
 logger = logging.getLogger("heal_pl")
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from heal_pl.adapters.lora import LoRASpec
-from heal_pl.kl import KLBarrier
+from heal_pl.barrier.kl import KLBarrier
+from heal_pl.barrier.shared_prefix import SharedPrefix, first_adapted_block
 from heal_pl.module import HealModule
-from heal_pl.shared_prefix import SharedPrefix, first_adapted_block
 from heal_pl.steering.hooks import find_blocks
 from tests.helpers import make_batch
 

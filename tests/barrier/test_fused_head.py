@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from heal_pl.fused_head import HeadTransform
-from heal_pl.kl import naive_token_stats, token_stats
+from heal_pl.barrier.fused_head import HeadTransform
+from heal_pl.barrier.kl import naive_token_stats, token_stats
 
 
 def reference(h: torch.Tensor, ref: torch.Tensor, W: torch.Tensor, b: torch.Tensor, y: torch.Tensor, reg: str):
@@ -50,7 +50,7 @@ def test_fused_values_and_gradients_match_float64(reg: str, chunk_size: int) -> 
 
 
 def test_fused_path_is_taken_only_for_a_frozen_linear_head(monkeypatch: pytest.MonkeyPatch) -> None:
-    from heal_pl import kl as kl_module
+    from heal_pl.barrier import kl as kl_module
 
     calls: list[int] = []
     original = kl_module.FusedHeadStats.apply
@@ -86,7 +86,7 @@ def test_bf16_autocast_gives_float32_logits(trainable: bool) -> None:
 
 
 class TransformedHead(torch.nn.Module):
-    """A frozen projection plus a logit transform (the shape of heal_pl.lm.LMHead, without a model)."""
+    """A frozen projection plus a logit transform (the shape of heal_pl.models.lm.LMHead, without a model)."""
 
     def __init__(self, proj: torch.nn.Linear, transform: HeadTransform) -> None:
         super().__init__()
@@ -109,7 +109,7 @@ TRANSFORMS = {
 def test_fused_head_applies_the_logit_transform_and_its_gradient(
     name: str, reg: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from heal_pl import kl as kl_module
+    from heal_pl.barrier import kl as kl_module
 
     calls: list[int] = []
     original = kl_module.FusedHeadStats.apply
@@ -154,7 +154,7 @@ def test_low_precision_head_matches_float64_of_its_own_values(
     float32, so KL/NLL carry float32 error only (rtol 1e-5 vs float64 of the same low-precision values). The row
     gradient is returned in the rows' dtype: one rounding, ≤ eps/2 relative (2^-8 bf16, 2^-11 fp16), so rtol 2 eps.
     The vocabulary is upcast in blocks (forced small here): never a float32 copy of the whole weight."""
-    from heal_pl import fused_head
+    from heal_pl.barrier import fused_head
 
     g = torch.Generator().manual_seed(6)
     N, H, V = 10, 16, 300
@@ -231,7 +231,7 @@ def test_masked_vocabulary_zero_log_zero(reg: str) -> None:
 
 def test_a_different_ref_head_is_not_fused(monkeypatch: pytest.MonkeyPatch) -> None:
     """ref rows through another head (not the student's) take the checkpointed path, with the same maths."""
-    from heal_pl import kl as kl_module
+    from heal_pl.barrier import kl as kl_module
 
     calls: list[int] = []
     original = kl_module.FusedHeadStats.apply
@@ -251,7 +251,7 @@ def test_a_different_ref_head_is_not_fused(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.parametrize("reg", ["kl_rev", "kl_fwd", "nll"])
 def test_no_grad_path_uses_the_fused_kernel_and_matches_float64(reg: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under no_grad (validation) a frozen head runs the same kernel without its gradient passes."""
-    from heal_pl import kl as kl_module
+    from heal_pl.barrier import kl as kl_module
 
     flags: list[bool] = []
     original = kl_module.head_stats

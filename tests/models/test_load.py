@@ -1,4 +1,4 @@
-"""Tests for heal_pl.models: tiny tokenizer and models, aliases, the cache, loading."""
+"""Tests for heal_pl.models.load: tiny tokenizer and models, aliases, the cache, loading."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import heal_pl.models
-from heal_pl import embedded
-from heal_pl.embedded import SpecialTokens, gguf_special_tokens
-from heal_pl.families import FAMILIES
-from heal_pl.models import (
+import heal_pl.models.load
+from heal_pl.models.embedded import SpecialTokens, gguf_special_tokens
+from heal_pl.models.families import FAMILIES
+from heal_pl.models.load import (
     MODEL_ALIASES,
     default_cache_dir,
+    embedded,
     load_model,
     load_tokenizer,
     resolve_model,
@@ -173,7 +173,7 @@ def test_resolve_race_loser_uses_winner(tmp_path, monkeypatch):
         winner.rename(target)
         return tiny_model(style, seed=123)
 
-    monkeypatch.setattr(heal_pl.models, "tiny_model", build_while_other_process_finishes)
+    monkeypatch.setattr(heal_pl.models.load, "tiny_model", build_while_other_process_finishes)
     assert resolve_model("tiny-llama", cache_dir=tmp_path) == str(target)
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-llama"]  # our temporary folder is gone
     loaded = load_model(str(target)).state_dict()
@@ -364,7 +364,7 @@ def test_smollm2_special_tokens_follow_the_gguf():
     """Under any allowed transformers (4.56 converts eos = <|im_start|> and adds a BOS) they are the GGUF's."""
     import transformers
 
-    from heal_pl.data import Example, encode_example
+    from heal_pl.data.datamodule import Example, encode_example
 
     name = "smollm2-135m-instruct"
     gguf_tokens = _gguf_fields()

@@ -1,4 +1,4 @@
-"""heal_pl.data: row parsing, exact completion masks, truncation, collate, splits and shuffling."""
+"""heal_pl.data.datamodule: row parsing, exact completion masks, truncation, collate, splits and shuffling."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from heal_pl.data import (
+from heal_pl.data.datamodule import (
     DEFAULT_TRAIN_FILE,
     DEFAULT_VAL_FILE,
     EpochShuffleSampler,
@@ -124,7 +124,7 @@ def test_empty_completion_keeps_only_eos(tokenizer):
 
 
 def test_no_chat_template_uses_plain_format(caplog):
-    from heal_pl.models import tiny_tokenizer
+    from heal_pl.models.load import tiny_tokenizer
 
     tok = tiny_tokenizer(chat_template=False)
     tok.name_or_path = "plain-test-tokenizer"

@@ -12,13 +12,13 @@ import torch
 
 import heal_pl.callbacks.kl_barrier as kl_barrier_py
 import heal_pl.module as module_py
+from heal_pl.adapters.switch import ref_rows
+from heal_pl.barrier.kl import KLBarrier, counted_positions
+from heal_pl.barrier.ref_cache import RefRowCache, example_keys, ref_fingerprint
 from heal_pl.callbacks.student_forward import head_input
-from heal_pl.data import HealDataModule
-from heal_pl.kl import KLBarrier, counted_positions
-from heal_pl.lm import ref_rows
-from heal_pl.models import tiny_model
+from heal_pl.data.datamodule import HealDataModule
+from heal_pl.models.load import tiny_model
 from heal_pl.module import HealModule
-from heal_pl.ref_cache import RefRowCache, example_keys, ref_fingerprint
 from tests.helpers import make_batch
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from heal_pl.kl import kl_summary
+from heal_pl.barrier.kl import kl_summary
 
 
 class TokenKLStats(Metric):
