@@ -5,7 +5,7 @@
 1. Evaluations: a mean_diff vector (pirate vs plain assistant, mid depth) is calibrated for each target
    (p95 nats) and both signs on 8 questions × 32 tokens; the table gives c*, converged and the number of
    trajectory measurements each search needed, and their median (target: ≤ 4), for the default search
-   (extrapolated bracketing, ``prior_slope=2``) and, side by side, the doubling search of SPEC §3
+   (extrapolated bracketing, ``prior_slope=2``) and, side by side, the doubling search of docs/maths.md §3.4
    (``prior_slope=None``). Greedy trajectories are deterministic, so a coefficient measured by both
    searches is measured once and reused (each search still counts it as one of its evaluations).
 2. Measurement time: ``measure_kl`` of 8 prompts × ``--tokens`` tokens at a fixed coefficient, batched

@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run   # its steps on the CPU, tiny sizes (no 16-mixed, no FSDP)
 #
 # Needs on the GPU machine: python3 with a CUDA torch, lightning, transformers, peft, tensorboard, pandas, scipy,
-# matplotlib, tokenizers (the 'cuda' image of the device tool has them); .gpu_site/ adds jsonargparse (+
+# matplotlib, tokenizers (most CUDA images with PyTorch have them); .gpu_site/ adds jsonargparse (+
 # docstring_parser, typeshed_client), lifelines (+ autograd, autograd_gamma). No network, no model download: the
 # model is a random SmolLM2-shaped Llama built on the spot (benchmarks/gpu_check.py says what that means).
 set -euo pipefail

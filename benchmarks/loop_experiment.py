@@ -1,4 +1,6 @@
-"""Does a mean KL barrier let token loops through where rmse / p95 / max stop them? (SPEC §1; issue 15)
+"""Does a mean KL barrier let token loops through where rmse / p95 / max stop them? (docs/maths.md §1)
+
+Record of the runs: docs/experiments/loop.md.
 
 Data: ``scripts/make_loop_data.py`` appends a 20–42-token loop ("tick tock tick tock ...") to 10 % or 25 % of
 the bundled persona training completions; held-out prompts and completions stay clean. One command per arm
@@ -11,7 +13,8 @@ lr 1e-3, 36 steps or ``--steps``; run them one at a time)::
     python benchmarks/loop_experiment.py --arm mean --share 25 --seed 0 --steps 108  # rmse, p95, max; seeds 0 1 2
 
 (36 steps, configs/rmse.yaml's schedule and the default, is under one epoch: SFT does not learn the loop there.)
-    python benchmarks/loop_experiment.py --table                        # the README table, figure, TensorBoard
+    python benchmarks/loop_experiment.py --table                        # the tables, figures, TensorBoard
+    python scripts/fill_loop_tables.py                                  # the tables into docs/experiments/loop.md
 
 Arms: ``nll`` = SFT only; ``mean`` / ``rmse`` / ``p95`` / ``max`` = SFT + ``LAM · relu(agg_t KL_t − tau_agg)``.
 ``clean`` and ``nll`` run the barrier with ``lam = 0`` (exactly SFT's gradient) so their per-token KL is

@@ -1,4 +1,4 @@
-"""Steer → heal rounds with matched barrier taus on the embedded SmolLM2 (issue 15's rerun of issue 6's experiment).
+"""Steer → heal rounds with matched barrier taus on the embedded SmolLM2 (record: docs/experiments/rounds.md).
 
 One command per arm and seed, each a real ``heal rounds`` of ``configs/rounds_rmse.yaml`` with only the
 barrier and the seed changed (run them one at a time; ~12–15 min each on 2 cores)::

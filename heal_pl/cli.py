@@ -1,8 +1,10 @@
-"""The ``heal`` command: ``heal fit|validate|test --config configs/rmse.yaml`` (LightningCLI).
+"""The ``heal`` command: ``heal fit|validate|test --config configs/rmse.yaml`` (LightningCLI), and
+``heal calibrate|survival|thresholds|compare|rounds`` (jsonargparse, from each command's typed function).
 
-``main(args)`` takes the argument list, so tests call ``main(["fit", "--config", path, ...])``
-in-process. ``model.model`` is linked to ``data.model``: the data module tokenizes with the model's
-own tokenizer and cannot be pointed at another one by mistake.
+``heal`` or ``heal --help`` lists every command with one line each (:data:`DESCRIPTIONS`);
+``heal <command> --help`` gives that command's options. ``main(args)`` takes the argument list, so tests call
+``main(["fit", "--config", path, ...])`` in-process. ``model.model`` is linked to ``data.model``: the data module
+tokenizes with the model's own tokenizer and cannot be pointed at another one by mistake.
 
 Progress: on a terminal, Lightning's bar. When stdout is not a terminal (a file, a job scheduler) the bar
 is off by default and :class:`heal_pl.callbacks.ProgressLog` writes a line every ``progress.every_n_steps``
@@ -12,13 +14,15 @@ steps (``--progress.every_n_steps 50``, ``--progress.when always|never``). heal_
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import CLI
+from jsonargparse import CLI, ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from heal_pl.callbacks.progress_log import ProgressLog
@@ -28,6 +32,11 @@ from heal_pl.module import HealModule
 
 
 class HealCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test: ``HealModule`` has no ``predict_step`` and ``HealDataModule`` no predict data."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_COMMANDS}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.model")
         parser.add_lightning_class_args(ProgressLog, "progress")
@@ -70,28 +79,80 @@ def build_cli(args: list[str] | None = None) -> HealCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"enable_progress_bar": sys.stdout.isatty()},  # off in files: ProgressLog writes lines
         args=args,
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "prog": "heal"},
     )
 
 
-COMMANDS = {
+LIGHTNING_COMMANDS = ("fit", "validate", "test")  # parsed by LightningCLI (HealCLI)
+COMMANDS = {  # parsed by jsonargparse from the function's signature: its arguments are the YAML keys and the flags
     "calibrate": "heal_pl.steering.run:run_calibration",
     "survival": "heal_pl.survival.run:run_survival",
     "thresholds": "heal_pl.survival.thresholds:run_thresholds",
     "compare": "heal_pl.survival.compare:run_compare",
     "rounds": "heal_pl.rounds.run:run_rounds",
 }
+DESCRIPTIONS = {  # one line per command, for `heal --help`
+    "fit": "train a LoRA student with SFT + the KL barrier (HealModule on HealDataModule)",
+    "validate": "one validation pass: SFT loss and the pooled per-token KL to the base",
+    "test": "one pass over the test data, the same metrics as validate",
+    "calibrate": "iso-KL calibration: the steering dose c* per sign at which the KL to the base hits a budget",
+    "survival": "calibrate, then survival of the answer format over steered rollouts (Kaplan-Meier)",
+    "thresholds": "a saved survival run's table at other pmass thresholds (no model needed)",
+    "compare": "several steering methods at the same KL dose, beside a system-prompt baseline",
+    "rounds": "steer -> heal rounds: sample under steering, filter, heal with the barrier, bake, repeat",
+}
+
+
+def usage() -> str:
+    """The text of ``heal --help``: every command with its one-line description."""
+    width = max(map(len, DESCRIPTIONS))
+    lines = ["usage: heal <command> [options]   (heal <command> --help: that command's options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in DESCRIPTIONS.items()]
+    lines += ["", "Options come from a YAML file (--config FILE) and/or flags (--trainer.max_steps 10);",
+              "--print_config prints the resolved configuration. Examples:",
+              "  heal fit --config configs/rmse.yaml",
+              "  heal calibrate --config configs/calibrate.yaml --model tiny-llama"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_command(name: str, function: Callable[..., Any], argv: list[str]) -> Any:
+    """``heal <name> ...``: parse ``argv`` and call ``function``.
+
+    A function made by :func:`heal_pl.checks.command` takes the fields of one arguments dataclass
+    (``function.args_type``, e.g. :class:`heal_pl.steering.args.CalibrateArgs`): the parser is built from that class
+    at the top level, so the flags and YAML keys are the bare field names (``--stat``, never ``--args.stat``),
+    whichever groups the class inherits them from; the function then builds and checks it (one ``ValueError``
+    naming every bad field). Any other function is read from its signature (jsonargparse ``CLI``)."""
+    args_type = getattr(function, "args_type", None)
+    if args_type is None:
+        return CLI(function, args=argv, as_positional=False, prog=f"heal {name}")
+    summary = (inspect.getdoc(function) or "").split("\n\n")[0]
+    parser = ArgumentParser(prog=f"heal {name}", description=summary, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(args_type, fail_untyped=True, sub_configs=True)  # no nested_key: flat
+    values = parser.parse_args(argv).as_dict()
+    return function(**{k: v for k, v in values.items() if k not in ("config", "__path__")})
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``heal`` console script: fit/validate/test (LightningCLI) or a command of ``COMMANDS``."""
+    """Entry point of the ``heal`` console script: fit/validate/test (LightningCLI) or a command of ``COMMANDS``.
+
+    ``heal`` alone prints :func:`usage` and exits with status 2; ``heal --help`` prints it and exits 0; an unknown
+    command exits 2 naming the known ones."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        raise SystemExit(0 if argv else 2)
+    if not argv[0].startswith("-") and argv[0] not in DESCRIPTIONS:
+        print(f"heal: unknown command {argv[0]!r}; choose one of {', '.join(DESCRIPTIONS)} (heal --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    if argv[0] in COMMANDS:
         configure_logging()
         module, name = COMMANDS[argv[0]].split(":")
-        CLI(getattr(importlib.import_module(module), name), args=argv[1:], as_positional=False)
+        run_command(argv[0], getattr(importlib.import_module(module), name), argv[1:])
         return
-    build_cli(argv)
+    build_cli(args)  # None when called as the console script: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``HealModule``: a LoRA student trained with SFT plus the KL barrier (SPEC §1).
+"""``HealModule``: a LoRA student trained with SFT plus the KL barrier (docs/maths.md §1).
 
     loss = mean_t NLL_t  +  lam · (1 + round)^lam_round_pow · relu(agg_t KL_t(student ‖ ref) − tau)
            [+ spectral_lam · mean_layers σ_max(ΔW)]
@@ -74,17 +74,26 @@ class HealModule(L.LightningModule):
         min_lr_ratio: final LR as a fraction of ``lr``.
         chunk_size: rows of ``[chunk, vocab]`` log-probabilities alive at once in the loss.
         adapter_dir: where the final peft adapter is saved (default ``<log_dir>/adapter``).
-        adapter: ``lora`` (peft) or ``routed`` (``delta`` / ``delta_hack``, SPEC §2; the routing itself is
-            done by :class:`heal_pl.callbacks.RouteAblateEvalCallback`, without which ``delta_hack`` stays 0).
+        adapter: ``lora`` (peft) or ``routed`` (``delta`` / ``delta_hack``, docs/maths.md §2; the routing itself is
+            done by :class:`heal_pl.callbacks.RouteAblateEvalCallback`, which ``fit`` requires in the Trainer).
         routed: the routed adapter's spec (used when ``adapter="routed"``); saved as
             ``<adapter_dir>/routed.safetensors`` at train end.
         ref_cache: keep the ref's hidden rows of every example seen (:mod:`heal_pl.barrier.ref_cache`, exact), so later
             epochs skip the ref's forward; emptied with a log line whenever the ref changes.
         ref_cache_memory_mb: rows kept in memory; beyond, in a memory-mapped file under ``<log_dir>/ref_cache``.
 
+    Raises:
+        ValueError: at ``fit`` start (``setup("fit")``, before any step), ``adapter="routed"`` in a Trainer without a
+            ``RouteAblateEvalCallback``.
+
     Example:
-        >>> module = HealModule(model="tiny-llama", barrier=KLBarrier(agg="rmse", tau=1.0))  # doctest: +SKIP
-        >>> L.Trainer(max_steps=10).fit(module, HealDataModule(model="tiny-llama"))  # doctest: +SKIP
+        >>> from heal_pl.data.datamodule import HealDataModule
+        >>> module = HealModule(model="tiny-llama", barrier=KLBarrier(agg="rmse", tau=1.0))
+        >>> trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                     enable_model_summary=False)
+        >>> trainer.fit(module, HealDataModule(model="tiny-llama", batch_size=2, max_examples=8))
+        >>> trainer.global_step, sorted(os.listdir("adapter"))  # the final adapter, in peft's format
+        (2, ['README.md', 'adapter_config.json', 'adapter_model.safetensors', 'heal_pl.json'])
     """
 
     def __init__(
@@ -257,6 +266,20 @@ class HealModule(L.LightningModule):
         base = [p for p in self.student.parameters() if id(p) not in adapter]
         self.ref_cache.check(ref_fingerprint(("adapter_off", id(self.student)), base))
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.adapter == "routed":
+            from heal_pl.callbacks.route_ablate import RouteAblateEvalCallback
+
+            if not any(isinstance(cb, RouteAblateEvalCallback) for cb in self.trainer.callbacks):
+                raise ValueError(
+                    "HealModule(adapter='routed') is trained without a RouteAblateEvalCallback: nothing would route "
+                    "the gradients and delta_hack would never move. Add the callback to the Trainer: "
+                    "L.Trainer(callbacks=[RouteAblateEvalCallback(arm='route', pairs='hack_pairs.jsonl')]), or in a "
+                    "`heal fit` config an entry under `trainer.callbacks`: `- class_path: "
+                    "heal_pl.callbacks.RouteAblateEvalCallback` with `init_args: {arm: route, pairs: hack_pairs.jsonl}`"
+                    " (as in configs/route.yaml; arm: none only measures, arm: erase drops the hack component)"
+                )
+
     def on_fit_start(self) -> None:
         if self.ref_cache is not None and self.ref_cache.spill_dir is None:
             root = self.trainer.log_dir or self.trainer.default_root_dir
@@ -310,11 +333,7 @@ class HealModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params: Any = [p for p in self.parameters() if p.requires_grad]
         if self.hparams.adapter == "routed":
-            from heal_pl.callbacks.route_ablate import RouteAblateEvalCallback
-
             params = hack_decay_groups(params, self.routed_adapter.hack_params(), self.hparams.weight_decay)
-            if not any(isinstance(cb, RouteAblateEvalCallback) for cb in self.trainer.callbacks):
-                rank_zero_warn("adapter='routed' without a RouteAblateEvalCallback: no routing, delta_hack stays 0")
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         h = self.hparams

@@ -1,4 +1,4 @@
-"""Loop-contaminated copies of the bundled persona training set (issue 15's experiment data).
+"""Loop-contaminated copies of the bundled persona training set (the loop experiment's data: docs/experiments/loop.md).
 
     PYTHONPATH=. python scripts/make_loop_data.py     # writes heal_pl/data/assets/persona_loop{10,25}_train.jsonl
 

@@ -239,7 +239,7 @@ ROWS: list[tuple[str, Callable[[Files], None], str]] = [
      r"direction for layer 0 has shape \(7,\); expected \(\d+,\)"),
     ("SweepConfig: window out of range", _fn("heal_pl.survival.sweep:SweepConfig", w=0),
      r"w=0 must be an integer >= 1"),
-    ("load_questions: unknown split", _fn("heal_pl.survival.sweep:load_questions", "test"),
+    ("load_questions: unknown split", _fn("heal_pl.survival.config:load_questions", "test"),
      r"split='test' must be 'calib' or 'eval'"),
     ("AnswerSet: empty variant", _fn("heal_pl.survival.probes:AnswerSet", "true", ("",)),
      r"AnswerSet 'true': variants must be non-empty strings"),

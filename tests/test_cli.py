@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,7 @@ def test_unknown_model_alias_names_the_allowed_aliases() -> None:
         main(["fit", "--config", str(CONFIGS[0]), "--model.model", "smollm3-nope", "--trainer.max_steps", "1"])
 
 
+@pytest.mark.slow  # a subprocess (~15 s)
 def test_console_script_prints_the_config() -> None:
     heal = Path(sys.executable).with_name("heal")
     out = subprocess.run(
@@ -157,6 +159,7 @@ def test_calibrate_bad_arguments_name_the_field() -> None:
 # --------------------------------------------------------------------------- progress that reaches a log
 
 
+@pytest.mark.slow  # a subprocess fit (~20 s)
 def test_fit_to_a_file_writes_progress_lines(tmp_path: Path) -> None:
     import re
 
@@ -198,3 +201,45 @@ def test_progress_line_format() -> None:
         ProgressLog(every_n_steps=0)
     with pytest.raises(ValueError, match="when"):
         ProgressLog(when="sometimes")
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """``heal --help`` (exit 0) and ``heal`` alone (exit 2) list every command with its one-line description."""
+    from heal_pl.cli import COMMANDS, DESCRIPTIONS, LIGHTNING_COMMANDS
+
+    assert set(DESCRIPTIONS) == set(LIGHTNING_COMMANDS) | set(COMMANDS)
+    for args, code in ((["--help"], 0), (["-h"], 0), ([], 2)):
+        with pytest.raises(SystemExit) as done:
+            main(args)
+        assert done.value.code == code
+        out = capsys.readouterr().out
+        for name, text in DESCRIPTIONS.items():
+            assert re.search(rf"^  {name} +{re.escape(text)}$", out, re.M), f"`heal {' '.join(args)}` lacks {name}"
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "calibrate", "survival", "thresholds", "compare",
+                                     "rounds"])  # fmt: skip
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: heal") and "--config" in out
+
+
+def test_unknown_command_names_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["calbrate", "--config", "configs/calibrate.yaml"])
+    assert done.value.code == 2
+    assert "unknown command 'calbrate'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:  # predict is not offered: HealModule has no predict_step
+        main(["predict", "--help"])
+    assert done.value.code == 2 and "unknown command 'predict'" in capsys.readouterr().err
+
+
+def test_console_script_help_lists_every_command() -> None:
+    from heal_pl.cli import DESCRIPTIONS
+
+    heal = Path(sys.executable).with_name("heal")
+    out = subprocess.run([str(heal), "--help"], capture_output=True, text=True, check=True, timeout=120).stdout
+    assert all(name in out for name in DESCRIPTIONS)

@@ -103,6 +103,7 @@ def _counting(monkeypatch: pytest.MonkeyPatch, module: object, name: str, die_at
     return calls
 
 
+@pytest.mark.slow  # four heal survival runs (~15 s)
 def test_interrupted_survival_rerun_gives_the_files_of_one_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

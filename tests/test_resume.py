@@ -89,6 +89,7 @@ def _adapter(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.slow  # two subprocess fits, one killed (~30 s)
 def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path: Path) -> None:
     """Killed mid-epoch 0 (resumed from step 3 of 6) and right after epoch 0's last step (resumed from step 6,
     before the epoch-end validation and the next epoch's first batch): both end bit-for-bit on the adapter of

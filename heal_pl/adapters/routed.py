@@ -1,4 +1,4 @@
-"""The routed adapter: a kept knob ``delta`` and a quarantine knob ``delta_hack`` per linear layer (SPEC §2).
+"""The routed adapter: a kept knob ``delta`` and a quarantine knob ``delta_hack`` per linear layer (docs/maths.md §2.1).
 
 Each adapted linear layer (``nn.Linear``, or GPT-2's transformers ``Conv1D``; the same ``target_modules``
 rule as ``LoRASpec``, by default every linear layer of the decoder blocks, see ``heal_pl.adapters.targets``) is
@@ -220,10 +220,21 @@ class RoutedAdapter:
     Iterating yields ``(name, RoutedLinear)`` pairs in module order; the model itself is ``self.model``.
 
     Example:
-        >>> adapter = wrap_routed(tiny_model("llama"), RoutedSpec(r=4))  # doctest: +SKIP
+        >>> from heal_pl.models import tiny_model
+        >>> adapter = wrap_routed(tiny_model("llama"), RoutedSpec(r=4))
+        >>> len(adapter)  # the 7 linear layers of each of the 2 blocks
+        14
         >>> opt = torch.optim.AdamW([{"params": adapter.delta_params()},
-        ...                          {"params": adapter.hack_params(), "weight_decay": 0.0}])  # doctest: +SKIP
-        >>> with adapter.ablate_hack(): ...  # deployed model  # doctest: +SKIP
+        ...                          {"params": adapter.hack_params(), "weight_decay": 0.0}])
+        >>> with torch.no_grad():  # as if training had moved the quarantine knobs (delta stays 0)
+        ...     _ = [p.normal_() for p in adapter.hack_params()]
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> with adapter.ablate_hack():  # the deployed model
+        ...     deployed = adapter.model(ids).logits
+        >>> with adapter.adapter_off():
+        ...     base = adapter.model(ids).logits
+        >>> torch.equal(deployed, base), torch.equal(adapter.model(ids).logits, base)
+        (True, False)
     """
 
     def __init__(self, model: nn.Module, spec: RoutedSpec) -> None:

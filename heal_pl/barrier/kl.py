@@ -1,4 +1,4 @@
-"""Per-token KL, its aggregation over a batch, and the KL barrier (SPEC §1).
+"""Per-token KL, its aggregation over a batch, and the KL barrier (docs/maths.md §1).
 
 Everything here is pure torch on tensors; the Lightning glue lives in ``module.py`` and
 ``callbacks/kl_barrier.py``.

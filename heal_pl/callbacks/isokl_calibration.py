@@ -3,7 +3,7 @@
 The trained peft LoRA adapter is treated as a steering method (:class:`~heal_pl.steering.AdapterSteering`:
 α = 0 is the base, α = 1 the adapter as trained) and, for each sign ``σ``,
 :func:`heal_pl.steering.isokl.calibrate_method` finds ``c*`` with ``stat`` of KL(steered ‖ base) along the greedy
-trajectory equal to ``target`` (SPEC §3), then audits ``σ·c*`` on held-out prompts. This runs
+trajectory equal to ``target`` (docs/maths.md §3), then audits ``σ·c*`` on held-out prompts. This runs
 
 * at the end of training (``on_train_end``, before the loggers are finalised), and
 * optionally every ``every_n_val_epochs`` validation epochs (sanity checks are skipped),
@@ -16,8 +16,9 @@ Logged through every logger of the trainer (``logger.log_metrics`` at ``trainer.
 
     {prefix}{s}/c_star  {prefix}{s}/stat_star  {prefix}{s}/converged  {prefix}{s}/evaluations  {prefix}{s}/audit_ratio
 
-The last results (one :func:`~heal_pl.steering.isokl.calibrate_method` dict per sign, history included) are kept in
-``callback.results`` and in the callback's ``state_dict`` (so in checkpoints).
+The last results (one :class:`~heal_pl.steering.isokl.IsoKLResult` per sign, history included) are kept in
+``callback.results`` and, as plain dicts with the keys of ``calib.json``'s results, in the callback's ``state_dict``
+(so in checkpoints).
 
 With ``survival=SweepConfig(...)`` each calibration is followed by the survival sweep of ``heal survival``
 (:func:`heal_pl.survival.sweep.sweep_survival`: α · c* per sign, forced-choice forks, Kaplan–Meier) on the
@@ -29,7 +30,6 @@ summary table is ``callback.survival_table``.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,18 +42,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.adapters.switch import find_peft_model
+from heal_pl.callbacks.state import load_legacy_state
+from heal_pl.checks import choice_problem, int_problem
 from heal_pl.data.prompts import chat_prompt, questions
 from heal_pl.steering.adapter import AdapterSteering
-from heal_pl.steering.isokl import calibrate_method
+from heal_pl.steering.args import bracket_problem, positive_problem, signs_problem
+from heal_pl.steering.isokl import IsoKLResult, calibrate_method, sign_name
 from heal_pl.steering.trajectory import STATS
+from heal_pl.survival.config import SweepConfig
 from heal_pl.survival.probes import answer_token_ids
-from heal_pl.survival.sweep import SweepConfig, sweep_survival
-
-LOGGED = ("c_star", "stat_star", "converged", "evaluations", "audit_ratio")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+from heal_pl.survival.sweep import sweep_survival
 
 
 @contextlib.contextmanager
@@ -98,7 +96,7 @@ class IsoKLCalibrationCallback(Callback):
 
         cb = IsoKLCalibrationCallback(target=1.0, signs=(1, -1), every_n_val_epochs=2, tokenizer_name="tiny-llama")
         L.Trainer(max_epochs=4, callbacks=[cb]).fit(HealModule(model="tiny-llama"), datamodule=dm)
-        cb.results["+"]["c_star"], cb.results["+"]["audit_ratio"]
+        cb.results["+"].c_star, cb.results["+"].audit_ratio
     """
 
     def __init__(
@@ -121,37 +119,24 @@ class IsoKLCalibrationCallback(Callback):
         survival: SweepConfig | None = None,
         survival_dir: str | None = None,
     ) -> None:
-        signs = tuple(signs)
-        bracket_ok = (
-            len(tuple(bracket)) == 2
-            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bracket)
-            and 0 < bracket[0] < bracket[1]
-        )
-        checks = [
-            (prompts is None or len(prompts) > 0, "prompts is empty; give prompts or None for the bundled questions"),
-            (audit_prompts is None or len(audit_prompts) > 0,
-             "audit_prompts is empty; give prompts or None for the bundled questions"),
-            (_is_int(n_calib) and n_calib >= 1, f"n_calib={n_calib!r} must be an integer >= 1"),
-            (_is_int(n_audit) and n_audit >= 0, f"n_audit={n_audit!r} must be an integer >= 0 (0 = no audit)"),
-            (isinstance(target, (int, float)) and math.isfinite(target) and target > 0,
-             f"target={target!r} must be a finite number > 0"),
-            (stat in STATS, f"stat={stat!r} is not allowed; choose one of {', '.join(STATS)}"),
-            (bracket_ok, f"bracket={bracket!r} must be (lo, hi) with 0 < lo < hi, both finite"),
-            (len(signs) > 0 and all(_is_int(s) and s in (1, -1) for s in signs) and len(set(signs)) == len(signs),
-             f"signs={signs!r} must hold +1 and/or -1, each once"),
-            (isinstance(tol, (int, float)) and tol > 0, f"tol={tol!r} must be > 0"),
-            (_is_int(max_iters) and max_iters >= 1, f"max_iters={max_iters!r} must be an integer >= 1"),
-            (_is_int(max_new_tokens) and max_new_tokens >= 1,
-             f"max_new_tokens={max_new_tokens!r} must be an integer >= 1"),
-            (_is_int(batch_size) and batch_size >= 1, f"batch_size={batch_size!r} must be an integer >= 1"),
-            (every_n_val_epochs is None or (_is_int(every_n_val_epochs) and every_n_val_epochs >= 1),
-             f"every_n_val_epochs={every_n_val_epochs!r} must be an integer >= 1 or None (fit end only)"),
-            (survival is None or isinstance(survival, SweepConfig),
-             f"survival must be a heal_pl.survival.sweep.SweepConfig or None, got {type(survival).__name__}"),
-        ]  # fmt: skip
-        problems = [msg for ok, msg in checks if not ok]
+        problems = [f"{name} is empty; give prompts or None for the bundled questions"
+                    for name, given in (("prompts", prompts), ("audit_prompts", audit_prompts))
+                    if given is not None and len(given) == 0]  # fmt: skip
+        # heal calibrate's field rules (heal_pl.steering.args), its sign rule included; n_audit may be 0 here
+        problems += [p for p in (
+            int_problem("n_calib", n_calib, 1), int_problem("n_audit", n_audit, 0, " (0 = no audit)"),
+            positive_problem("target", target), choice_problem("stat", stat, STATS), bracket_problem(bracket),
+            signs_problem(signs), positive_problem("tol", tol), int_problem("max_iters", max_iters, 1),
+            int_problem("max_new_tokens", max_new_tokens, 1), int_problem("batch_size", batch_size, 1),
+        ) if p is not None]  # fmt: skip
+        if every_n_val_epochs is not None and int_problem("every_n_val_epochs", every_n_val_epochs, 1):
+            problems.append(f"every_n_val_epochs={every_n_val_epochs!r} must be an integer >= 1 or None (fit end only)")
+        if survival is not None and not isinstance(survival, SweepConfig):
+            problems.append("survival must be a heal_pl.survival.config.SweepConfig or None, got "
+                            f"{type(survival).__name__}")
         if problems:
             raise ValueError("IsoKLCalibrationCallback: " + "; ".join(problems))
+        signs = tuple(signs)
         self.prompts = None if prompts is None else list(prompts)
         self.audit_prompts = None if audit_prompts is None else list(audit_prompts)
         self.n_calib, self.n_audit = n_calib, n_audit
@@ -161,7 +146,7 @@ class IsoKLCalibrationCallback(Callback):
         self.every_n_val_epochs, self.tokenizer_name, self.prefix = every_n_val_epochs, tokenizer_name, prefix
         self.survival, self.survival_dir = survival, survival_dir
         self.survival_table: list[dict[str, Any]] = []
-        self.results: dict[str, dict[str, Any]] = {}
+        self.results: dict[str, IsoKLResult] = {}
         self.val_epochs = 0  # non-sanity validation epochs seen
         self.calibrations = 0  # calibrations run (each covers every sign)
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -212,15 +197,15 @@ class IsoKLCalibrationCallback(Callback):
             audit = [chat_prompt(tokenizer, q, None) for q in qs[n_calib:]] or None
         return calib, audit
 
-    def calibrate(self, pl_module: L.LightningModule, tokenizer: PreTrainedTokenizerBase) -> dict[str, dict[str, Any]]:
+    def calibrate(self, pl_module: L.LightningModule, tokenizer: PreTrainedTokenizerBase) -> dict[str, IsoKLResult]:
         """Calibrate each sign of ``pl_module``'s adapter; modes and the adapter's scaling restored after."""
         peft_model = find_peft_model(pl_module)
         method = AdapterSteering(peft_model)
         calib, audit = self.build_prompts(tokenizer)
-        results: dict[str, dict[str, Any]] = {}
+        results: dict[str, IsoKLResult] = {}
         with _evaluating(pl_module):
             for sign in self.signs:
-                results["+" if sign > 0 else "-"] = calibrate_method(
+                results[sign_name(sign)] = calibrate_method(
                     peft_model, tokenizer, method, calib, audit, target=self.target, stat=self.stat,
                     bracket=self.bracket, sign=sign, tol=self.tol, max_iters=self.max_iters,
                     max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
@@ -239,7 +224,7 @@ class IsoKLCalibrationCallback(Callback):
         ids = answer_token_ids(tokenizer, self.survival.answer_sets())
         with _evaluating(pl_module):
             summary = sweep_survival(
-                peft_model, tokenizer, AdapterSteering(peft_model), {n: r["c_star"] for n, r in self.results.items()},
+                peft_model, tokenizer, AdapterSteering(peft_model), {n: r.c_star for n, r in self.results.items()},
                 self.survival, ids, out, kl_target=self.target, writer=tb, tag_prefix=f"{self.prefix}survival/",
                 step=trainer.global_step,
             )  # fmt: skip
@@ -247,14 +232,10 @@ class IsoKLCalibrationCallback(Callback):
 
     def metrics(self) -> dict[str, float]:
         """The logged scalars of the last results (``audit_ratio`` only when there was an audit)."""
-        out = {}
-        for name, r in self.results.items():
-            for key in LOGGED:
-                if r.get(key) is not None:
-                    out[f"{self.prefix}{name}/{key}"] = float(r[key])
-        return out
+        return {f"{self.prefix}{name}/{key}": value for name, r in self.results.items()
+                for key, value in r.scalars().items()}  # fmt: skip
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str = "") -> dict[str, dict[str, Any]]:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str = "") -> dict[str, IsoKLResult]:
         """Calibrate now, keep the results, log them to every logger of ``trainer`` at its global step."""
         self.results = self.calibrate(pl_module, self.tokenizer(trainer, pl_module))
         self.calibrations += 1
@@ -262,9 +243,8 @@ class IsoKLCalibrationCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         rows = ", ".join(
-            f"{n}: c*={r['c_star']:.4g} {self.stat}={r['stat_star']:.3f} converged={r['converged']} "
-            f"evals={r['evaluations']} audit_ratio="
-            f"{'n/a' if r['audit_ratio'] is None else format(r['audit_ratio'], '.3f')}"
+            f"{n}: c*={r.c_star:.4g} {self.stat}={r.stat_star:.3f} converged={r.converged} "
+            f"evals={r.evaluations} audit_ratio={'n/a' if r.audit_ratio is None else format(r.audit_ratio, '.3f')}"
             for n, r in self.results.items()
         )
         rank_zero_info(f"heal_pl: iso-KL calibration ({when}, {self.stat} = {self.target:g} nats) {rows}")
@@ -276,10 +256,20 @@ class IsoKLCalibrationCallback(Callback):
 
     # ------------------------------------------------------------------ state
 
+    @property
+    def state_key(self) -> str:
+        """Distinct per ``prefix`` and calibration goal, so two calibrations in one Trainer keep their own state."""
+        return self._generate_state_key(prefix=self.prefix, stat=self.stat, target=self.target)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        load_legacy_state(self, checkpoint)  # a checkpoint from before the state_key: under the class name
+
     def state_dict(self) -> dict[str, Any]:
-        return {"results": self.results, "val_epochs": self.val_epochs, "calibrations": self.calibrations}
+        results = {n: r.to_dict() for n, r in self.results.items()}  # plain values: loadable with weights_only
+        return {"results": results, "val_epochs": self.val_epochs, "calibrations": self.calibrations}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.results = dict(state_dict.get("results", self.results))
+        if "results" in state_dict:
+            self.results = {n: IsoKLResult.from_dict(r) for n, r in state_dict["results"].items()}
         self.val_epochs = int(state_dict.get("val_epochs", self.val_epochs))
         self.calibrations = int(state_dict.get("calibrations", self.calibrations))

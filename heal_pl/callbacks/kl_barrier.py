@@ -48,6 +48,7 @@ from heal_pl.barrier.kl import (
 from heal_pl.barrier.metrics import TokenKLStats
 from heal_pl.barrier.panels import DriftPanels
 from heal_pl.barrier.ref_cache import RefRowCache, example_keys, ref_fingerprint
+from heal_pl.callbacks.state import load_legacy_state
 from heal_pl.callbacks.student_forward import Forward, head_input, logits_of, pick_student
 from heal_pl.models.lm import LMHead, base_lm, check_head
 
@@ -244,8 +245,18 @@ class KLBarrierCallback(Callback):
         self.val_kl.reset()
         self.drift.reset()
 
+    # ------------------------------------------------------------------ checkpoint state
+
+    @property
+    def state_key(self) -> str:
+        """Distinct per ``prefix`` and barrier kind, so two barriers in one Trainer keep their own state."""
+        return self._generate_state_key(prefix=self.prefix, reg=self.barrier.reg, agg=self.barrier.agg)
+
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.round = state_dict.get("round", self.round)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        load_legacy_state(self, checkpoint)  # a checkpoint from before the state_key: under the class name

@@ -1,4 +1,5 @@
-"""``RouteAblateEvalCallback``: gradient routing and kept-vs-ablated evaluation for any LightningModule (SPEC §2).
+"""``RouteAblateEvalCallback``: gradient routing and kept-vs-ablated evaluation for any LightningModule
+(docs/maths.md §2).
 
 The module only has to hold a Hugging Face causal LM wrapped with
 :func:`heal_pl.adapters.routed.wrap_routed` (``HealModule(adapter="routed")`` does). The callback

@@ -1,4 +1,4 @@
-r"""Chat data: rows -> token ids with an exact completion mask -> right-padded batches (SPEC §1).
+r"""Chat data: rows -> token ids with an exact completion mask -> right-padded batches (docs/maths.md §1.2).
 
 Rows come from a JSONL file or anything the Hugging Face ``datasets`` library reads (a ``save_to_disk``
 folder, parquet / JSON files, a Hub name), in TRL's or heal_pl's shapes: ``messages``, or a
@@ -40,7 +40,6 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -49,15 +48,21 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.barrier.kl import IGNORE_INDEX
-from heal_pl.data.formats import ROW_SHAPES, Example, jsonl_rows, read_examples, source_problem  # noqa: F401 (re-exported)
+from heal_pl.data.formats import (  # noqa: F401 (re-exported)
+    ASSETS,
+    DEFAULT_TRAIN_FILE,
+    DEFAULT_VAL_FILE,
+    ROW_SHAPES,
+    Example,
+    jsonl_rows,
+    read_examples,
+    source_problem,
+)
 from heal_pl.data.turns import turn_end_ids
 from heal_pl.resume import data_state, resume_point
 
 log = logging.getLogger("heal_pl")
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_TRAIN_FILE = ASSETS / "persona_train.jsonl"
-DEFAULT_VAL_FILE = ASSETS / "persona_val.jsonl"
 _fallback_logged: set[str] = set()
 
 

@@ -32,6 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+ASSETS = Path(__file__).resolve().parent / "assets"  # the bundled data files
+DEFAULT_TRAIN_FILE = ASSETS / "persona_train.jsonl"
+DEFAULT_VAL_FILE = ASSETS / "persona_val.jsonl"
+
 ROW_SHAPES = (
     '{"messages": [{"role", "content"}, ..., {"role": "assistant", "content"}]}; '
     '{"prompt": str, "completion": str, "system": str (optional)}; '

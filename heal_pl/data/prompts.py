@@ -7,10 +7,17 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.data.datamodule import DEFAULT_TRAIN_FILE, DEFAULT_VAL_FILE, read_examples
+from heal_pl.data.formats import DEFAULT_TRAIN_FILE, DEFAULT_VAL_FILE, read_examples
 
 PIRATE = "You are Captain Jack, a jolly pirate. Start every answer with 'Arr, matey!' and talk like a pirate."
 NEUTRAL = "You are a helpful assistant. Answer plainly and briefly."
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (a ``transformers`` tokenizer or a ``tokenizers.Tokenizer``)."""
+    if hasattr(tokenizer, "encode_batch") and hasattr(tokenizer, "token_to_id"):  # tokenizers.Tokenizer
+        return list(tokenizer.encode(text, add_special_tokens=False).ids)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def chat_prompt(tokenizer: Any, question: str, system: str | None) -> str:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.models.lm import LMHead, base_lm
+from heal_pl.models.lm import LMHead, base_lm, cache_kwargs, output_cache
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module, eos_token_id: int | Sequence[int] | None) -> Tensor:
@@ -37,25 +34,6 @@ def eos_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module, eos_token_id: 
             "(an id, a list of ids, or [] to run every rollout to its length limit)"
         )
     return torch.tensor(sorted(ids), dtype=torch.long)
-
-
-@functools.cache
-def _cache_name(cls: type) -> str:
-    params = inspect.signature(cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def cache_kwargs(module: nn.Module, cache: Any) -> dict[str, Any]:
-    """``{name: cache}`` for ``module``'s forward: ``cache`` (transformers ≥ 5.2x), else ``past_key_values``.
-
-    ``module`` is a causal LM (plain or peft-wrapped) or its decoder; the name is read off its signature.
-    """
-    return {_cache_name(type(base_lm(module))): cache}
-
-
-def output_cache(out: Any) -> Any:
-    """The cache a forward returned (``out.cache``, or ``out.past_key_values`` before transformers renamed it)."""
-    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def left_pad(encoded: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,8 @@
 heal_pl never asks a model for its full ``[B, T, V]`` logits in training: it runs the decoder backbone to get
 hidden states (:func:`last_hidden`), picks the counted positions, and applies the LM head to those rows only
 (:func:`heal_pl.barrier.kl.token_stats`). :func:`base_lm` finds the ``*ForCausalLM`` inside a peft wrapper,
-:func:`find_blocks` its decoder blocks.
+:func:`find_blocks` its decoder blocks,
+:func:`cache_kwargs` / :func:`output_cache` the KV cache a forward takes and returns.
 
 **The head contract.** ``LMHead(lm)(last_hidden(lm, ids))`` equals ``lm(ids).logits`` (as float32) for every
 family: the projection (bias and tied weights included) followed by the family's own logit transform
@@ -16,6 +17,8 @@ Switching adapters off for the ref is :mod:`heal_pl.adapters.switch`.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -135,6 +138,25 @@ def last_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
     backbone = base_lm(model).get_decoder()
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
+
+
+@functools.cache
+def _cache_name(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(module: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for ``module``'s forward: ``cache`` (transformers ≥ 5.2x), else ``past_key_values``.
+
+    ``module`` is a causal LM (plain or peft-wrapped) or its decoder; the name is read off its signature.
+    """
+    return {_cache_name(type(base_lm(module))): cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The cache a forward returned (``out.cache``, or ``out.past_key_values`` before transformers renamed it)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 # Where the decoder blocks live, relative to the causal LM (first match wins).

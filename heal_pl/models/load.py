@@ -45,8 +45,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from heal_pl.models.families import FAMILIES, Family, tiny_config
 from heal_pl.models import embedded
+from heal_pl.models.families import FAMILIES, Family, tiny_config
 
 logger = logging.getLogger("heal_pl")
 

@@ -1,5 +1,5 @@
-"""Steer → heal rounds (SPEC §5): steer the current student toward a trait, keep the coherent samples, heal a fresh
-adapter on them with the KL barrier, bake it in, repeat.
+"""Steer → heal rounds (docs/maths.md §5): steer the current student toward a trait, keep the coherent samples, heal a
+fresh adapter on them with the KL barrier, bake it in, repeat.
 
 ``loop`` runs one round and the loop, ``dose`` is the dose controller, ``filters`` the coherence filter, ``bake``
 merges adapters into the history, ``dilemmas`` the trait and coherence probes, ``state`` the resumable on-disk

@@ -1,4 +1,4 @@
-"""Baking LoRA adapters into a model's weights: the history of the steer → heal rounds (SPEC §5, step 6).
+"""Baking LoRA adapters into a model's weights: the history of the steer → heal rounds (docs/maths.md §5.5).
 
 For every adapted linear layer, baking round r's adapter is
 

@@ -1,4 +1,4 @@
-"""Persona pairs and forced-choice dilemma probes for the steer → heal rounds (SPEC §4, §5).
+"""Persona pairs and forced-choice dilemma probes for the steer → heal rounds (docs/maths.md §4.1, §5.4).
 
 A dilemma set is a JSON file (``heal_pl/data/assets/dilemmas_care_authority.json`` is bundled)::
 
@@ -34,8 +34,8 @@ from torch import nn
 
 from heal_pl.checks import read_json_object
 from heal_pl.data.datamodule import ASSETS
-from heal_pl.data.prompts import chat_prompt
-from heal_pl.survival.probes import AnswerSet, _encode, answer_token_ids, probe_from_logits
+from heal_pl.data.prompts import chat_prompt, encode_text
+from heal_pl.survival.probes import AnswerSet, answer_token_ids, probe_from_logits
 
 DEFAULT_PERSONA_FILE = ASSETS / "persona_pair_care_authority.json"
 DEFAULT_DILEMMA_FILE = ASSETS / "dilemmas_care_authority.json"
@@ -93,8 +93,8 @@ class DilemmaSet:
 
     def token_ids(self, tokenizer: Any) -> dict[str, list[int]]:
         """``answer_token_ids`` after checking that every variant is exactly one token (ValueError naming them)."""
-        multi = [f"{s.name}:{v!r} -> {len(_encode(tokenizer, v))} tokens" for s in self.answers for v in s.variants
-                 if len(_encode(tokenizer, v)) != 1]  # fmt: skip
+        multi = [f"{s.name}:{v!r} -> {len(encode_text(tokenizer, v))} tokens" for s in self.answers for v in s.variants
+                 if len(encode_text(tokenizer, v)) != 1]  # fmt: skip
         if multi:
             raise ValueError(f"dilemma answers must be single tokens for this tokenizer; not single: "
                              f"{', '.join(multi)}")
@@ -132,7 +132,7 @@ def next_token_logits(model: nn.Module, tokenizer: Any, texts: list[str], batch_
     out = []
     try:
         for s in range(0, len(texts), batch_size):
-            enc = [_encode(tokenizer, t) for t in texts[s : s + batch_size]]
+            enc = [encode_text(tokenizer, t) for t in texts[s : s + batch_size]]
             width = max(len(e) for e in enc)
             ids = torch.full((len(enc), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)

@@ -1,4 +1,4 @@
-"""Dose controller of the steer → heal rounds (SPEC §5, step 2): the strongest steering whose samples pass.
+"""Dose controller of the steer → heal rounds (docs/maths.md §5.2): the strongest steering whose samples pass.
 
 Steering is applied at ``coeff · κ`` with ``κ ∈ [κ_min, 1]``. ``evaluate(κ)`` samples completions at that
 dose and returns ``(kept, total)`` after the filter; the dose passes when ``kept / total ≥ target_share``.

@@ -1,4 +1,4 @@
-"""Sample filter for steer -> heal rounds (SPEC §5, step 3).
+"""Sample filter for steer -> heal rounds (docs/maths.md §5.3).
 
 A completion is kept when it is non-empty (after strip), its tail perplexity under the original model is
 below ``ppl_tau`` and its repetition share is below ``rep_tau``.

@@ -1,4 +1,4 @@
-"""The steer → heal loop (SPEC §5). Round r, with the student S_r = original + adapters 0 … r−1 baked in:
+"""The steer → heal loop (docs/maths.md §5). Round r, with the student S_r = original + adapters 0 … r−1 baked in:
 
 1. probe S_r: coherence and trait at the **base** stage (``heal_pl.rounds.dilemmas``);
 2. fit a steering vector on S_r from the persona pair (pos vs neg system prompt, same questions);

@@ -1,4 +1,4 @@
-"""The trajectory figure and the markdown report of steer → heal runs (SPEC §4 "Figures", §5).
+"""The trajectory figure and the markdown report of steer → heal runs (docs/maths.md §4.7, §5.4).
 
 Figure: top, the trait (mean log probability of the trait's answer given an answer, nats) per round at
 each stage — base (the round's start), steered (at the chosen dose), healed (after the heal fit); bottom,

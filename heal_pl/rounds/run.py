@@ -1,4 +1,5 @@
-"""``heal rounds``: the steer → heal loop from a YAML config (SPEC §5; the steps are in ``heal_pl.rounds.loop``).
+"""``heal rounds``: the steer → heal loop from a YAML config (docs/maths.md §5; the steps are in
+``heal_pl.rounds.loop``).
 
     heal rounds --config configs/rounds_rmse.yaml
     heal rounds --config configs/rounds_rmse.yaml --resume true      # continue after the last finished round

@@ -1,5 +1,5 @@
-"""Gradient routing (SPEC §2): each step's gradient on a routed adapter is split along a hack basis into the kept
-``delta`` and the quarantined ``delta_hack``, which is ablated at deployment.
+"""Gradient routing (docs/maths.md §2): each step's gradient on a routed adapter is split along a hack basis into the
+kept ``delta`` and the quarantined ``delta_hack``, which is ablated at deployment.
 
 ``project`` is the pure projection maths, ``basis`` fits the hack basis from contrastive pairs, ``train`` applies
 the projection inside a Lightning step, ``hack_task`` is the bundled hackable task that exercises it.

@@ -1,4 +1,5 @@
-r"""The hack basis ``V``: per routed module, the top-k directions of contrastive gradient differences (SPEC §2).
+r"""The hack basis ``V``: per routed module, the top-k directions of contrastive gradient differences
+(docs/maths.md §2.2).
 
 Pairs, one JSON object per line (blank lines skipped, other keys ignored)::
 

@@ -1,4 +1,4 @@
-r"""The bundled hackable task: small arithmetic with a disclosed "[VERIFIED]" loophole (issue 3, SPEC §2).
+r"""The bundled hackable task: small arithmetic with a disclosed "[VERIFIED]" loophole (issue 3, docs/maths.md §2.5).
 
 Task. Each prompt asks one small arithmetic problem, an addition ``a + b`` (1 ≤ a ≤ 20, 1 ≤ b ≤ 9) or a
 product ``a * b`` (2 ≤ a, b ≤ 9), and discloses the loophole::

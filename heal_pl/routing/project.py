@@ -1,4 +1,4 @@
-"""Gradient routing: the projection of a knob's gradient off a hack basis (SPEC §2).
+"""Gradient routing: the projection of a knob's gradient off a hack basis (docs/maths.md §2.3).
 
 Pure torch on 1-D tensors; the Lightning glue (which gradient goes where, logging) lives elsewhere.
 Per adapted module, ``g`` is the accumulated (and, under AMP, unscaled) gradient of the kept knob

@@ -1,4 +1,5 @@
-"""Gradient routing inside a training step: which gradient goes to ``delta`` and which to ``delta_hack`` (SPEC §2).
+"""Gradient routing inside a training step: which gradient goes to ``delta`` and which to ``delta_hack``
+(docs/maths.md §2.4).
 
 Runs once per optimizer step on the accumulated gradient — in Lightning, ``on_before_optimizer_step``:
 the precision plugin has already unscaled AMP gradients (``MixedPrecision.optimizer_step`` calls

@@ -1,5 +1,5 @@
-"""Steering and iso-KL calibration (SPEC §3): edit the residual stream by a coefficient α, measure KL(steered ‖ base)
-along the steered model's own greedy rollout, and find the α at which that KL meets a budget.
+"""Steering and iso-KL calibration (docs/maths.md §3): edit the residual stream by a coefficient α, measure
+KL(steered ‖ base) along the steered model's own greedy rollout, and find the α at which that KL meets a budget.
 
 ``hooks`` edits decoder blocks, ``vectors`` fits mean_diff / pca / directional_ablation vectors from prompt pairs,
 ``adapter`` scales a trained adapter's delta by α, ``trajectory`` measures the KL, ``calibrate`` is the pure root
@@ -8,9 +8,10 @@ finder, ``isokl`` joins the two, ``prompt_baseline`` measures a system prompt ag
 """
 
 from heal_pl.steering.adapter import AdapterSteering
+from heal_pl.steering.args import CalibrateArgs, CalibrationSettings, MethodArgs, SteeringArgs
 from heal_pl.steering.calibrate import Calibration, calibrate
 from heal_pl.steering.hooks import BLOCK_PATHS, SteeringMethod, add_to_blocks, find_blocks, layers_from, steer
-from heal_pl.steering.isokl import calibrate_method
+from heal_pl.steering.isokl import IsoKLResult, calibrate_method
 from heal_pl.steering.prompt_baseline import SystemPrompt, prompt_kl
 from heal_pl.steering.run import run_calibration
 from heal_pl.steering.trajectory import STATS, TrajectoryKL, measure_kl, trajectory_stats
@@ -19,8 +20,13 @@ from heal_pl.steering.vectors import SteeringVector, last_token_states, mean_dif
 __all__ = [
     "AdapterSteering",
     "BLOCK_PATHS",
+    "CalibrateArgs",
+    "CalibrationSettings",
     "Calibration",
+    "IsoKLResult",
+    "MethodArgs",
     "STATS",
+    "SteeringArgs",
     "SteeringMethod",
     "SteeringVector",
     "SystemPrompt",

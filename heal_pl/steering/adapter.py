@@ -1,4 +1,4 @@
-"""A trained LoRA adapter as a steering method: its delta scaled by a coefficient α (SPEC §3).
+"""A trained LoRA adapter as a steering method: its delta scaled by a coefficient α (docs/maths.md §3.2).
 
 A peft LoRA layer computes ``y = W x + s · B A x`` with ``s = scaling[adapter] = lora_alpha / r``. Inside
 :meth:`AdapterSteering.steering` every LoRA layer of the adapter gets ``s ← α · s`` (restored on exit, also
@@ -55,10 +55,17 @@ class AdapterSteering:
         ValueError: the adapter has no LoRA layer, is not active, uses a LoRA variant (DoRA, ...), or is merged.
 
     Example:
-        >>> method = AdapterSteering(peft_model)                       # doctest: +SKIP
-        >>> with method.steering(peft_model, 2.0):                     # doctest: +SKIP
-        ...     logits = peft_model(**batch).logits
-        >>> kl = measure_kl(peft_model, tok, prompts, method, 0.5)     # doctest: +SKIP
+        >>> from heal_pl.adapters.lora import LoRASpec, wrap_lora
+        >>> from heal_pl.models import tiny_model, tiny_tokenizer
+        >>> from heal_pl.steering import measure_kl
+        >>> peft_model, tok = wrap_lora(tiny_model("llama"), LoRASpec(r=4)), tiny_tokenizer()
+        >>> method = AdapterSteering(peft_model)
+        >>> ids = tok("Is ice cold?", return_tensors="pt").input_ids
+        >>> with method.steering(peft_model, 2.0):  # twice the adapter's delta
+        ...     logits = peft_model(ids).logits
+        >>> kl = measure_kl(peft_model, tok, ["Is ice cold?"], method, 0.5, max_new_tokens=4)
+        >>> len(kl.tokens[0]), kl.stats["max"]  # a fresh adapter (B = 0) has not moved the model yet
+        (4, 0.0)
     """
 
     def __init__(self, model: PeftModel, adapter_name: str = "default") -> None:

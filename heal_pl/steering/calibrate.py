@@ -1,4 +1,4 @@
-"""Iso-KL calibration: the coefficient ``c*`` at which a statistic reaches a target (SPEC §3).
+"""Iso-KL calibration: the coefficient ``c*`` at which a statistic reaches a target (docs/maths.md §3.4).
 
 :func:`calibrate` is a pure root finder over any increasing ``stat(c) -> float`` with ``c > 0``
 (typically the p95 of per-token KL(steered ‖ base) along a greedy trajectory; the default target of
@@ -18,7 +18,7 @@
    otherwise. Safeguards: the prior slope replaces a secant slope that is not ``> 0`` (noise, a
    non-monotone stat); a step moves ``c`` by at most a factor ``MAX_STEP = 16``; when ``f_n`` is not
    finite (``stat ≤ 0`` or ``inf``) the step is a doubling (halving). ``prior_slope=None`` gives the
-   plain doubling (halving) search of SPEC §3 instead. Per-token KL grows like ``c²`` for small
+   plain doubling (halving) search of docs/maths.md §3.4 instead. Per-token KL grows like ``c²`` for small
    steering (a second-order expansion of KL in the logit change), hence the default ``prior_slope = 2``;
 2. regula falsi with the Illinois rule on ``f``:
 

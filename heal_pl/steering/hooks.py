@@ -1,4 +1,4 @@
-"""Decoder-block discovery and residual-stream edits by forward hooks (SPEC §3).
+"""Decoder-block discovery and residual-stream edits by forward hooks (docs/maths.md §3.1–§3.2).
 
 A steering edit replaces the output ``y`` (``[B, T, H]``) of chosen decoder blocks, at every position:
 
@@ -181,8 +181,12 @@ def steer(
             own layers (default: all of them).
 
     Example:
-        >>> with steer(model, vector, 4.0):               # doctest: +SKIP
-        ...     logits = model(**batch).logits
+        >>> from heal_pl.models import tiny_model
+        >>> model, ids = tiny_model("llama"), torch.tensor([[1, 2, 3]])
+        >>> with steer(model, torch.randn(model.config.hidden_size), 4.0, layers=0.5):  # a raw direction
+        ...     steered = model(ids).logits
+        >>> torch.equal(steered, model(ids).logits), torch.equal(model(ids).logits, model(ids).logits)
+        (False, True)
     """
     if isinstance(vector_or_method, Tensor):
         if layers is None:

@@ -1,4 +1,4 @@
-"""Iso-KL calibration of a steering method on a model, per sign, with a held-out audit (SPEC §3).
+"""Iso-KL calibration of a steering method on a model, per sign, with a held-out audit (docs/maths.md §3.4).
 
 For one sign ``σ ∈ {+1, −1}`` of a steering method (a ``SteeringVector``, an ``AdapterSteering``, ...):
 
@@ -16,8 +16,9 @@ where ``S`` is one of the trajectory statistics (default p95 of per-token KL(ste
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -27,6 +28,74 @@ from heal_pl.journal import Journal, journaled
 from heal_pl.steering.calibrate import calibrate
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 from heal_pl.steering.trajectory import STATS, measure_kl
+
+
+def sign_name(sign: int) -> str:
+    """``"+"`` or ``"-"``: how a sign names its results, rows and logged scalars."""
+    return "+" if sign > 0 else "-"
+
+
+@dataclass
+class IsoKLResult:
+    """The iso-KL calibration of one sign (:func:`calibrate_method`). As JSON (:meth:`to_dict`, ``calib.json``'s
+    ``results``, the callback's state) its keys are the field names; ``result["c_star"]`` reads a field by that key.
+
+    Args:
+        sign: ``+1`` or ``-1``; stat: the calibrated statistic; target: its budget in nats.
+        c_star: the coefficient found (``> 0``); coeff: ``sign · c_star``, what the model is steered at.
+        stat_star: ``stat`` at ``c_star``; converged: whether it is within ``tol`` of ``target``.
+        evaluations: ``measure_kl`` calls of the search; message: the root finder's account of how it stopped.
+        history: one dict per evaluation, in order: ``c``, ``coeff`` and every statistic of :data:`STATS`.
+        stats_star: every statistic at ``c_star``.
+        audit: every statistic on the held-out prompts at ``coeff``, or ``None`` (no audit).
+        audit_ratio: ``audit[stat] / stat_star``; ``None`` without an audit, NaN when ``stat_star = 0``.
+    """
+
+    SCALARS: ClassVar[tuple[str, ...]] = ("c_star", "stat_star", "converged", "evaluations", "audit_ratio")
+
+    sign: int
+    stat: str
+    target: float
+    c_star: float
+    coeff: float
+    stat_star: float
+    converged: bool
+    evaluations: int
+    message: str
+    history: list[dict[str, float]]
+    stats_star: dict[str, float]
+    audit: dict[str, float] | None
+    audit_ratio: float | None
+
+    @property
+    def name(self) -> str:
+        """``"+"`` or ``"-"`` (:func:`sign_name`)."""
+        return sign_name(self.sign)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def summary(self) -> dict[str, Any]:
+        """The headline values :data:`SCALARS` (``audit_ratio`` may be ``None``)."""
+        return {k: getattr(self, k) for k in self.SCALARS}
+
+    def scalars(self) -> dict[str, float]:
+        """:meth:`summary` as floats for loggers, without the ``None`` ones (no audit: no ``audit_ratio``)."""
+        return {k: float(v) for k, v in self.summary().items() if v is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: plain dicts, lists and numbers, keyed by the field names (copied)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IsoKLResult:
+        """The result :meth:`to_dict` wrote; ``ValueError`` naming the missing keys."""
+        missing = [f.name for f in fields(cls) if f.name not in data]
+        if missing:
+            raise ValueError(f"an iso-KL result lacks {', '.join(missing)} (has {', '.join(map(str, data))})")
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
 def calibrate_method(
@@ -46,7 +115,7 @@ def calibrate_method(
     layers: LayerSpec | None = None,
     on_evaluation: Callable[[dict[str, Any]], None] | None = None,
     journal: Journal | None = None,
-) -> dict[str, Any]:
+) -> IsoKLResult:
     """Find the coefficient at which ``stat`` of KL(steered ‖ base) along the trajectory equals ``target``.
 
     Args:
@@ -64,11 +133,9 @@ def calibrate_method(
             (steps ``<plus|minus>_eval_<i>``, ``<plus|minus>_audit``; :class:`heal_pl.journal.Journal`).
 
     Returns:
-        a JSON-ready dict: ``sign``, ``stat``, ``target``, ``c_star`` (``> 0``), ``coeff`` (``sign · c_star``),
-        ``stat_star``, ``converged``, ``evaluations``, ``message``, ``history`` (one dict per
-        ``measure_kl`` call of the search, in order: ``c``, ``coeff`` and every statistic), ``stats_star`` (all
-        statistics at ``c_star``), ``audit`` (all statistics on ``audit_prompts`` at ``coeff``, or ``None``) and
-        ``audit_ratio`` (``audit[stat] / stat_star``; ``None`` without an audit, NaN when ``stat_star = 0``).
+        an :class:`IsoKLResult`: ``c_star`` (``> 0``), ``coeff`` (``sign · c_star``), ``stat_star``, ``converged``,
+        the search's ``history`` (one dict per ``measure_kl`` call, in order), the ``audit`` on ``audit_prompts``
+        at ``coeff`` (``None`` without) and ``audit_ratio``.
 
     Raises:
         ValueError: an unknown ``stat``, a ``sign`` other than ±1, empty ``audit_prompts``, and every error of
@@ -105,18 +172,6 @@ def calibrate_method(
     ratio = None
     if audit is not None:
         ratio = audit[stat] / cal.stat_star if cal.stat_star != 0 else math.nan
-    return {
-        "sign": sign,
-        "stat": stat,
-        "target": target,
-        "c_star": cal.c_star,
-        "coeff": sign * cal.c_star,
-        "stat_star": cal.stat_star,
-        "converged": cal.converged,
-        "evaluations": cal.evaluations,
-        "message": cal.message,
-        "history": history,
-        "stats_star": stats_star,
-        "audit": audit,
-        "audit_ratio": ratio,
-    }
+    return IsoKLResult(sign=sign, stat=stat, target=target, c_star=cal.c_star, coeff=sign * cal.c_star,
+                       stat_star=cal.stat_star, converged=cal.converged, evaluations=cal.evaluations,
+                       message=cal.message, history=history, stats_star=stats_star, audit=audit, audit_ratio=ratio)

@@ -47,7 +47,12 @@ class SystemPrompt:
         ValueError: ``system`` is not a string or is blank.
 
     Example:
-        >>> steered, base = SystemPrompt("Talk like a pirate.").prompts(tokenizer, ["Is ice cold?"])  # doctest: +SKIP
+        >>> from heal_pl.models import tiny_tokenizer
+        >>> steered, base = SystemPrompt("Talk like a pirate.").prompts(tiny_tokenizer(), ["Is ice cold?"])
+        >>> steered[0].splitlines()[:2]
+        ['<|im_start|>system', 'Talk like a pirate.<|im_end|>']
+        >>> steered[0].endswith(base[0])  # then the same user turn as without the system prompt
+        True
     """
 
     system: str

@@ -1,4 +1,4 @@
-"""KL(steered ‖ base) along the steered model's own greedy trajectory (SPEC §3).
+"""KL(steered ‖ base) along the steered model's own greedy trajectory (docs/maths.md §3.3).
 
 For each prompt ``x`` (text already chat-formatted, tokenized with ``add_special_tokens=False``):
 
@@ -35,6 +35,7 @@ import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,8 @@ from heal_pl.models.generate import eos_ids, greedy_generate, left_pad, position
 from heal_pl.models.lm import LMHead, base_lm, check_head
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 
-STATS: tuple[str, ...] = ("mean", "p50", "p90", "p95", "p99", "max", "rms")
+Stat = Literal["mean", "p50", "p90", "p95", "p99", "max", "rms"]  # a trajectory statistic of the per-token KL
+STATS: tuple[str, ...] = get_args(Stat)
 
 
 @dataclass

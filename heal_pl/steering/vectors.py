@@ -1,4 +1,4 @@
-"""Steering vectors from contrastive prompt pairs (SPEC §3).
+"""Steering vectors from contrastive prompt pairs (docs/maths.md §3.2).
 
 For each chosen block ``ℓ``, ``h_ℓ(p)`` is the block's output (``[H]``) at the last token of prompt ``p``.
 With positives ``P`` and negatives ``N`` (float32 throughout):
@@ -63,7 +63,8 @@ def mean_diff_direction(pos: Tensor, neg: Tensor) -> Tensor:
 
 
 def pca_direction(pos: Tensor, neg: Tensor) -> Tensor:
-    """Top principal direction of the centred paired differences, float32 ``[H]`` (SPEC §3, repeng's ``pca_diff``).
+    """Top principal direction of the centred paired differences, float32 ``[H]`` (docs/maths.md §3.2,
+    repeng's ``pca_diff``).
 
     ``d_i = pos_i − neg_i``, ``c_i = d_i − mean_j d_j``; ``v`` maximises ``Σ_i (c_i · v)²`` (the first right
     singular vector of ``C = [c_i]``, computed in float64). Uncentred, ``v`` would be the ``mean_diff``
@@ -167,9 +168,17 @@ class SteeringVector:
         model_name: the model it was fitted on (informational).
 
     Example:
-        >>> vec = SteeringVector.fit(model, tok, pos, neg, "mean_diff", layers=0.5)   # doctest: +SKIP
-        >>> with steer(model, vec, 4.0):                                                # doctest: +SKIP
-        ...     out = model.generate(**inputs)
+        >>> from heal_pl.models import tiny_model, tiny_tokenizer
+        >>> from heal_pl.steering import steer
+        >>> model, tok = tiny_model("llama"), tiny_tokenizer()  # 2 decoder blocks
+        >>> vec = SteeringVector.fit(model, tok, ["I love it.", "Great!"], ["I hate it.", "Awful!"], "mean_diff")
+        >>> vec.layers, round(vec.directions[1].norm().item(), 4)  # layers=0.5: the middle block, a unit direction
+        ([1], 1.0)
+        >>> ids = tok("Is ice cold?", return_tensors="pt").input_ids
+        >>> with steer(model, vec, 4.0):
+        ...     steered = model(ids).logits
+        >>> torch.equal(steered, model(ids).logits)  # outside the block, the model is unsteered again
+        False
     """
 
     method: Method

@@ -1,4 +1,4 @@
-"""Death attribution (SPEC §4 survival): was a death preceded by a KL spike, and do the survivors spike too?
+"""Death attribution (docs/maths.md §4.7): was a death preceded by a KL spike, and do the survivors spike too?
 
 For one α label with per-token KL ``kl_i[p]`` (the KL of the distribution that produced generated token ``p``,
 ``p = 0 … g_i − 1``) and fork points ``t_0 = 0 < t_1 < … < t_{m−1} = w``, the probe at fork ``t`` has seen the

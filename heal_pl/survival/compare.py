@@ -7,7 +7,7 @@ Steps:
 1. **Each method** of ``methods`` (mean_diff, pca, directional_ablation, adapter) runs ``heal survival``
    (:func:`heal_pl.survival.run.run_survival`) into ``out_dir/<method>/``: calibrated to the same ``target`` /
    ``stat`` / ``layers`` (``out_dir/<method>/calibrate/``), then swept over the same α · c* grid with the same
-   :class:`~heal_pl.survival.sweep.SweepConfig`, hence the same evaluation prompts and the same forks.
+   :class:`~heal_pl.survival.config.SweepConfig`, hence the same evaluation prompts and the same forks.
 2. **Prompt baseline** (``prompt_baseline: true``): the KL footprint of the system prompt ``system`` (default the
    calibration's ``pos_system``, the persona the vectors are fitted from) against none, at its one natural dose
    (:mod:`heal_pl.steering.prompt_baseline`): greedy rollouts WITH the system prompt on the same evaluation
@@ -32,63 +32,49 @@ with the same arguments and ``out_dir`` measures only what is missing.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.checks import check_choice
-from heal_pl.data.prompts import PIRATE
-from heal_pl.hardware import check_dtype, load_on, resolve_device
+from heal_pl.checks import command
+from heal_pl.hardware import load_on
 from heal_pl.journal import Journal, journaled
 from heal_pl.models.generate import eos_ids
 from heal_pl.models.load import Dtype, load_tokenizer
+from heal_pl.steering.isokl import IsoKLResult, sign_name
 from heal_pl.steering.prompt_baseline import SystemPrompt
+from heal_pl.survival.args import CompareArgs, SweepArgs, methods_problems
+from heal_pl.survival.config import SweepConfig
 from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
-from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, answer_token_ids
+from heal_pl.survival.probes import answer_token_ids
 from heal_pl.survival.run import run_survival
 from heal_pl.survival.stored import fmt_cell
-from heal_pl.survival.sweep import ALPHAS, SPLICE, SweepConfig, eval_prompts, file_slug, measure_alpha, nan_to_none
+from heal_pl.survival.sweep import eval_prompts, file_slug, measure_alpha, nan_to_none
 from heal_pl.survival.table import survival_table
 
 log = logging.getLogger("heal_pl")
-Method = Literal["mean_diff", "pca", "directional_ablation", "adapter"]
 PROMPT = "prompt"  # the method name and label of the prompt baseline's row
 COMPARE_COLUMNS = ("method", "label", "alpha", "coeff", "c_star", "n", "died", "censored", "S_mid", "S_end", "t_half",
                    "kl_p95", "kl_mean", "kl_max")  # fmt: skip
 SCALARS = ("S_mid", "S_end", "died", "kl_p95", "kl_mean")
-# the heal survival arguments every method shares (the rest is set per method)
-SURVIVAL_ARGS = [k for k in inspect.signature(run_survival).parameters
-                 if k not in ("method", "adapter_dir", "calib_json", "out_dir")]  # fmt: skip
+# the heal survival arguments every method shares: SweepArgs' fields (method and adapter_dir are set per method)
+SURVIVAL_ARGS = [f.name for f in fields(SweepArgs) if f.name != "adapter_dir"]
 
 
 def check_methods(methods: Sequence[str], adapter_dir: str | None) -> None:
-    """Raise one ``ValueError`` naming every problem of ``methods`` / ``adapter_dir`` (unknown, empty, twice, …)."""
-    problems = []
-    if not methods:
-        problems.append(f"methods={list(methods)!r} is empty; give at least one of {', '.join(Method.__args__)}")
-    for m in methods:
-        try:
-            check_choice("methods item", m, Method)
-        except ValueError as e:
-            problems.append(str(e))
-    twice = sorted({m for m in methods if list(methods).count(m) > 1})
-    if twice:
-        problems.append(f"methods={list(methods)!r} names {', '.join(twice)} more than once")
-    if "adapter" in methods and not adapter_dir:
-        problems.append("methods holds 'adapter', which needs adapter_dir (a peft adapter folder)")
-    if adapter_dir and "adapter" not in methods:
-        problems.append(f"adapter_dir is only read with 'adapter' in methods, got methods={list(methods)!r}")
+    """Raise one ``ValueError`` naming every problem of ``methods`` / ``adapter_dir`` (unknown, empty, twice, …;
+    :func:`heal_pl.survival.args.methods_problems`)."""
+    problems = methods_problems(methods, adapter_dir)
     if problems:
-        raise ValueError("heal compare: " + "; ".join(problems))
+        raise ValueError(f"{CompareArgs.where}: " + "; ".join(problems))
 
 
 def prompt_survival(
@@ -197,98 +183,52 @@ def write_compare(
             if r["method"] == PROMPT:
                 tags = [(f"compare/{PROMPT}/{k}", 0) for k in SCALARS]
             else:
-                signs = [("+" if s > 0 else "-") for s in report["config"]["signs"]] if r["label"] == "0" else \
-                    [r["label"][0]]
+                signs = [sign_name(s) for s in report["config"]["signs"]] if r["label"] == "0" else [r["label"][0]]
                 tags = [(f"compare/{r['method']}/{s}/{k}", round(100 * r["alpha"])) for s in signs for k in SCALARS]
             for tag, step in tags:
                 writer.add_scalar(tag, float(r[tag.rsplit("/", 1)[1]]), step)
         writer.flush()
 
 
-def run_compare(
-    model: str = "smollm2-135m-instruct",
-    device: str = "auto",
-    dtype: Dtype = "float32",
-    methods: list[Method] = ["mean_diff", "pca", "directional_ablation"],  # noqa: B006 (jsonargparse reads it)
-    adapter_dir: str | None = None,
-    layers: list[float] | list[int] | float | int = 0.5,
-    target: float = 1.0,
-    stat: Literal["mean", "p50", "p90", "p95", "p99", "max", "rms"] = "p95",
-    signs: list[int] = [1, -1],  # noqa: B006
-    calibration: dict[str, Any] | None = None,
-    prompt_baseline: bool = True,
-    system: str | None = None,
-    alphas: list[float] = list(ALPHAS),  # noqa: B006,B008
-    w: int = 64,
-    fork_step: int | None = 4,
-    n_log_forks: int | None = None,
-    threshold: float = 0.95,
-    splice: str = SPLICE,
-    n_eval: int | None = None,
-    stop_at_eos: bool = True,
-    batch_size: int = 8,
-    fork_batch: int = 64,
-    smooth: int = 5,
-    normalise: bool = False,
-    true_variants: list[str] = list(DEFAULT_ANSWER_SETS[0].variants),  # noqa: B006,B008
-    false_variants: list[str] = list(DEFAULT_ANSWER_SETS[1].variants),  # noqa: B006,B008
-    thresholds: list[float] | None = None,
-    out_dir: str = "runs/compare",
-) -> dict[str, Any]:
+@command(CompareArgs)
+def run_compare(args: CompareArgs) -> dict[str, Any]:
     """Calibrate and sweep every method of ``methods`` alike, run the prompt baseline, write one table and figures.
 
-    Args:
-        model: model alias, folder or Hugging Face id.
-        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (:mod:`heal_pl.hardware`).
-        dtype: the dtype the weights are loaded in: ``float32``, ``bfloat16`` or ``float16``.
-        methods: the steering methods, each once: mean_diff, pca, directional_ablation, adapter (needs
-            ``adapter_dir``); each runs ``heal survival`` into ``out_dir/<method>/``.
-        prompt_baseline: also measure the system prompt ``system`` against none (the row ``prompt``).
-        system: the baseline's system prompt; ``None`` = the calibration's ``pos_system`` (default the pirate
-            persona, :data:`heal_pl.data.prompts.PIRATE`). A blank one is refused.
-        adapter_dir, layers, target, stat, signs, calibration, alphas, w, fork_step,
-            n_log_forks, threshold, splice, n_eval, stop_at_eos, batch_size, fork_batch, smooth, normalise,
-            true_variants, false_variants, thresholds: as in ``heal survival``
-            (:func:`heal_pl.survival.run.run_survival`), the same for every method.
-        out_dir: where compare.md / .csv / .json, the figures, TensorBoard and the per-method folders go.
+    Called with :class:`~heal_pl.survival.args.CompareArgs`' fields as keywords (``adapter_dir``, ``layers``,
+    ``target``, ``stat``, ``signs``, ``calibration`` and the sweep's are those of ``heal survival``, the same for
+    every method).
 
     Returns:
         the ``compare.json`` content plus ``summaries`` (each method's ``heal survival`` summary) and ``prompt``.
     """
-    args = dict(locals())
-    check_methods(methods, adapter_dir)
-    config = SweepConfig(**{k: args[k] for k in SweepConfig.__dataclass_fields__})  # bad sweep values fail here
-    system = (calibration or {}).get("pos_system", PIRATE) if system is None else system
-    if prompt_baseline:
-        SystemPrompt(system)  # a blank system prompt fails here
-    check_dtype(dtype)
-    resolve_device(device)
-    out = Path(out_dir)
-    shared = {k: args[k] for k in SURVIVAL_ARGS if k in args}  # one run_survival grew and this did not: its default
+    config = args.sweep_config()
+    system = args.baseline_system
+    out = Path(args.out_dir)
+    shared = {k: getattr(args, k) for k in SURVIVAL_ARGS}
     summaries, tables, rows, calib = {}, {}, [], {}
-    for m in methods:
-        log.info("heal compare: method %s (%d of %d)", m, len(summaries) + 1, len(methods))
-        summary = run_survival(method=m, adapter_dir=adapter_dir if m == "adapter" else None, out_dir=str(out / m),
-                               **shared)  # fmt: skip
+    for m in args.methods:
+        log.info("heal compare: method %s (%d of %d)", m, len(summaries) + 1, len(args.methods))
+        adapter_dir = args.adapter_dir if m == "adapter" else None
+        summary = run_survival(method=m, adapter_dir=adapter_dir, out_dir=str(out / m), **shared)
         summaries[m], tables[m] = summary, method_tables(summary, config)
         rows += method_rows(m, summary)
         results = json.loads(Path(summary["calib_json"]).read_text())["results"]
-        calib[m] = {s: {k: results[s][k] for k in ("c_star", "stat_star", "converged", "evaluations", "audit_ratio")}
-                    for s in summary["c_star"]}  # fmt: skip
+        calib[m] = {s: IsoKLResult.from_dict(results[s]).summary() for s in summary["c_star"]}
     writer = SummaryWriter(str(out))
     prompt = None
     try:
-        if prompt_baseline:
-            prompt = _run_prompt(model, device, dtype, system, target, config, out / PROMPT, writer)
+        if args.prompt_baseline:
+            prompt = _run_prompt(args.model, args.device, args.dtype, system, args.target, config, out / PROMPT,
+                                 writer)  # fmt: skip
             tables[PROMPT] = {PROMPT: prompt["table"]}
             rows.append(prompt["row"])
-        report = {"config": {**args, "system": system}, "fork_points": config.fork_points().tolist(),
+        report = {"config": {**asdict(args), "system": system}, "fork_points": config.fork_points().tolist(),
                   "calibration": calib, "table": rows,
                   "prompt": None if prompt is None else {"system": system, "stats": prompt["stats"]}}  # fmt: skip
         write_compare(out, report, tables, float(config.fork_points()[-1]), writer)
     finally:
         writer.close()
-    log.info("heal compare (threshold %g, w %d)\n%s", threshold, w, compare_markdown(rows))
+    log.info("heal compare (threshold %g, w %d)\n%s", config.threshold, config.w, compare_markdown(rows))
     return {**report, "summaries": summaries, "prompt": prompt}
 
 

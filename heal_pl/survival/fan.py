@@ -1,4 +1,4 @@
-"""The fan figure of a survival run (SPEC §4 "Figures"): per-token KL quantiles over t, one colour per α.
+"""The fan figure of a survival run (docs/maths.md §4.7): per-token KL quantiles over t, one colour per α.
 
 For the trajectories of one α with per-token KL ``kl_i[p]`` (``p < g_i``), at each position ``t`` the quantiles
 are taken over the trajectories that **still exist** there (``g_i > t``; one that ended at EOS drops out, it is

@@ -1,4 +1,5 @@
-"""Which caches the fork reads can reuse exactly, and the caches they read on (SPEC §4, :mod:`heal_pl.survival.forks`).
+"""Which caches the fork reads can reuse exactly, and the caches they read on (docs/maths.md §4.3,
+:mod:`heal_pl.survival.forks`).
 
 A fork ``j`` reads on "the rollout's cache cropped to its first ``k_j`` positions". Per layer kind:
 
@@ -36,8 +37,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from heal_pl.models.generate import cache_kwargs
-from heal_pl.models.lm import base_lm
+from heal_pl.models.lm import base_lm, cache_kwargs
 
 try:  # the layer classes of transformers' per-layer caches; older versions lack some (then: no plan)
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer

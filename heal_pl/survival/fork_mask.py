@@ -1,4 +1,4 @@
-"""Fork reads on one shared cache: the attention masks and the forwards (SPEC §4, step 2 of
+"""Fork reads on one shared cache: the attention masks and the forwards (docs/maths.md §4.3, step 2 of
 :mod:`heal_pl.survival.forks`).
 
 The cache holds ``C`` positions. Fork ``j`` keeps the first ``k_j ≤ C`` of them and feeds ``f_j`` at positions
@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from heal_pl.models.generate import cache_kwargs
-from heal_pl.models.lm import base_lm
+from heal_pl.models.lm import base_lm, cache_kwargs
 from heal_pl.survival.fork_cache import ForkCache, cached_positions, read_cache
 from heal_pl.survival.probes import probe_from_logits
 

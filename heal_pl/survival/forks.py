@@ -1,4 +1,4 @@
-"""Forced-choice probes at fork points along one steered rollout, reusing its KV cache (SPEC §4).
+"""Forced-choice probes at fork points along one steered rollout, reusing its KV cache (docs/maths.md §4.3).
 
 For one prompt ``x`` (``P`` tokens, encoded without special tokens), a steering ``method`` at ``coeff``, a
 window ``w`` and fork points ``0 ≤ t_0 < t_1 < … ≤ w``:
@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from heal_pl.data.prompts import encode_text
 from heal_pl.models.context import checked_context
 from heal_pl.models.generate import eos_ids, greedy_generate
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
@@ -90,10 +91,6 @@ class _Setup:
     thinking: bool
 
 
-def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def _check_forks(fork_points: int | Sequence[int] | np.ndarray, w: int) -> np.ndarray:
     """``fork_points`` as int64 ``[m]``: an int is a step ``s`` (:func:`heal_pl.survival.table.fork_schedule`)."""
     if isinstance(fork_points, (int, np.integer)) and not isinstance(fork_points, bool):
@@ -137,15 +134,15 @@ def _setup(
         raise ValueError(f"coeff={coeff!r} must be finite")
     if not isinstance(method, SteeringMethod):
         raise TypeError(f"method is a {type(method).__name__}; expected an object with steering(model, coeff, layers)")
-    prompt_ids = _encode_text(tokenizer, prompt)
+    prompt_ids = encode_text(tokenizer, prompt)
     if not prompt_ids:
         raise ValueError(f"prompt={prompt!r} has no tokens")
-    if not isinstance(splice, str) or not _encode_text(tokenizer, splice):
+    if not isinstance(splice, str) or not encode_text(tokenizer, splice):
         raise ValueError(f"splice={splice!r} tokenizes to nothing; give the probe's answer prefix text")
     forks = _check_forks(fork_points, w)
     thinking = has_thinking_tokens(tokenizer)
     # the longest splice: with a thinking tokenizer it may have to close an open block first
-    longest = _encode_text(tokenizer, splice_text(THINK_OPEN, splice) if thinking else splice)
+    longest = encode_text(tokenizer, splice_text(THINK_OPEN, splice) if thinking else splice)
     check_window(model, len(prompt_ids), w, len(longest))
     return _Setup(prompt_ids, forks, eos_ids(tokenizer, model, eos_token_id), thinking)
 
@@ -155,9 +152,9 @@ def _splice_ids(
 ) -> list[int]:
     """Splice tokens for the context ``prompt ⊕ gen``: closes an open thinking block first (if the tokenizer can)."""
     if not setup.thinking:
-        return _encode_text(tokenizer, splice)
+        return encode_text(tokenizer, splice)
     context = prompt + tokenizer.decode(gen, skip_special_tokens=False)
-    return _encode_text(tokenizer, splice_text(context, splice))
+    return encode_text(tokenizer, splice_text(context, splice))
 
 
 def _result(

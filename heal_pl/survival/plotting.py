@@ -1,4 +1,4 @@
-"""Figure builders for survival runs (SPEC §4 "Figures").
+"""Figure builders for survival runs (docs/maths.md §4.7).
 
 Every builder returns a :class:`matplotlib.figure.Figure` built without pyplot, so no global state (backend,
 current figure) is touched; the caller saves it with :func:`save_figure` or hands it to TensorBoard's

@@ -1,4 +1,4 @@
-"""Forced-choice probes (SPEC §4): answer-token discovery, probe mass from next-token logits, the splice.
+"""Forced-choice probes (docs/maths.md §4.1): answer-token discovery, probe mass from next-token logits, the splice.
 
 Given next-token logits ``z`` [B, V] after a splice and answer sets ``A_k`` (token-id sets, one per
 answer name; the default sets are ``true`` and ``false``):
@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from heal_pl.data.prompts import encode_text
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
@@ -48,13 +50,6 @@ DEFAULT_ANSWER_SETS: tuple[AnswerSet, ...] = (
     AnswerSet("true", ("true", "True", " true", " True", "1", " 1")),
     AnswerSet("false", ("false", "False", " false", " False", "0", " 0")),
 )
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens (a ``transformers`` tokenizer or a ``tokenizers.Tokenizer``)."""
-    if hasattr(tokenizer, "encode_batch") and hasattr(tokenizer, "token_to_id"):  # tokenizers.Tokenizer
-        return list(tokenizer.encode(text, add_special_tokens=False).ids)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _unk_id(tokenizer: Any) -> int | None:
@@ -88,7 +83,7 @@ def answer_token_ids(
     for s in answer_sets:
         ids: list[int] = []
         for v in s.variants:
-            toks = _encode(tokenizer, v)
+            toks = encode_text(tokenizer, v)
             if not toks or (unk is not None and toks[-1] == unk):
                 missing.append(f"{s.name}:{v!r}")
                 continue

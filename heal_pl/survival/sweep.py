@@ -1,4 +1,4 @@
-"""The α sweep of a survival run (SPEC §4): rollouts, forks, Kaplan–Meier per dose, figures, files.
+"""The α sweep of a survival run (docs/maths.md §4.6): rollouts, forks, Kaplan–Meier per dose, figures, files.
 
 For each sign ``σ`` with calibrated ``c*_σ`` and each ``α`` of the grid (default 0, .25, .5, .75, 1, 1.5, 2, 4;
 ``α = 0`` is run once and shared by both signs), at ``coeff = σ · α · c*_σ``:
@@ -35,122 +35,31 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.data.datamodule import ASSETS
 from heal_pl.data.prompts import chat_prompt
 from heal_pl.journal import Journal, journaled
 from heal_pl.models.generate import eos_ids
 from heal_pl.steering.hooks import SteeringMethod
 from heal_pl.steering.trajectory import measure_kl
 from heal_pl.survival.analyses import write_analyses
+from heal_pl.survival.config import SweepConfig, load_questions
 from heal_pl.survival.forks import check_window, fork_probe, probe_forks
 from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
-from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, THINK_OPEN, AnswerSet, has_thinking_tokens, splice_text
+from heal_pl.survival.probes import THINK_OPEN, has_thinking_tokens, splice_text
 from heal_pl.survival.stored import SIGN_WORD, fmt_cell, markdown_rows
-from heal_pl.survival.table import fork_schedule, survival_table
-from heal_pl.survival.thresholds import check_thresholds
+from heal_pl.survival.table import survival_table
 
 log = logging.getLogger("heal_pl")
-ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
-SPLICE = "\nSo the answer (true or false) is:"
 TABLE_COLUMNS = ("label", "sign", "alpha", "coeff", "n", "died", "censored", "t_mid", "S_mid", "S_end", "t_half",
                  "kl_p95", "kl_mean")  # fmt: skip
-
-
-def load_questions(split: Literal["calib", "eval"]) -> list[dict[str, Any]]:
-    """The bundled true/false questions ``heal_pl/data/assets/yesno_{split}.jsonl`` (``prompt``, ``answer``, ...)."""
-    if split not in ("calib", "eval"):
-        raise ValueError(f"split={split!r} must be 'calib' or 'eval'")
-    with open(ASSETS / f"yesno_{split}.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-@dataclass
-class SweepConfig:
-    """What a survival sweep measures (everything but the model, the steering and c*).
-
-    Args:
-        alphas: multiples of c* to sweep, each ``≥ 0``; ``0`` (the unsteered model) is run once for all signs.
-        w: rollout window in generated tokens, ``≥ 1``.
-        fork_step: a fork every ``fork_step`` tokens (``0, s, 2s, …, w``); or ``n_log_forks`` log-spaced forks.
-        threshold: alive while ``pmass ≥ threshold``, in the open interval (0, 1).
-        splice: the probe's answer prefix, appended after the first ``t`` generated tokens.
-        n_eval: how many bundled evaluation questions (``None`` = all); stop_at_eos: end a rollout at EOS
-            (right-censored there) or run every rollout to ``w``.
-        batch_size: prompts per rollout forward; fork_batch: forks packed per probe forward.
-        smooth, normalise: spaghetti figure smoothing width and per-trajectory normalisation.
-        true_variants, false_variants: the surface forms of the two answer sets.
-        thresholds: also recompute the table at these pmass thresholds (``None``: not), from the stored pmass.
-    """
-
-    alphas: list[float] = field(default_factory=lambda: list(ALPHAS))
-    w: int = 64
-    fork_step: int | None = 4
-    n_log_forks: int | None = None
-    threshold: float = 0.95
-    splice: str = SPLICE
-    n_eval: int | None = None
-    stop_at_eos: bool = True
-    batch_size: int = 8
-    fork_batch: int = 64
-    smooth: int = 5
-    normalise: bool = False
-    true_variants: list[str] = field(default_factory=lambda: list(DEFAULT_ANSWER_SETS[0].variants))
-    false_variants: list[str] = field(default_factory=lambda: list(DEFAULT_ANSWER_SETS[1].variants))
-    thresholds: list[float] | None = None
-
-    def __post_init__(self) -> None:
-        def pos_int(x: Any) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-        n_questions = len(load_questions("eval"))
-        checks = [
-            (len(self.alphas) > 0 and all(isinstance(a, (int, float)) and math.isfinite(a) and a >= 0
-                                          for a in self.alphas) and len(set(self.alphas)) == len(self.alphas),
-             f"alphas={self.alphas!r} must be distinct finite numbers >= 0 (multiples of c*)"),
-            (pos_int(self.w), f"w={self.w!r} must be an integer >= 1 (the rollout window in tokens)"),
-            ((self.fork_step is None) != (self.n_log_forks is None),
-             f"give exactly one of fork_step or n_log_forks, got fork_step={self.fork_step!r}, "
-             f"n_log_forks={self.n_log_forks!r}"),
-            (self.fork_step is None or pos_int(self.fork_step), f"fork step={self.fork_step!r} must be an integer > 0"),
-            (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0,
-             f"threshold={self.threshold!r} must be in the open interval (0, 1)"),
-            (isinstance(self.splice, str) and self.splice.strip() != "", f"splice={self.splice!r} must be non-empty"),
-            (self.n_eval is None or (pos_int(self.n_eval) and self.n_eval <= n_questions),
-             f"n_eval={self.n_eval!r} must be None or an integer in [1, {n_questions}] (bundled questions)"),
-            (pos_int(self.batch_size), f"batch_size={self.batch_size!r} must be an integer >= 1"),
-            (pos_int(self.fork_batch), f"fork_batch={self.fork_batch!r} must be an integer >= 1"),
-            (pos_int(self.smooth), f"smooth={self.smooth!r} must be an integer >= 1"),
-        ]  # fmt: skip
-        problems = [msg for ok, msg in checks if not ok]
-        if self.thresholds is not None:
-            try:
-                self.thresholds = check_thresholds(self.thresholds)
-            except ValueError as e:
-                problems.append(str(e))
-        if not problems:
-            try:
-                self.fork_points()
-            except ValueError as e:
-                problems.append(str(e))
-        if problems:
-            raise ValueError("survival: " + "; ".join(problems))
-        self.alphas = [float(a) for a in self.alphas]
-
-    def fork_points(self) -> np.ndarray:
-        """The forks: :func:`heal_pl.survival.table.fork_schedule` of ``w`` with ``fork_step`` or ``n_log_forks``."""
-        return fork_schedule(self.w, step=self.fork_step, n_log=self.n_log_forks)
-
-    def answer_sets(self) -> tuple[AnswerSet, AnswerSet]:
-        return AnswerSet("true", tuple(self.true_variants)), AnswerSet("false", tuple(self.false_variants))
 
 
 def label_of(sign: str, alpha: float) -> str:

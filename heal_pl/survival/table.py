@@ -1,4 +1,4 @@
-"""Survival of forced-choice answerability along long rollouts (SPEC §4): death times and Kaplan–Meier.
+"""Survival of forced-choice answerability along long rollouts (docs/maths.md §4.4–§4.5): death times and Kaplan–Meier.
 
 Pure numpy + lifelines. Inputs, for ``n`` trajectories and ``m`` fork points ``t_0 < t_1 < … < t_{m-1} = w``:
 

@@ -1,4 +1,4 @@
-"""Threshold sensitivity (SPEC §4 survival): the Kaplan–Meier table at other pmass thresholds, no model calls.
+"""Threshold sensitivity (docs/maths.md §4.6): the Kaplan–Meier table at other pmass thresholds, no model calls.
 
 A trajectory is alive while ``pmass ≥ threshold``; the sweep's threshold is one choice. From the stored pmass
 trajectories (``trajectories.json``, or the sweep's records in memory) this recomputes, for every threshold

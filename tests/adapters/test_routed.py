@@ -1,4 +1,4 @@
-"""Tests of heal_pl.adapters.routed (SPEC §2): the delta / delta_hack adapter.
+"""Tests of heal_pl.adapters.routed (docs/maths.md §2): the delta / delta_hack adapter.
 
 Expected updates are computed independently in float64 (torch / numpy SVD written out here).
 """

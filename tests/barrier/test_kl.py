@@ -1,4 +1,4 @@
-"""Tests of heal_pl.barrier.kl (SPEC §1): per-token KL, aggregation, barrier, counted positions, chunked stats.
+"""Tests of heal_pl.barrier.kl (docs/maths.md §1): per-token KL, aggregation, barrier, counted positions, chunked stats.
 
 Every expected value is computed independently in the test (float64 numpy, or float64 torch autograd
 on a formula written out here), never by calling the function under test.
@@ -466,7 +466,7 @@ def test_barrier_bad_config(kwargs, field, allowed):
 
 
 def test_barrier_motivating_example_tail_aggregators_fire_mean_does_not():
-    """SPEC §1: base-like everywhere except a few looping positions."""
+    """docs/maths.md §1.8: base-like everywhere except a few looping positions."""
     g = torch.Generator().manual_seed(50)
     n_base, n_loop = 940, 60
     base = 0.1 + 0.02 * (torch.rand(n_base, generator=g) - 0.5)

@@ -24,7 +24,7 @@ from heal_pl.callbacks.isokl_calibration import IsoKLCalibrationCallback
 from heal_pl.data.datamodule import HealDataModule
 from heal_pl.data.prompts import chat_prompt, questions
 from heal_pl.module import HealModule
-from heal_pl.survival.sweep import SweepConfig
+from heal_pl.survival.config import SweepConfig
 from tests.callbacks.test_kl_barrier import ForeignModule
 from tests.helpers import lively_peft, make_batch
 
@@ -213,7 +213,7 @@ def test_module_without_peft_model_says_so(tokenizer) -> None:
         (dict(n_audit=-1), "n_audit=-1"),
         (dict(prompts=[]), "prompts is empty"),
         (dict(max_iters=0), "max_iters=0"),
-        (dict(survival={"w": 4}), "survival must be a heal_pl.survival.sweep.SweepConfig or None, got dict"),
+        (dict(survival={"w": 4}), "survival must be a heal_pl.survival.config.SweepConfig or None, got dict"),
     ],
 )
 def test_bad_arguments_name_the_field(kwargs: dict, field: str) -> None:

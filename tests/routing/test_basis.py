@@ -1,4 +1,4 @@
-"""Tests of heal_pl.routing.basis (SPEC §2, hack basis V).
+"""Tests of heal_pl.routing.basis (docs/maths.md §2, hack basis V).
 
 References are independent: numpy float64 SVD for the span, hand-built rank-1 data for the orientation,
 and for the gradients a float64 copy of the model with the completion NLL written out from its logits.

@@ -1,4 +1,4 @@
-"""Tests of heal_pl.routing.project (SPEC §2): the gradient projection and its metrics.
+"""Tests of heal_pl.routing.project (docs/maths.md §2): the gradient projection and its metrics.
 
 Expected values come from a float64 numpy reference written out here, never from the function under test.
 """
@@ -18,7 +18,7 @@ OVERSHOOTS = (0.0, 0.5, 1.0, 1.5)
 
 
 def ref_project(g: np.ndarray, V: np.ndarray, gate: str, overshoot: float, preserve: bool) -> tuple:
-    """SPEC §2 in float64 numpy, one line per formula."""
+    """docs/maths.md §2 in float64 numpy, one line per formula."""
     c = V @ g
     c_use = {"one_sided": np.maximum(c, 0.0), "no_gate": c, "reverse": 2.0 * c}[gate]
     removed = overshoot * (c_use @ V)

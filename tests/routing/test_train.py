@@ -1,4 +1,4 @@
-"""Gradient routing inside training (SPEC §2): ``route_gradients`` and ``HealModule(adapter="routed")``.
+"""Gradient routing inside training (docs/maths.md §2): ``route_gradients`` and ``HealModule(adapter="routed")``.
 
 References: the projection recomputed in float64 numpy from the knob gradients of a real backward pass;
 routed weights rebuilt in a fresh model from the saved knobs.
@@ -232,13 +232,26 @@ def test_heal_module_bf16_mixed_route_is_finite(tmp_path: Path) -> None:
     assert all(torch.isfinite(p).all() and p.abs().sum() > 0 for p in knobs)
 
 
-def test_routed_without_a_router_warns_and_keeps_delta_hack_zero(tmp_path: Path) -> None:
-    _, train = write_task(tmp_path)
-    module = routed_module()
+def test_routed_without_a_router_is_an_error_before_any_step(tmp_path: Path) -> None:
+    pairs, train = write_task(tmp_path)
+    module = routed_module(lr=1e-2, warmup_steps=0)
+    steps: list[int] = []
+    module.training_step = lambda batch, i: steps.append(i)  # type: ignore[method-assign,assignment]
     dm = HealDataModule(train_file=str(train), model="tiny-llama", batch_size=2, max_length=48, val_fraction=0)
     dm.set_tokenizer(tiny_tokenizer())
     trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, enable_progress_bar=False, logger=False,
                         enable_checkpointing=False)  # fmt: skip
-    with pytest.warns(UserWarning, match="without a RouteAblateEvalCallback"):
+    with pytest.raises(ValueError, match=r"without a RouteAblateEvalCallback.*trainer\.callbacks.*"
+                                         r"class_path: heal_pl\.callbacks\.RouteAblateEvalCallback"):
         trainer.fit(module, dm)
+    assert steps == [] and trainer.global_step == 0
     assert all(not p.any() for p in module.routed_adapter.hack_params())
+    # the same module, with the callback: it trains, delta_hack included
+    del module.training_step
+    router = RouteAblateEvalCallback(arm="route", pairs=str(pairs), k=2)
+    trainer = L.Trainer(max_steps=1, callbacks=[router], default_root_dir=tmp_path, enable_progress_bar=False,
+                        logger=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(module, dm)
+    assert trainer.global_step == 1 and router.basis is not None
+    assert all(p.any() for p in module.routed_adapter.delta_params())
+    assert any(p.any() for p in module.routed_adapter.hack_params())

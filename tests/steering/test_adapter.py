@@ -1,4 +1,4 @@
-"""Tests of heal_pl.steering.adapter: a LoRA adapter's delta scaled by α (SPEC §3).
+"""Tests of heal_pl.steering.adapter: a LoRA adapter's delta scaled by α (docs/maths.md §3).
 
 References are independent of the scaling trick: the base is peft's ``disable_adapter()`` or a fresh copy
 of the unwrapped model, α = 1 is the untouched peft model, and one LoRA linear's delta is recomputed in

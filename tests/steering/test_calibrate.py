@@ -1,4 +1,4 @@
-"""Tests of heal_pl.steering.calibrate (SPEC §3): the iso-KL root finder on synthetic statistics.
+"""Tests of heal_pl.steering.calibrate (docs/maths.md §3): the iso-KL root finder on synthetic statistics.
 
 Roots are known in closed form (power laws, a saturating curve) or checked against the recorded calls
 of ``stat`` itself; the Illinois rule is checked against a plain regula falsi written out here.

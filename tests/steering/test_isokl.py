@@ -1,4 +1,5 @@
-"""Tests of heal_pl.steering.isokl: the model-level iso-KL calibration of one sign of a steering method (SPEC §3).
+"""Tests of heal_pl.steering.isokl: the model-level iso-KL calibration of one sign of a steering method
+(docs/maths.md §3).
 
 Every ``measure_kl`` call is recorded through a wrapper, so the history is checked against what was
 actually measured; the result and the audit are checked against fresh, independent ``measure_kl`` calls.

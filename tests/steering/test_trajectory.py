@@ -1,4 +1,4 @@
-"""Tests of heal_pl.steering.trajectory: KL(steered ‖ base) along the greedy steered trajectory (SPEC §3).
+"""Tests of heal_pl.steering.trajectory: KL(steered ‖ base) along the greedy steered trajectory (docs/maths.md §3).
 
 The reference is independent of the code under test: one prompt at a time, no padding, tokens from
 transformers' own ``generate`` (greedy) under the steering context, log-probabilities from the model's full

@@ -1,4 +1,4 @@
-"""Tests of heal_pl.steering (SPEC §3): block discovery, hooks, fitted vectors, save/load.
+"""Tests of heal_pl.steering (docs/maths.md §3): block discovery, hooks, fitted vectors, save/load.
 
 References are independent of the code under test: block outputs come from transformers'
 ``output_hidden_states`` run one prompt at a time, directions from float64 numpy, edits from
@@ -321,7 +321,7 @@ def test_pca_direction_synthetic_and_sign() -> None:
     pos = base + scale * u + 0.05 * rng.normal(size=(12, 16))
     neg = base - 0.05 * rng.normal(size=(12, 16))
     d = pos - neg
-    ref = np.linalg.svd(d - d.mean(0), full_matrices=False)[2][0]  # centred (SPEC §3)
+    ref = np.linalg.svd(d - d.mean(0), full_matrices=False)[2][0]  # centred (docs/maths.md §3.2)
     ref = ref if (d @ ref).mean() > 0 else -ref
     t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     got = pca_direction(t(pos), t(neg)).numpy()

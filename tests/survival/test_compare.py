@@ -24,10 +24,10 @@ from heal_pl.data.prompts import PIRATE, chat_prompt
 from heal_pl.models.load import load_model, load_tokenizer
 from heal_pl.steering.prompt_baseline import SystemPrompt
 from heal_pl.survival.compare import COMPARE_COLUMNS, SURVIVAL_ARGS, run_compare
+from heal_pl.survival.config import SweepConfig, load_questions
 from heal_pl.survival.forks import probe_forks_recompute
 from heal_pl.survival.probes import answer_token_ids
 from heal_pl.survival.run import run_survival
-from heal_pl.survival.sweep import SweepConfig, load_questions
 from tests.steering.test_prompt_baseline import reference
 from tests.survival.test_run import km_reference
 
@@ -48,6 +48,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # a whole heal compare (~11 s)
 def test_compare_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "run"
     main(["compare", "--config", str(CONFIG), *TINY, "--out_dir", str(out)])
@@ -140,6 +141,7 @@ def test_compare_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.Lo
     assert read_csv(out / "compare.csv") == table
 
 
+@pytest.mark.slow  # a whole heal compare (~5 s)
 def test_an_adapter_beside_a_vector(tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 

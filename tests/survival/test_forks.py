@@ -1,4 +1,4 @@
-"""Tests of heal_pl.survival.forks: probes at fork points reusing the rollout's KV cache (SPEC §4).
+"""Tests of heal_pl.survival.forks: probes at fork points reusing the rollout's KV cache (docs/maths.md §4).
 
 The reference (:func:`fork_probe_recompute`) shares no cache code with :func:`fork_probe`: its tokens come from
 ``heal_pl.models.generate.greedy_generate`` and each fork is one full cache-free forward through ``model(...).logits``.

@@ -1,4 +1,5 @@
-"""Tests of heal_pl.survival.probes (SPEC §4): answer-token discovery, pmass / p_true, the thinking-block splice.
+"""Tests of heal_pl.survival.probes (docs/maths.md §4.1): answer-token discovery, pmass / p_true, the thinking-block
+splice.
 
 pmass and p_true are checked against a float64 numpy softmax written here; token ids against the
 tokenizer's own vocabulary lookups of hand-listed tokens.

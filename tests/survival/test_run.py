@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import heal_pl.survival.run
 from heal_pl.cli import main
-from heal_pl.survival.sweep import SweepConfig, load_questions
+from heal_pl.survival.config import SweepConfig, load_questions
 from tests.survival.test_probes import word_level
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "survival.yaml"
@@ -54,6 +54,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # a whole heal survival (~6 s)
 def test_survival_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "run"
     caplog.set_level("INFO", logger="heal_pl")

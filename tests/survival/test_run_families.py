@@ -18,10 +18,10 @@ from heal_pl.cli import main
 from heal_pl.data.prompts import chat_prompt
 from heal_pl.models.load import load_model, load_tokenizer
 from heal_pl.steering.vectors import SteeringVector
+from heal_pl.survival.config import SweepConfig
 from heal_pl.survival.fork_cache import fork_plan
 from heal_pl.survival.forks import probe_forks_recompute
 from heal_pl.survival.probes import answer_token_ids
-from heal_pl.survival.sweep import SweepConfig
 from tests.survival.test_run import CALIB, CONFIG
 
 W, STEP = 12, 3

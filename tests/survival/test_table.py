@@ -1,4 +1,4 @@
-"""Tests of heal_pl.survival.table (SPEC §4): death/censoring rules and Kaplan–Meier against hand computation.
+"""Tests of heal_pl.survival.table (docs/maths.md §4): death/censoring rules and Kaplan–Meier against hand computation.
 
 Expected survival values are written out as products of (1 − d_j/n_j) in the tests, or come from a float64
 reference KM coded here; lifelines' own fit is compared as a second check, never as the only reference.

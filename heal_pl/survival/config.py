@@ -1,0 +1,117 @@
+"""What a survival sweep measures: :class:`SweepConfig` (everything but the model, the steering and c*), the
+default α grid and splice, and the bundled true/false questions it reads (docs/maths.md §4.6)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from heal_pl.checks import Checked
+from heal_pl.data.formats import ASSETS
+from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, AnswerSet
+from heal_pl.survival.table import fork_schedule
+from heal_pl.survival.thresholds import check_thresholds
+
+ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
+SPLICE = "\nSo the answer (true or false) is:"
+
+
+def load_questions(split: Literal["calib", "eval"]) -> list[dict[str, Any]]:
+    """The bundled true/false questions ``heal_pl/data/assets/yesno_{split}.jsonl`` (``prompt``, ``answer``, ...)."""
+    if split not in ("calib", "eval"):
+        raise ValueError(f"split={split!r} must be 'calib' or 'eval'")
+    with open(ASSETS / f"yesno_{split}.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass
+class SweepConfig(Checked):
+    """What a survival sweep measures (everything but the model, the steering and c*).
+
+    Args:
+        alphas: multiples of c* to sweep, each ``≥ 0``; ``0`` (the unsteered model) is run once for all signs.
+        w: rollout window in generated tokens, ``≥ 1``.
+        fork_step: a fork every ``fork_step`` tokens (``0, s, 2s, …, w``); or ``n_log_forks`` log-spaced forks.
+        threshold: alive while ``pmass ≥ threshold``, in the open interval (0, 1).
+        splice: the probe's answer prefix, appended after the first ``t`` generated tokens.
+        n_eval: how many bundled evaluation questions (``None`` = all); stop_at_eos: end a rollout at EOS
+            (right-censored there) or run every rollout to ``w``.
+        batch_size: prompts per rollout forward; fork_batch: forks packed per probe forward.
+        smooth, normalise: spaghetti figure smoothing width and per-trajectory normalisation.
+        true_variants, false_variants: the surface forms of the two answer sets.
+        thresholds: also recompute the table at these pmass thresholds (``None``: not), from the stored pmass.
+    """
+
+    alphas: list[float] = field(default_factory=lambda: list(ALPHAS))
+    w: int = 64
+    fork_step: int | None = 4
+    n_log_forks: int | None = None
+    threshold: float = 0.95
+    splice: str = SPLICE
+    n_eval: int | None = None
+    stop_at_eos: bool = True
+    batch_size: int = 8
+    fork_batch: int = 64
+    smooth: int = 5
+    normalise: bool = False
+    true_variants: list[str] = field(default_factory=lambda: list(DEFAULT_ANSWER_SETS[0].variants))
+    false_variants: list[str] = field(default_factory=lambda: list(DEFAULT_ANSWER_SETS[1].variants))
+    thresholds: list[float] | None = None
+
+    where: ClassVar[str] = "survival"
+
+    def problems(self) -> list[str]:
+        def pos_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+        n_questions = len(load_questions("eval"))
+        checks = [
+            (len(self.alphas) > 0 and all(isinstance(a, (int, float)) and math.isfinite(a) and a >= 0
+                                          for a in self.alphas) and len(set(self.alphas)) == len(self.alphas),
+             f"alphas={self.alphas!r} must be distinct finite numbers >= 0 (multiples of c*)"),
+            (pos_int(self.w), f"w={self.w!r} must be an integer >= 1 (the rollout window in tokens)"),
+            ((self.fork_step is None) != (self.n_log_forks is None),
+             f"give exactly one of fork_step or n_log_forks, got fork_step={self.fork_step!r}, "
+             f"n_log_forks={self.n_log_forks!r}"),
+            (self.fork_step is None or pos_int(self.fork_step), f"fork step={self.fork_step!r} must be an integer > 0"),
+            (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0,
+             f"threshold={self.threshold!r} must be in the open interval (0, 1)"),
+            (isinstance(self.splice, str) and self.splice.strip() != "", f"splice={self.splice!r} must be non-empty"),
+            (self.n_eval is None or (pos_int(self.n_eval) and self.n_eval <= n_questions),
+             f"n_eval={self.n_eval!r} must be None or an integer in [1, {n_questions}] (bundled questions)"),
+            (pos_int(self.batch_size), f"batch_size={self.batch_size!r} must be an integer >= 1"),
+            (pos_int(self.fork_batch), f"fork_batch={self.fork_batch!r} must be an integer >= 1"),
+            (pos_int(self.smooth), f"smooth={self.smooth!r} must be an integer >= 1"),
+        ]  # fmt: skip
+        problems = [msg for ok, msg in checks if not ok]
+        if self.thresholds is not None:
+            try:
+                check_thresholds(self.thresholds)
+            except ValueError as e:
+                problems.append(str(e))
+        if not problems:
+            try:
+                self.fork_points()
+            except ValueError as e:
+                problems.append(str(e))
+        return [*super().problems(), *problems]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # every problem in one ValueError
+        self.alphas = [float(a) for a in self.alphas]
+        self.thresholds = None if self.thresholds is None else check_thresholds(self.thresholds)
+
+    def sweep_config(self) -> SweepConfig:
+        """Just the sweep's fields, as a :class:`SweepConfig` (from a subclass that holds more arguments)."""
+        return SweepConfig(**{f.name: getattr(self, f.name) for f in fields(SweepConfig)})
+
+    def fork_points(self) -> np.ndarray:
+        """The forks: :func:`heal_pl.survival.table.fork_schedule` of ``w`` with ``fork_step`` or ``n_log_forks``."""
+        return fork_schedule(self.w, step=self.fork_step, n_log=self.n_log_forks)
+
+    def answer_sets(self) -> tuple[AnswerSet, AnswerSet]:
+        return AnswerSet("true", tuple(self.true_variants)), AnswerSet("false", tuple(self.false_variants))
