@@ -74,7 +74,7 @@ def _public(version: str) -> str:
 def installed() -> dict[str, str]:
     """``{canonical name: version}`` of this environment, heal_pl itself left out."""
     found = {canonicalize_name(d.metadata["Name"]): _public(d.version) for d in importlib.metadata.distributions()}
-    return {k: v for k, v in sorted(found.items()) if k not in OWN and k not in ("pip", "setuptools", "wheel")}
+    return {k: v for k, v in sorted(found.items()) if k not in OWN and k != "pip"}  # setuptools: torch needs it
 
 
 def read_lock(path: Path) -> dict[str, str]:
