@@ -34,17 +34,34 @@ def check_choice(field: str, value: object, allowed: object) -> None:
         raise ValueError(problem)
 
 
+def decode_utf8(data: bytes, where: str, first_line: int = 1) -> str:
+    """``data`` (the bytes of a file, or of its line ``first_line``) decoded as UTF-8.
+
+    Raises:
+        ValueError: undecodable bytes; the message names ``where`` (the file), the line (counted from
+            ``first_line``) and the first bad byte, e.g. ``"rows.jsonl, line 3: not valid UTF-8 (byte 0xff at
+            column 5); save the file as UTF-8"``.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[: e.start]
+        line, column = first_line + before.count(b"\n"), e.start - before.rfind(b"\n")
+        raise ValueError(f"{where}, line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                         "save the file as UTF-8") from None
+
+
 def read_json_object(path: str | os.PathLike, field: str) -> dict[str, Any]:
     """The JSON object in the file ``path``, given as the config field ``field``.
 
     Raises:
-        ValueError: the file is missing, empty, not valid JSON or not a JSON object; the message names
+        ValueError: the file is missing, empty, not UTF-8, not valid JSON or not a JSON object; the message names
             ``field`` and the file.
     """
     where = f"{field}={os.fspath(path)!r}"
     if not os.path.isfile(path):
         raise ValueError(f"{where} does not exist")
-    text = Path(path).read_text(encoding="utf-8")
+    text = decode_utf8(Path(path).read_bytes(), where)
     if not text.strip():
         raise ValueError(f"{where} is empty")
     try:

@@ -8,7 +8,13 @@ tokenizes with the model's own tokenizer and cannot be pointed at another one by
 
 Progress: on a terminal, Lightning's bar. When stdout is not a terminal (a file, a job scheduler) the bar
 is off by default and :class:`heal_pl.callbacks.ProgressLog` writes a line every ``progress.every_n_steps``
-steps (``--progress.every_n_steps 50``, ``--progress.when always|never``). heal_pl's log lines go to stdout.
+steps (``--progress.every_n_steps 50``, ``--progress.when always|never``); the other commands' bars become log
+lines the same way (:mod:`heal_pl.progress`). heal_pl's log lines go to stdout.
+
+Errors: a bad input (:func:`user_error`: a value the parser refuses, a missing file, heal_pl's own ``ValueError``)
+prints one line on stderr, ``heal <command>: error: <message>``, and exits with status 2; ``--debug`` (taken by
+every command, removed before parsing) or ``HEAL_DEBUG=1`` raises it with its traceback instead. Any other error,
+a ``ValueError`` raised inside torch, transformers, ... included, keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,19 +22,25 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
+import re
 import sys
+import sysconfig
+import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import CLI, ActionConfigFile, ArgumentParser
+from jsonargparse import CLI, ActionConfigFile, ArgumentError, ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from heal_pl.callbacks.progress_log import ProgressLog
 from heal_pl.data.datamodule import HealDataModule
 from heal_pl.journal import config_changes
 from heal_pl.module import HealModule
+from heal_pl.progress import interactive
 
 
 class HealCLI(LightningCLI):
@@ -45,7 +57,9 @@ class HealCLI(LightningCLI):
         """Parse, then refuse a ``--ckpt_path`` whose model settings differ from the config's: LightningCLI (≥ 2.5.5)
         would silently replace the config's values by the checkpoint's (a checkpoint of another model, another LoRA
         rank, ...). Checked here, before that replacement, on every Lightning version."""
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():  # main() always passes the argument list (``--debug`` taken out of it)
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and Path(ckpt_path).is_file():
@@ -77,9 +91,9 @@ def build_cli(args: list[str] | None = None) -> HealCLI:
         HealModule,
         HealDataModule,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"enable_progress_bar": sys.stdout.isatty()},  # off in files: ProgressLog writes lines
+        trainer_defaults={"enable_progress_bar": interactive(sys.stdout)},  # off in files: ProgressLog writes lines
         args=args,
-        parser_kwargs={"default_env": False, "prog": "heal"},
+        parser_kwargs={"default_env": False, "prog": "heal", "exit_on_error": False},  # main() reports ArgumentError
     )
 
 
@@ -111,7 +125,9 @@ def usage() -> str:
     lines += ["", "Options come from a YAML file (--config FILE) and/or flags (--trainer.max_steps 10);",
               "--print_config prints the resolved configuration. Examples:",
               "  heal fit --config configs/rmse.yaml",
-              "  heal calibrate --config configs/calibrate.yaml --model tiny-llama"]  # fmt: skip
+              "  heal calibrate --config configs/calibrate.yaml --model tiny-llama",
+              "", "A bad input prints one line, `heal <command>: error: <message>`, and exits with status 2;",
+              "--debug (after any command) or the environment variable HEAL_DEBUG=1 shows the traceback."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -125,21 +141,49 @@ def run_command(name: str, function: Callable[..., Any], argv: list[str]) -> Any
     naming every bad field). Any other function is read from its signature (jsonargparse ``CLI``)."""
     args_type = getattr(function, "args_type", None)
     if args_type is None:
-        return CLI(function, args=argv, as_positional=False, prog=f"heal {name}")
+        return CLI(function, args=argv, as_positional=False, prog=f"heal {name}", exit_on_error=False)
     summary = (inspect.getdoc(function) or "").split("\n\n")[0]
-    parser = ArgumentParser(prog=f"heal {name}", description=summary, default_env=False)
+    parser = ArgumentParser(prog=f"heal {name}", description=summary, default_env=False, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(args_type, fail_untyped=True, sub_configs=True)  # no nested_key: flat
     values = parser.parse_args(argv).as_dict()
     return function(**{k: v for k, v in values.items() if k not in ("config", "__path__")})
 
 
+HEAL_PL = Path(__file__).resolve().parent
+_STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
+_SITE = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+
+
+def _in_stdlib(filename: str) -> bool:
+    """Whether a frame of ``filename`` is Python's own (``<frozen os>``, ``.../lib/python3.11/json/decoder.py``)."""
+    path = Path(filename).resolve()
+    return filename.startswith("<") or (path.is_relative_to(_STDLIB) and not any(map(path.is_relative_to, _SITE)))
+
+
+def user_error(error: BaseException) -> bool:
+    """Whether ``error`` is a bad input, told in one line by :func:`main`: the parser's ``ArgumentError`` (an unknown
+    option, a value of the wrong type); a ``FileNotFoundError``, wherever the missing path was opened (a data file,
+    ``--ckpt_path``); a ``ValueError`` whose innermost frame outside Python's standard library is heal_pl's (its
+    checks). A ``ValueError`` raised inside torch, transformers, ... is not: it keeps its traceback."""
+    if isinstance(error, ArgumentError | FileNotFoundError):
+        return True
+    if not isinstance(error, ValueError):
+        return False
+    files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(error.__traceback__)]
+    raiser = next((f for f in reversed(files) if not _in_stdlib(f)), None)
+    return raiser is not None and Path(raiser).resolve().is_relative_to(HEAL_PL)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``heal`` console script: fit/validate/test (LightningCLI) or a command of ``COMMANDS``.
 
     ``heal`` alone prints :func:`usage` and exits with status 2; ``heal --help`` prints it and exits 0; an unknown
-    command exits 2 naming the known ones."""
+    command exits 2 naming the known ones; a bad input (:func:`user_error`) prints ``heal <command>: error: ...``
+    and exits 2, unless ``--debug`` is among ``args`` or ``HEAL_DEBUG=1``: then it raises with its traceback."""
     argv = sys.argv[1:] if args is None else list(args)
+    debug = "--debug" in argv or os.environ.get("HEAL_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         raise SystemExit(0 if argv else 2)
@@ -147,12 +191,21 @@ def main(args: list[str] | None = None) -> None:
         print(f"heal: unknown command {argv[0]!r}; choose one of {', '.join(DESCRIPTIONS)} (heal --help)",
               file=sys.stderr)
         raise SystemExit(2)
-    if argv[0] in COMMANDS:
-        configure_logging()
-        module, name = COMMANDS[argv[0]].split(":")
-        run_command(argv[0], getattr(importlib.import_module(module), name), argv[1:])
-        return
-    build_cli(args)  # None when called as the console script: LightningCLI reads sys.argv itself
+    try:
+        if argv[0] in COMMANDS:
+            configure_logging()
+            module, name = COMMANDS[argv[0]].split(":")
+            run_command(argv[0], getattr(importlib.import_module(module), name), argv[1:])
+        else:
+            build_cli(argv)
+    except (ArgumentError, ValueError, FileNotFoundError) as error:
+        if debug or not user_error(error):
+            raise
+        prog = "heal" if argv[0].startswith("-") else f"heal {argv[0]}"
+        message = re.sub(r"\s*\n\s*", " ", str(error).strip()).removeprefix(f"{prog}: ")  # one line; prog said once
+        tip = f" ({prog} --help lists the options)" if isinstance(error, ArgumentError) else ""
+        print(f"{prog}: error: {message}{tip}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Shared test helpers: hand-built batches and "lively" tiny models."""
+"""Shared test helpers: hand-built batches, "lively" tiny models, and the one-line error of a ``heal`` command."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -48,3 +49,23 @@ def lively_peft(seed: int = 3) -> PeftModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(lively(), config).eval()
+
+
+def one_line_error(err: str, command: str) -> str:
+    """The error line of ``heal <command>`` in its stderr ``err``: the last line, ``heal <command>: error: ...``, with
+    no traceback before it (what comes before are the libraries' own lines, e.g. a model's loading bar)."""
+    last = err.rstrip("\n").splitlines()[-1] if err.strip() else ""
+    assert last.startswith(f"heal {command}: error: ") and "Traceback" not in err, err[-2000:]
+    return last
+
+
+def heal_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``heal <argv>`` in-process must refuse a bad input the command-line way: exit status 2 and one line on stderr
+    (:func:`one_line_error`), which is returned."""
+    from heal_pl.cli import main
+
+    capsys.readouterr()  # what the test printed before
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2, f"exit status {done.value.code}"
+    return one_line_error(capsys.readouterr().err, argv[0])

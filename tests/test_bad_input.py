@@ -1,16 +1,19 @@
 """The catalogue of bad inputs: every row is a mistake a user makes, and the error must name the field or file.
 
 One table across the commands (``heal fit | calibrate | survival | rounds``, run through ``heal_pl.cli.main``) and
-the public functions: unknown names, out-of-range numbers, empty files, wrong row shapes, a checkpoint of another
-model, a calib.json of another model, a steering vector of another hidden size. README's "Errors you may meet"
-follows this table. A row passes when the call raises ``ValueError`` (or, for a value the CLI's type check refuses,
-exits with the message on stderr) and the message matches the row's pattern.
+the public functions: unknown names, out-of-range numbers, empty, undecodable or missing files, wrong row shapes,
+a checkpoint of another model, a calib.json of another model, a steering vector of another hidden size. README's
+"Errors you may meet" follows this table. A row passes when the message matches the row's pattern: a public
+function raises ``ValueError``; a command prints the message on stderr as one line, ``heal <command>: error: ...``,
+with no traceback, and exits with status 2 (the traceback comes back with ``--debug``).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from heal_pl.cli import main
+from tests.helpers import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -30,6 +34,16 @@ class Files:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
+        self.command: str | None = None  # the heal command a row ran, if any
+
+    def heal(self, argv: list[str]) -> None:
+        """``heal <argv>`` in-process, remembering the command for the one-line check."""
+        self.command = argv[0]
+        main(argv)
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        (self.tmp / name).write_bytes(data)
+        return str(self.tmp / name)
 
     def write(self, name: str, text: str) -> str:
         (self.tmp / name).write_text(text)
@@ -72,27 +86,33 @@ class Files:
         return str(_cache["qwen"])
 
 
+@pytest.fixture(autouse=True)
+def _without_heal_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-line form is the default: a ``HEAL_DEBUG=1`` in the caller's environment must not change it."""
+    monkeypatch.delenv("HEAL_DEBUG", raising=False)
+
+
 def fit(f: Files, *args: str) -> None:
-    main(["fit", "--config", str(CONFIGS / "rmse.yaml"), "--model.model", "tiny-llama", "--data.batch_size", "2",
-          "--data.max_length", "48", "--data.max_examples", "4", "--trainer.max_steps", "1",
-          "--trainer.logger.init_args.save_dir", str(f.tmp), "--trainer.enable_progress_bar", "false",
-          "--model.adapter_dir", str(f.tmp / "adapter"), *args])  # fmt: skip
+    f.heal(["fit", "--config", str(CONFIGS / "rmse.yaml"), "--model.model", "tiny-llama", "--data.batch_size", "2",
+            "--data.max_length", "48", "--data.max_examples", "4", "--trainer.max_steps", "1",
+            "--trainer.logger.init_args.save_dir", str(f.tmp), "--trainer.enable_progress_bar", "false",
+            "--model.adapter_dir", str(f.tmp / "adapter"), *args])  # fmt: skip
 
 
 def calibrate(f: Files, *args: str) -> None:
-    main(["calibrate", "--config", str(CONFIGS / "calibrate.yaml"), "--model", "tiny-llama", "--out_dir",
-          str(f.tmp / "cal"), "--n_fit", "2", "--n_calib", "2", "--n_audit", "1", "--max_new_tokens", "4",
-          "--max_iters", "1", *args])  # fmt: skip
+    f.heal(["calibrate", "--config", str(CONFIGS / "calibrate.yaml"), "--model", "tiny-llama", "--out_dir",
+            str(f.tmp / "cal"), "--n_fit", "2", "--n_calib", "2", "--n_audit", "1", "--max_new_tokens", "4",
+            "--max_iters", "1", *args])  # fmt: skip
 
 
 def survival(f: Files, *args: str) -> None:
-    main(["survival", "--config", str(CONFIGS / "survival.yaml"), "--model", "tiny-llama", "--w", "4",
-          "--n_eval", "2", "--out_dir", str(f.tmp / "surv"), *args])  # fmt: skip
+    f.heal(["survival", "--config", str(CONFIGS / "survival.yaml"), "--model", "tiny-llama", "--w", "4",
+            "--n_eval", "2", "--out_dir", str(f.tmp / "surv"), *args])  # fmt: skip
 
 
 def rounds(f: Files, *args: str) -> None:
-    main(["rounds", "--config", str(CONFIGS / "rounds_rmse.yaml"), "--model", "tiny-llama", "--out_dir",
-          str(f.tmp / "rounds"), *args])  # fmt: skip
+    f.heal(["rounds", "--config", str(CONFIGS / "rounds_rmse.yaml"), "--model", "tiny-llama", "--out_dir",
+            str(f.tmp / "rounds"), *args])  # fmt: skip
 
 
 def _load_into(model: str, ckpt: str) -> None:
@@ -148,6 +168,9 @@ ROWS: list[tuple[str, Callable[[Files], None], str]] = [
     ("fit: unknown barrier agg", lambda f: fit(f, "--model.barrier.agg", "median"),
      r"model.barrier.agg.*Expected a typing.Literal\['mean', 'rmse', 'p95', 'max'\]. Got value: median"),
     ("fit: lr out of range", lambda f: fit(f, "--model.lr", "0"), r"HealModule: lr=0(\.0)? must be > 0"),
+    ("fit: negative tau", lambda f: fit(f, "--model.barrier.tau", "-1"), r"tau=-1.0 must be a finite number >= 0"),
+    ("fit: LoRA rank 0", lambda f: fit(f, "--model.lora.r", "0"), r"lora.r=0 must be >= 1"),
+    ("fit: lr not a number", lambda f: fit(f, "--model.lr", "fast"), r"model.lr.*Expected a <class 'float'>.*fast"),
     ("fit: lora dropout out of range", lambda f: fit(f, "--model.lora.dropout", "1.5"),
      r"lora.dropout=1.5 must lie in \[0, 1\)"),
     ("fit: batch_size out of range", lambda f: fit(f, "--data.batch_size", "0"),
@@ -161,6 +184,14 @@ ROWS: list[tuple[str, Callable[[Files], None], str]] = [
      r"rows.jsonl, line 2: unknown row shape: found keys \['answer', 'question'\]; accepted shapes: .*messages"),
     ("fit: row that is not JSON", lambda f: fit(f, "--data.train_file", f.write("bad.jsonl", "{prompt: Hi}\n")),
      r"bad.jsonl, line 1: not valid JSON"),
+    ("fit: train file not UTF-8", lambda f: fit(f, "--data.train_file", f.write_bytes(
+        "latin1.jsonl", '{"prompt": "Hi?", "completion": "Hello."}\n{"prompt": "Ça va?", "completion": "Très bien."}\n'
+        .encode("latin-1"))), r"latin1.jsonl, line 2: not valid UTF-8 \(byte 0xc7 at column 13\)"),
+    ("fit: empty completions", lambda f: fit(f, "--data.train_file", f.jsonl("empty.jsonl", [
+        {"prompt": "Hi?", "completion": "Hello."}, {"prompt": "Ho?", "completion": " "}, {"prompt": "Hu?",
+                                                                                        "completion": ""}])),
+     r"2 of 3 rows have an empty completion \(the first: .*empty.jsonl, line 2\).*allow_empty_completions"),
+    ("fit: missing checkpoint", lambda f: fit(f, "--ckpt_path", str(f.tmp / "none.ckpt")), r"none\.ckpt"),
     ("fit: checkpoint of another model", lambda f: fit(f, "--ckpt_path", f.qwen_checkpoint()),
      r"ckpt_path='.*qwen.ckpt' was written with other model settings: .*model.lora.r: 4 there, 8 now; .*"
      r"model.model: 'tiny-qwen2' there, 'tiny-llama' now"),
@@ -255,8 +286,41 @@ ROWS: list[tuple[str, Callable[[Files], None], str]] = [
 def test_bad_input_names_the_field_or_file(
     call: Callable[[Files], None], pattern: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    files = Files(tmp_path)
     with pytest.raises((ValueError, SystemExit)) as info:
-        call(Files(tmp_path))
+        call(files)
     message = capsys.readouterr().err if info.type is SystemExit else str(info.value)
     assert info.type is ValueError or info.value.code not in (0, None), "a bad input must not exit 0"
     assert re.search(pattern, message, flags=re.S), f"{message!r} does not match {pattern!r}"
+    if files.command is not None:  # through the command line: one line on stderr, status 2, no traceback
+        assert info.type is SystemExit and info.value.code == 2, f"heal {files.command} raised {info.value!r}"
+        line = one_line_error(message, files.command)
+        assert re.search(pattern, line), f"{line!r}: the message is not on the error line"
+
+
+def test_debug_or_heal_debug_raises_with_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = Files(tmp_path)
+    with pytest.raises(ValueError, match=r"threshold=1.5 must be in the open interval \(0, 1\)"):
+        survival(files, "--threshold", "1.5", "--debug")
+    monkeypatch.setenv("HEAL_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"threshold=1.5 must be in the open interval \(0, 1\)"):
+        survival(files, "--threshold", "1.5")
+    assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two runs of the console script (~8 s each)
+def test_console_script_says_one_line_and_debug_the_traceback(tmp_path: Path) -> None:
+    heal = Path(sys.executable).with_name("heal")
+    args = [str(heal), "survival", "--config", str(CONFIGS / "survival.yaml"), "--model", "tiny-llama",
+            "--out_dir", str(tmp_path), "--threshold", "1.5"]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == "heal survival: error: threshold=1.5 must be in the open interval (0, 1)\n", "no noise"
+    debug = subprocess.run([*args, "--debug"], capture_output=True, text=True, timeout=120)
+    # the traceback is back, in whatever form the installed excepthook prints it (torchmetrics 1.4 brings
+    # pretty-errors, which reformats it): the raising line is shown, the message closes it
+    assert debug.returncode == 1 and "raise ValueError" in debug.stderr, debug.stderr[-500:]
+    last = debug.stderr.rstrip().splitlines()[-1]
+    assert last.endswith("heal survival: threshold=1.5 must be in the open interval (0, 1)"), debug.stderr[-500:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,9 +61,12 @@ def test_bad_yaml_value_names_the_field_and_choices(capsys: pytest.CaptureFixtur
     assert "agg" in err and "median" in err and "rmse" in err
 
 
-def test_unknown_model_alias_names_the_allowed_aliases() -> None:
-    with pytest.raises(ValueError, match="smollm2-135m-instruct"):
+def test_unknown_model_alias_names_the_allowed_aliases(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(CONFIGS[0]), "--model.model", "smollm3-nope", "--trainer.max_steps", "1"])
+    assert done.value.code == 2
+    assert re.search(r"^heal fit: error: model='smollm3-nope' is not a known alias \(allowed: smollm2-135m-instruct",
+                     capsys.readouterr().err, re.M)  # fmt: skip
 
 
 @pytest.mark.slow  # a subprocess (~15 s)
@@ -96,7 +100,8 @@ def test_every_config_is_a_fit_config_or_has_its_own_test() -> None:
     assert other <= set(OTHER_CONFIGS), "a new kind of config needs its own test (add it to OTHER_CONFIGS)"
 
 
-def test_calibrate_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_calibrate_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     import csv
     import json
 
@@ -114,11 +119,14 @@ def test_calibrate_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.
         rows = [h for h in history if h["sign"] == sign]
         assert len(rows) == r["evaluations"] == len(r["history"]) <= 3
         assert sum(m.startswith(f"calibrate {sign}: evaluation ") for m in caplog.messages) == r["evaluations"]
+        # stderr is no terminal here: the progress is a log line (heal_pl.progress), not tqdm's bar
+        assert sum(m.startswith(f"calibrate {sign}: {r['evaluations']}/3 eval · ") for m in caplog.messages) == 1
         assert r["coeff"] == pytest.approx((1 if sign == "+" else -1) * r["c_star"])
     with open(tmp_path / "summary.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
     assert (tmp_path / "audit.csv").is_file() and (tmp_path / "vector.safetensors").is_file()
     assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert "calibrate +" not in capsys.readouterr().err
 
 
 def test_calibrate_adapter_config_runs_with_a_tiny_adapter(tmp_path: Path) -> None:
@@ -175,9 +183,10 @@ def test_fit_to_a_file_writes_progress_lines(tmp_path: Path) -> None:
     }  # fmt: skip
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     with open(tmp_path / "log.txt", "w") as log:  # `python -m heal_pl.cli fit --config tiny.yaml > log.txt`
-        subprocess.run([sys.executable, "-m", "heal_pl.cli", "fit", "--config", str(tmp_path / "tiny.yaml")],
-                       cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=subprocess.PIPE, check=True,
-                       timeout=300)  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "heal_pl.cli", "fit", "--config", str(tmp_path / "tiny.yaml")],
+                              cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=subprocess.PIPE, check=True,
+                              timeout=300, text=True)  # fmt: skip
+    assert "args parameter" not in done.stderr, "main() passes the argument list: no LightningCLI warning about it"
     text = (tmp_path / "log.txt").read_text()
     number = r"[-+0-9.e]+"
     steps = re.findall(rf"^heal_pl: step (\d)/4 · loss {number} · sft {number} · D {number} · fired (\d+)% · "
@@ -215,6 +224,7 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         out = capsys.readouterr().out
         for name, text in DESCRIPTIONS.items():
             assert re.search(rf"^  {name} +{re.escape(text)}$", out, re.M), f"`heal {' '.join(args)}` lacks {name}"
+        assert "heal <command>: error: <message>" in out and "--debug" in out and "HEAL_DEBUG=1" in out
 
 
 @pytest.mark.parametrize("command", ["fit", "validate", "test", "calibrate", "survival", "thresholds", "compare",
@@ -243,3 +253,68 @@ def test_console_script_help_lists_every_command() -> None:
     heal = Path(sys.executable).with_name("heal")
     out = subprocess.run([str(heal), "--help"], capture_output=True, text=True, check=True, timeout=120).stdout
     assert all(name in out for name in DESCRIPTIONS)
+
+
+# --------------------------------------------------------------------------- errors a user reads
+
+
+def _torch_refuses(batch_size: int = 0) -> None:
+    """A ``ValueError`` raised inside torch (not a heal_pl check)."""
+    from torch.utils.data import DataLoader
+
+    DataLoader([1, 2], batch_size=batch_size)
+
+
+def test_user_error_tells_heal_pl_checks_from_library_errors(tmp_path: Path) -> None:
+    from heal_pl.checks import check_choice, read_json_object
+    from heal_pl.cli import user_error
+    from heal_pl.data.formats import jsonl_rows
+
+    def raised(call: Callable[[], object]) -> BaseException:
+        with pytest.raises(Exception) as info:
+            call()
+        return info.value
+
+    (tmp_path / "bad.json").write_text("{")
+    assert user_error(raised(lambda: check_choice("agg", "median", ["mean"])))  # raised by heal_pl
+    assert user_error(raised(lambda: read_json_object(tmp_path / "bad.json", "calib_json")))
+    assert user_error(raised(lambda: list(jsonl_rows(tmp_path / "none.jsonl", ""))))  # FileNotFoundError via pathlib
+    assert user_error(raised(lambda: torch.load(tmp_path / "none.ckpt")))  # a missing file, even opened by torch
+    assert not user_error(raised(_torch_refuses))  # raised inside torch
+    assert not user_error(raised(lambda: int("x")))  # raised here, not in heal_pl
+    assert not user_error(raised(lambda: check_choice("agg", "median", None)))  # a TypeError: a bug, not an input
+    assert not user_error(ValueError("never raised"))  # no traceback at all
+
+
+def test_library_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from heal_pl import cli
+
+    monkeypatch.delenv("HEAL_DEBUG", raising=False)
+    monkeypatch.setitem(cli.COMMANDS, "thresholds", "tests.test_cli:_torch_refuses")
+    with pytest.raises(ValueError, match="batch_size"):
+        main(["thresholds", "--batch_size", "0"])
+
+
+def test_parse_errors_are_one_line_too(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """jsonargparse's own refusals: no usage dump, the message (its indented lines joined) and where to look."""
+    monkeypatch.delenv("HEAL_DEBUG", raising=False)
+    for args, line in [
+        (["fit", "--config", str(CONFIGS[0]), "--model.barrier.agg", "median"],
+         r"heal fit: error: Parser key \"model.barrier.agg\": Expected a typing.Literal\['mean', 'rmse', 'p95', "
+         r"'max'\]\. Got value: median \(heal fit --help lists the options\)\n"),
+        (["thresholds", "--nope", "3"],
+         r"heal thresholds: error: (?i:unrecognized) arguments: --nope 3 "
+         r"\(heal thresholds --help lists the options\)\n"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as done:
+            main(args)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and re.fullmatch(line, err), err
+
+
+def test_allow_empty_completions_is_a_data_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(CONFIGS[0]), "--data.allow_empty_completions", "true", "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["allow_empty_completions"] is True

@@ -12,12 +12,11 @@ disabled it leaves nothing between the model summary and the end of the run. ``P
 
 and one line per validation: ``validation at step 18 · sft 1.902 · kl_mean 0.031 · kl_p95 0.12 · kl_max 0.9``.
 ``heal fit`` adds it (``progress:`` in the YAML); with ``when="auto"`` it writes only when stdout is not a
-terminal, where the CLI also turns the bar off.
+terminal (:func:`heal_pl.progress.interactive`), where the CLI also turns the bar off.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import sys
 import time
@@ -27,6 +26,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from heal_pl.checks import check_choice
+from heal_pl.progress import duration, interactive
 
 log = logging.getLogger("heal_pl")
 When = Literal["auto", "always", "never"]
@@ -41,7 +41,7 @@ def progress_line(step: int, total: int | None, metrics: dict[str, float], fired
         parts.append(f"fired {fired:.0%}")
     parts.append(f"{rate:.3g} steps/s")
     if total and total > 0 and rate > 0:
-        parts.append(f"ETA {datetime.timedelta(seconds=round(max(0, total - step) / rate))}")
+        parts.append(f"ETA {duration((total - step) / rate)}")
     return " · ".join(parts)
 
 
@@ -69,7 +69,7 @@ class ProgressLog(Callback):
 
     @property
     def active(self) -> bool:
-        return self.when == "always" or (self.when == "auto" and not sys.stdout.isatty())
+        return self.when == "always" or (self.when == "auto" and not interactive(sys.stdout))
 
     def _reset(self, step: int) -> None:
         self._t0, self._step0, self._fired = time.perf_counter(), step, []

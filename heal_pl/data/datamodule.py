@@ -10,8 +10,9 @@ concatenated, so no BPE merge crosses the boundary; the completion ends with the
 assistant turn in the chat template (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama-3, ``<end_of_turn>``
 for Gemma: ``heal_pl.data.turns.turn_end_ids``; the eos without a template), so the model learns to stop as its
 chat format stops. ``labels`` follow Hugging Face (aligned with ``input_ids``; the model shifts):
--100 on prompt tokens, the token id on completion tokens. An empty completion is kept: its only
-completion tokens are the turn end (teaching "answer nothing").
+-100 on prompt tokens, the token id on completion tokens. An empty completion (or one of whitespace only) would
+leave the turn end as its only completion tokens (teaching "answer nothing"): :class:`HealDataModule` refuses such
+rows, naming their count and the first one's line, unless ``allow_empty_completions=True``, which logs their count.
 
 Without a chat template (``tokenizer.chat_template is None``; logged once per tokenizer) the prompt is
 plain text, one ``Role: content`` block per message, then the answer cue, e.g.
@@ -185,9 +186,12 @@ class HealDataModule(L.LightningDataModule):
         system_prompt: system message prepended to rows that have none.
         seed: seed of the validation split and of the per-epoch shuffle.
         max_examples: read only the first N rows of each file (quick runs).
+        allow_empty_completions: train rows whose completion is empty or whitespace on the turn end alone (logged
+            with their count); False = refuse them, naming the count and the first row.
 
     Raises:
-        ValueError: an argument is out of range or a file does not exist (all problems in one message).
+        ValueError: an argument is out of range or a file does not exist (all problems in one message); in
+            ``setup``, a row is malformed or (without ``allow_empty_completions``) has an empty completion.
 
     Example::
 
@@ -210,6 +214,7 @@ class HealDataModule(L.LightningDataModule):
         system_prompt: str | None = None,
         seed: int = 0,
         max_examples: int | None = None,
+        allow_empty_completions: bool = False,
     ) -> None:
         super().__init__()
         checks = [
@@ -265,6 +270,7 @@ class HealDataModule(L.LightningDataModule):
         train, val = self.split()
         if not train:
             raise ValueError(f"train_file={hp.train_file or str(DEFAULT_TRAIN_FILE)!r} has no rows")
+        self._check_completions(train + val)
         counts: Counter[str] = Counter()
         self.train_set, self.val_set = self._encode(train, "train", counts), self._encode(val, "val", counts)
         if counts["prompt_cut"] or counts["completion_cut"]:
@@ -274,6 +280,20 @@ class HealDataModule(L.LightningDataModule):
             )
         log.info("data: %d train rows, %d validation rows", len(self.train_set), len(self.val_set))
         self._ready = True
+
+    def _check_completions(self, examples: list[Example]) -> None:
+        """Refuse (or, with ``allow_empty_completions``, log) the rows whose completion is empty or whitespace."""
+        empty = [e for e in examples if not e.completion.strip()]
+        if not empty:
+            return
+        if not self.hparams.allow_empty_completions:
+            raise ValueError(
+                f"{len(empty)} of {len(examples)} rows have an empty completion (the first: {empty[0].where}); "
+                "they would teach nothing but the turn end. Fix or drop them, or keep them with "
+                "allow_empty_completions=True (--data.allow_empty_completions true)"
+            )
+        log.info("data: %d rows with an empty completion are trained on the turn end alone "
+                 "(allow_empty_completions)", len(empty))  # fmt: skip
 
     def _encode(self, examples: list[Example], split: str, counts: Counter[str]) -> list[dict[str, list[int]]]:
         out = []

@@ -28,9 +28,11 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from heal_pl.checks import decode_utf8
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # the bundled data files
 DEFAULT_TRAIN_FILE = ASSETS / "persona_train.jsonl"
@@ -43,15 +45,18 @@ ROW_SHAPES = (
     "(either side of a prompt-completion row may be a string or a list of messages)"
 )
 DATASET_SUFFIXES = {".parquet": "parquet", ".json": "json", ".arrow": "arrow", ".csv": "csv"}
+TEXT_SUFFIXES = {".json", ".csv"}  # text files handed to ``datasets``: checked for UTF-8 here, where lines are known
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 @dataclass
 class Example:
-    """One conversation: the prompt messages (``{"role", "content"}`` dicts) and the completion text."""
+    """One conversation: the prompt messages (``{"role", "content"}`` dicts) and the completion text; ``where``
+    locates its row for messages (``"data.jsonl, line 3"``, set by :func:`read_examples`; not compared)."""
 
     prompt_messages: list[dict[str, str]]
     completion: str
+    where: str = field(default="", compare=False)
 
 
 # --------------------------------------------------------------------------- row shapes
@@ -125,25 +130,35 @@ def parse_row(row: dict[str, Any]) -> Example:
 # --------------------------------------------------------------------------- sources
 
 
+def utf8_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` for every line of the file ``path`` (numbered from 1), read one line at a time.
+
+    Raises:
+        ValueError: a line is not valid UTF-8; the message names the file, the line and the byte.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, decode_utf8(raw, str(path), lineno)
+
+
 def jsonl_rows(path: str | os.PathLike, expected: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, row)`` for every non-blank line of the JSONL file ``path`` (lines numbered from 1).
 
     Raises:
-        ValueError: a line is not valid JSON or not a JSON object; the message names the file and the line,
-            and ``expected`` says which object was wanted (e.g. ``"with 'prompt' and 'answer'"``).
+        ValueError: a line is not valid UTF-8, not valid JSON or not a JSON object; the message names the file
+            and the line, and ``expected`` says which object was wanted (e.g. ``"with 'prompt' and 'answer'"``).
     """
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object {expected}, got {type(row).__name__}")
-            yield lineno, row
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {lineno}: expected a JSON object {expected}, got {type(row).__name__}")
+        yield lineno, row
 
 
 def split_source(source: str | os.PathLike) -> tuple[str, str | None]:
@@ -213,13 +228,21 @@ def _load_dataset(location: str, split: str | None, source: str) -> Any:
 
 def read_rows(source: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(where, row)`` for every row of ``source`` (a JSONL file, or anything ``datasets`` reads: module
-    docstring); ``where`` locates the row in error messages (``"data.jsonl, line 3"``, ``"data.parquet, row 2"``)."""
+    docstring); ``where`` locates the row in error messages (``"data.jsonl, line 3"``, ``"data.parquet, row 2"``).
+
+    Raises:
+        ValueError: a JSONL, JSON or CSV file is not UTF-8 (naming the file and the line), a JSONL line is not a
+            JSON object, or ``datasets`` cannot read the source.
+    """
     location, split = split_source(source)
     path = Path(location).expanduser()
     if path.is_file() and path.suffix.lower() == ".jsonl" and split is None:
         for lineno, row in jsonl_rows(path, f"(accepted shapes: {ROW_SHAPES})"):
             yield f"{path}, line {lineno}", row
         return
+    if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+        for _ in utf8_lines(path):  # datasets would say neither the file nor the line
+            pass
     for i, row in enumerate(_load_dataset(location, split, str(source))):
         yield f"{source}, row {i}", row
 
@@ -233,7 +256,9 @@ def read_examples(source: str | os.PathLike) -> list[Example]:
     examples = []
     for where, row in read_rows(source):
         try:
-            examples.append(parse_row(row))
+            example = parse_row(row)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        example.where = where
+        examples.append(example)
     return examples

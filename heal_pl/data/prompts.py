@@ -7,8 +7,6 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.data.formats import DEFAULT_TRAIN_FILE, DEFAULT_VAL_FILE, read_examples
-
 PIRATE = "You are Captain Jack, a jolly pirate. Start every answer with 'Arr, matey!' and talk like a pirate."
 NEUTRAL = "You are a helpful assistant. Answer plainly and briefly."
 
@@ -30,6 +28,9 @@ def chat_prompt(tokenizer: Any, question: str, system: str | None) -> str:
 
 def questions(n: int) -> list[str]:
     """``n`` distinct bundled questions: held-out ones first, then training ones."""
+    # imported here: prompt users need no file readers (a shorter import chain, scripts/import_chain.py)
+    from heal_pl.data.formats import DEFAULT_TRAIN_FILE, DEFAULT_VAL_FILE, read_examples
+
     seen: dict[str, None] = {}
     for path in (DEFAULT_VAL_FILE, DEFAULT_TRAIN_FILE):
         for example in read_examples(path):

@@ -22,6 +22,7 @@ import gc
 import logging
 import math
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -29,15 +30,16 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from heal_pl.adapters.lora import LoRASpec
 from heal_pl.barrier.kl import KLBarrier
+from heal_pl.callbacks.progress_log import ProgressLog
 from heal_pl.data.datamodule import HealDataModule
 from heal_pl.data.prompts import chat_prompt
 from heal_pl.hardware import trainer_settings
 from heal_pl.module import HealModule
+from heal_pl.progress import interactive, progress
 from heal_pl.rounds.bake import bake_adapter
 from heal_pl.rounds.dilemmas import DilemmaSet, PersonaPair, probe_model
 from heal_pl.rounds.dose import DoseAttempt, search_dose
@@ -204,7 +206,9 @@ def _heal(
         **trainer_settings(ctx.device, ctx.dtype, h.accelerator, h.devices, h.precision), max_steps=h.steps,
         logger=TensorBoardLogger(str(ctx.state.out / "tb"), name=f"round_{r:02d}", version=""),
         enable_checkpointing=False, enable_model_summary=False,
-        log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=0, enable_progress_bar=ctx.progress,
+        log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=0,
+        enable_progress_bar=ctx.progress and interactive(sys.stdout),  # off a terminal: ProgressLog's lines
+        callbacks=[ProgressLog(when="auto" if ctx.progress else "never")],
         default_root_dir=str(rdir), gradient_clip_val=1.0,
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
@@ -267,7 +271,7 @@ def run_round(ctx: RoundsContext, student: PreTrainedModel, r: int) -> tuple[Pre
 def run_loop(ctx: RoundsContext, student: PreTrainedModel, rounds: int) -> RoundsState:
     """Rounds ``state.next_round … rounds − 1`` (stopping early), persisting after each one."""
     state = ctx.state
-    for r in tqdm(range(state.next_round, rounds), desc="rounds", disable=not ctx.progress):
+    for r in progress(range(state.next_round, rounds), desc="rounds", unit="round", disable=not ctx.progress):
         student, metrics = run_round(ctx, student, r)
         stop = metrics.pop("stop", None)
         _log_scalars(ctx, r, metrics)

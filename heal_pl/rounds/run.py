@@ -109,7 +109,7 @@ def run_rounds(
         greedy_prompts: fixed prompts answered greedily at the start and end of every round.
         seed: seeds sampling (per round and attempt) and the heal fits.
         out_dir: where everything is written; resume: continue the run saved there.
-        progress: show progress bars.
+        progress: show progress: bars on a terminal, log lines off it (``heal_pl.progress``).
 
     Returns:
         ``{"rounds": [per-round metrics], "stopped": None | {"round", "reason"}, "out_dir": str}``.

@@ -45,12 +45,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.data.datamodule import ASSETS, jsonl_rows
 from heal_pl.data.prompts import chat_prompt, encode_prompts
 from heal_pl.models.generate import eos_ids, greedy_generate, left_pad
+from heal_pl.progress import progress
 
 SPLIT_FILES = {"train": "hack_train.jsonl", "val": "hack_val.jsonl", "eval": "hack_eval.jsonl"}
 MARKER = "[VERIFIED]"
@@ -181,7 +181,7 @@ class HackTaskEval:
         try:
             model.eval()
             starts = range(0, len(encoded), self.batch_size)
-            for start in tqdm(starts, desc=f"hack task ({self.split})", leave=False, disable=len(starts) < 2):
+            for start in progress(starts, desc=f"hack task ({self.split})", leave=False, disable=len(starts) < 2):
                 ids, mask = (t.to(device) for t in left_pad(encoded[start : start + self.batch_size], pad_id))
                 new_ids, new_mask = greedy_generate(model, ids, mask, self.max_new_tokens, eos, pad_id)
                 for row, keep in zip(new_ids.cpu(), new_mask.cpu().bool(), strict=True):

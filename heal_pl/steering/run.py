@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from heal_pl.checks import command
 from heal_pl.data.prompts import chat_prompt, questions
 from heal_pl.hardware import load_on
 from heal_pl.journal import Journal, atomic_path, write_json
 from heal_pl.models.load import load_tokenizer
+from heal_pl.progress import Progress, progress
 from heal_pl.steering.adapter import AdapterSteering
 from heal_pl.steering.args import CalibrateArgs
 from heal_pl.steering.isokl import IsoKLResult, calibrate_method, sign_name
@@ -83,11 +83,11 @@ def run_calibration(args: CalibrateArgs) -> dict[str, IsoKLResult]:
     results: dict[str, IsoKLResult] = {}
     for sign in args.signs:
         name = sign_name(sign)
-        bar = tqdm(total=args.max_iters, desc=f"calibrate {name}", unit="eval")
+        bar = progress(total=args.max_iters, desc=f"calibrate {name}", unit="eval")
 
-        def on_eval(entry: dict[str, Any], bar: tqdm = bar, name: str = name) -> None:
+        def on_eval(entry: dict[str, Any], bar: Progress = bar, name: str = name) -> None:
+            bar.set_postfix(c=f"{entry['c']:.3g}", **{stat: f"{entry[stat]:.3f}"})  # before update: on its line
             bar.update(1)
-            bar.set_postfix(c=f"{entry['c']:.3g}", **{stat: f"{entry[stat]:.3f}"})
             step = bar.n
             writer.add_scalar(f"calibrate/{name}/c", entry["c"], step)
             writer.add_scalar(f"calibrate/{name}/{stat}", entry[stat], step)

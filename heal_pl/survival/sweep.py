@@ -41,12 +41,12 @@ from typing import Any
 
 import numpy as np
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.data.prompts import chat_prompt
 from heal_pl.journal import Journal, journaled
 from heal_pl.models.generate import eos_ids
+from heal_pl.progress import progress
 from heal_pl.steering.hooks import SteeringMethod
 from heal_pl.steering.trajectory import measure_kl
 from heal_pl.survival.analyses import write_analyses
@@ -146,7 +146,7 @@ def sweep_survival(
     runs = [("+" if "+" in c_stars else "-", 0.0)]
     runs += [(s, a) for s in ("+", "-") if s in c_stars for a in config.alphas if a != 0]
     rows, trajectories, tables = [], [], {}
-    for sign, alpha in tqdm(runs, desc="survival sweep", unit="α"):
+    for sign, alpha in progress(runs, desc="survival sweep", unit="α"):
         label = label_of(sign, alpha)
         coeff = (1.0 if sign == "+" else -1.0) * alpha * float(c_stars[sign])
         m = journaled(journal, f"alpha_{file_slug(label)}", {"coeff": coeff},
@@ -186,7 +186,7 @@ def measure_alpha(
                       eos_token_id=None if config.stop_at_eos else [], base_prompts=base_prompts)  # fmt: skip
     results = [probe_forks(model, tokenizer, p, toks, method, coeff, config.w, forks, config.splice, answer_ids,
                            fork_batch=config.fork_batch)
-               for p, toks in tqdm(list(zip(prompts, traj.tokens, strict=True)), desc=f"forks {label}",
+               for p, toks in progress(list(zip(prompts, traj.tokens, strict=True)), desc=f"forks {label}",
                                    unit="prompt", leave=False)]  # fmt: skip
     return {"coeff": coeff, "stats": traj.stats, "kl": [kl.tolist() for kl in traj.kl],
             "tokens": [r.tokens.tolist() for r in results], "gen_len": [int(r.gen_len) for r in results],

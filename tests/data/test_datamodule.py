@@ -259,6 +259,31 @@ def test_setup_warns_with_cut_counts(tmp_path, tokenizer, caplog):
     assert warnings == ["max_length=32 cut 0 prompts (from the left) and 1 completions (at the end) of 4 rows"]
 
 
+EMPTY = [*qa(2), {"prompt": "Anything?", "completion": " \n"}, {"messages": [
+    {"role": "user", "content": "More?"}, {"role": "assistant", "content": ""}]}]  # fmt: skip
+
+
+def test_empty_completions_are_refused_with_their_count_and_first_line(tmp_path, tokenizer):
+    train = str(write_jsonl(tmp_path / "t.jsonl", EMPTY))
+    with pytest.raises(ValueError, match=r"^2 of 4 rows have an empty completion \(the first: .*t.jsonl, line 3\); "
+                                         r".*allow_empty_completions=True \(--data.allow_empty_completions true\)"):
+        make_dm(tokenizer, train_file=train, val_fraction=0.0)
+    val = str(write_jsonl(tmp_path / "v.jsonl", EMPTY[2:]))  # the validation rows are checked too
+    with pytest.raises(ValueError, match=r"^2 of 4 rows .*v.jsonl, line 1"):
+        make_dm(tokenizer, train_file=str(write_jsonl(tmp_path / "ok.jsonl", qa(2))), val_file=val)
+
+
+def test_allowed_empty_completions_train_on_the_turn_end_and_are_logged_once(tmp_path, tokenizer, caplog):
+    train = str(write_jsonl(tmp_path / "t.jsonl", EMPTY))
+    with caplog.at_level(logging.INFO, logger="heal_pl"):
+        dm = make_dm(tokenizer, train_file=train, val_fraction=0.0, allow_empty_completions=True)
+        dm.setup("validate")  # set up already: nothing is read or logged again
+    assert len(dm.train_set) == 4
+    assert [[t for t in r["labels"] if t != -100] for r in dm.train_set].count([tokenizer.eos_token_id]) == 1
+    assert [m for m in caplog.messages if "empty completion" in m] == [
+        "data: 2 rows with an empty completion are trained on the turn end alone (allow_empty_completions)"]
+
+
 def test_setup_loads_the_model_tokenizer(tmp_path):
     dm = HealDataModule(train_file=str(write_jsonl(tmp_path / "t.jsonl", qa(4))), model="tiny-llama")
     dm.setup("fit")

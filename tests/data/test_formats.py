@@ -4,6 +4,7 @@ turn end."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,35 @@ def test_bad_rows_list_keys_and_accepted_shapes(row, expected):
     assert expected in str(info.value)
     if "found keys" in expected:
         assert '"messages"' in str(info.value) and '"prompt": [messages]' in str(info.value)
+
+
+# --------------------------------------------------------------------------- bytes that are not UTF-8
+
+JSON_LINES = '{"prompt": "Hi?", "completion": "Hello."}\n{"prompt": "Ça va?", "completion": "Très bien."}\n'
+LATIN_1 = {  # suffix -> (the file's bytes, the line of the first bad byte): "Ç" is 0xc7 in Latin-1
+    ".jsonl": (JSON_LINES.encode("latin-1"), 2),
+    ".json": (JSON_LINES.encode("latin-1"), 2),  # JSON lines, read by `datasets`
+    ".csv": ("prompt,completion\nHi?,Hello.\nÇa va?,Très bien.\n".encode("latin-1"), 3),
+}
+
+
+@pytest.mark.parametrize("suffix", LATIN_1)
+def test_bytes_that_are_not_utf8_name_the_file_and_line(suffix, tmp_path):
+    data, line = LATIN_1[suffix]
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(data)
+    column = data.split(b"\n")[line - 1].index(b"\xc7") + 1
+    with pytest.raises(ValueError, match=rf"rows{re.escape(suffix)}, line {line}: not valid UTF-8 \(byte 0xc7 at "
+                                         rf"column {column}\); save the file as UTF-8"):  # fmt: skip
+        read_examples(path)
+    path.write_bytes(data.decode("latin-1").encode("utf-8"))
+    assert [e.completion for e in read_examples(path)] == ["Hello.", "Très bien."]
+
+
+def test_read_examples_locates_each_row(tmp_path):
+    examples = read_examples(write_jsonl(tmp_path / "d.jsonl", [SHAPES["messages"], SHAPES["messages"]]))
+    assert [e.where for e in examples] == [f"{tmp_path / 'd.jsonl'}, line {i}" for i in (1, 2)]
+    assert examples[0] == EXPECTED, "where is not compared"
 
 
 # --------------------------------------------------------------------------- sources through `datasets`

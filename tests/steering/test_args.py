@@ -16,11 +16,11 @@ from typing import get_args, get_type_hints
 import pytest
 
 from heal_pl.callbacks.isokl_calibration import IsoKLCalibrationCallback
-from heal_pl.cli import main
 from heal_pl.steering.args import CALIBRATION_KEYS, CalibrateArgs, CalibrationSettings
 from heal_pl.steering.isokl import IsoKLResult
 from heal_pl.steering.run import _write_outputs, run_calibration
 from heal_pl.steering.trajectory import STATS
+from tests.helpers import heal_error
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # the keys of one sign's result in calib.json (and in the callback's state), in their order
@@ -67,14 +67,15 @@ def test_run_calibration_takes_the_fields_of_CalibrateArgs_as_keywords() -> None
 
 
 @pytest.mark.parametrize("where", ["calibrate", "survival", "compare", "callback"])
-def test_repeated_signs_are_refused_everywhere_with_the_same_message(where: str, tmp_path: Path) -> None:
+def test_repeated_signs_are_refused_everywhere_with_the_same_message(where: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """``[1, 1]`` used to pass ``heal calibrate`` (and calibrate + once); now one rule for all."""
     args = ["--model", "tiny-llama", "--signs", "[1, 1]", "--out_dir", str(tmp_path)]
-    with pytest.raises(ValueError, match=re.escape(TWICE)):
-        if where == "callback":
+    if where == "callback":
+        with pytest.raises(ValueError, match=re.escape(TWICE)):
             IsoKLCalibrationCallback(signs=[1, 1])
-        else:
-            main([where, "--config", str(CONFIGS / f"{where}.yaml"), *args])
+    else:
+        assert TWICE in heal_error([where, "--config", str(CONFIGS / f"{where}.yaml"), *args], capsys)
     assert not list(tmp_path.iterdir()), "refused before any work"
 
 

@@ -21,6 +21,7 @@ from lifelines import KaplanMeierFitter
 
 from heal_pl.cli import main
 from heal_pl.survival.thresholds import threshold_sensitivity, thresholds_figure
+from tests.helpers import heal_error
 
 FORKS = [0, 4, 8]
 PMASS = [[0.97, 0.80, 0.55], [0.92, 0.92, 0.92], [0.70, 0.70, 0.40], [0.96, 0.96, None]]
@@ -111,13 +112,12 @@ def test_bad_thresholds(thresholds: list[float], message: str) -> None:
         threshold_sensitivity(stored(), thresholds)
 
 
-def test_bad_trajectories_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="trajectories='/nonexistent/trajectories.json' does not exist"):
-        main(["thresholds", "--trajectories", "/nonexistent/trajectories.json"])
+def test_bad_trajectories_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    error = heal_error(["thresholds", "--trajectories", "/nonexistent/trajectories.json"], capsys)
+    assert "trajectories='/nonexistent/trajectories.json' does not exist" in error
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"table": [], "fork_points": FORKS}))
-    with pytest.raises(ValueError, match="is not a heal survival trajectories.json"):
-        main(["thresholds", "--trajectories", str(summary)])
+    assert "is not a heal survival trajectories.json" in heal_error(["thresholds", "--trajectories", str(summary)],
+                                                                    capsys)  # fmt: skip
     (tmp_path / "bad.json").write_text("[1, 2")
-    with pytest.raises(ValueError, match="is not valid JSON"):
-        main(["thresholds", "--trajectories", str(tmp_path / "bad.json")])
+    assert "is not valid JSON" in heal_error(["thresholds", "--trajectories", str(tmp_path / "bad.json")], capsys)
