@@ -2,7 +2,7 @@
 
     python benchmarks/ddp_throughput.py --steps 6 --global-batch 8
 
-Runs `heal fit --config configs/rmse.yaml` twice in subprocesses: one process with batch B and all the
+Runs `heal fit --config rmse` twice in subprocesses: one process with batch B and all the
 machine's threads, then `--trainer.strategy ddp --trainer.devices N` with batch B / N per process and
 threads / N each. Seconds per step are taken from the TensorBoard wall times of `train/loss`
 (the first step, which includes warm-up, is left out).

@@ -5,7 +5,7 @@
 
 Checks, in order (each in its own process, with a time limit, so one failure does not hide the others):
 
-1. ``fit bf16-mixed`` and ``fit 16-mixed``: ``heal fit`` of ``configs/route.yaml`` (routed adapter, routing arm
+1. ``fit bf16-mixed`` and ``fit 16-mixed``: ``heal fit`` of ``heal_pl/configs/route.yaml`` (routed adapter, routing arm
    ``route``) on the GPU. A probe callback placed BEFORE ``RouteAblateEvalCallback`` sees, in the same
    ``on_before_optimizer_step``, exactly the gradients ``route_gradients`` sees; under 16-mixed it asserts that
    the GradScaler has already unscaled them (its optimizer state is ``UNSCALED``) and that their norm is within 8×
@@ -13,7 +13,7 @@ Checks, in order (each in its own process, with a time limit, so one failure doe
 2. ``forks cuda``: fork reads on the rollout cache == the recompute (1e-4) on CUDA in float32 for a tiny Gemma-3
    (sliding window 8) and a tiny Qwen3.5 (linear/full hybrid); bf16 difference reported.
 3. ``calibrate`` and ``survival``: ``heal calibrate`` then ``heal survival`` with ``--device cuda --dtype bfloat16``.
-4. ``fsdp``: ``heal fit --config configs/gpu/fsdp.yaml --trainer.devices 1``.
+4. ``fsdp``: ``heal fit --config gpu/fsdp --trainer.devices 1``.
 5. ``barrier cost`` / ``barrier memory``: ``benchmarks/barrier_cost.py`` and ``barrier_memory.py`` on the GPU.
 
 The model is built here, not downloaded (the GPU machine may have no network): a randomly initialised Llama of
@@ -55,7 +55,7 @@ def build_model(folder: Path, dry: bool) -> None:
 
 
 def fit(model: str, precision: str, out: Path, accelerator: str) -> dict:
-    """``heal fit`` of configs/route.yaml with a gradient probe before the routing callback."""
+    """``heal fit`` of heal_pl/configs/route.yaml with a gradient probe before the routing callback."""
     import lightning as L
     import torch
 
@@ -190,14 +190,14 @@ def main() -> None:
     forks = last_json(run_step("forks == recompute", [py, *base, "--step", "forks"], 180, results, logs))
     cli = [py, "-m", "heal_pl.cli"]
     hw = ["--model", model, "--device", device, "--dtype", "bfloat16"]
-    run_step("calibrate bf16", [*cli, "calibrate", "--config", "configs/calibrate.yaml", *hw, "--n_fit", "8",
+    run_step("calibrate bf16", [*cli, "calibrate", "--config", "heal_pl/configs/calibrate.yaml", *hw, "--n_fit", "8",
                                 "--n_calib", "4", "--n_audit", "4", "--max_iters", "4", "--out_dir",
                                 str(work / "calibrate")], 240, results, logs)  # fmt: skip
-    run_step("survival bf16", [*cli, "survival", "--config", "configs/survival.yaml", *hw, "--calib_json",
+    run_step("survival bf16", [*cli, "survival", "--config", "heal_pl/configs/survival.yaml", *hw, "--calib_json",
                                str(work / "calibrate" / "calib.json"), "--n_eval", "8", "--w", "64", "--alphas",
                                "[0, 1, 4]", "--out_dir", str(work / "survival")], 240, results, logs)  # fmt: skip
     if not dry:
-        run_step("fsdp 1 GPU", [*cli, "fit", "--config", "configs/gpu/fsdp.yaml", "--trainer.devices", "1",
+        run_step("fsdp 1 GPU", [*cli, "fit", "--config", "heal_pl/configs/gpu/fsdp.yaml", "--trainer.devices", "1",
                                 "--model.model", model, "--trainer.max_steps", "6", "--trainer.val_check_interval",
                                 "6", "--trainer.logger.init_args.save_dir", str(work / "fsdp"),
                                 "--trainer.enable_progress_bar", "false"], 240, results, logs)  # fmt: skip

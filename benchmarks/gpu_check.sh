@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # heal_pl's GPU check: heal fit (bf16-mixed and 16-mixed with routing; routing must see unscaled gradients),
 # fast forks == recompute on CUDA, heal calibrate and heal survival on CUDA in bf16, FSDP on one GPU
-# (configs/gpu/fsdp.yaml), the barrier cost / memory benchmarks; one table at the end. Under 8 minutes on one H200.
+# (heal_pl/configs/gpu/fsdp.yaml), the barrier cost / memory benchmarks; one table at the end. Under 8 minutes on one H200.
 #
 #   bash benchmarks/gpu_check.sh --prepare   # HERE (any machine with heal_pl's venv): copy the pure-Python packages
 #                                            # a bare CUDA image may lack into .gpu_site/ (git-ignored)

@@ -4,7 +4,7 @@ Record of the runs: docs/experiments/loop.md.
 
 Data: ``scripts/make_loop_data.py`` appends a 20–42-token loop ("tick tock tick tock ...") to 10 % or 25 % of
 the bundled persona training completions; held-out prompts and completions stay clean. One command per arm
-and seed (each a real ``heal fit`` of SmolLM2-135M-Instruct, configs/rmse.yaml's schedule: batch 8, LoRA r 8,
+and seed (each a real ``heal fit`` of SmolLM2-135M-Instruct, heal_pl/configs/rmse.yaml's schedule: batch 8, LoRA r 8,
 lr 1e-3, 36 steps or ``--steps``; run them one at a time)::
 
     python benchmarks/loop_experiment.py --arm clean --seed 0 --steps 108          # clean-data SFT: sets the taus
@@ -12,7 +12,7 @@ lr 1e-3, 36 steps or ``--steps``; run them one at a time)::
     python benchmarks/loop_experiment.py --arm nll  --share 25 --seed 0 --steps 108
     python benchmarks/loop_experiment.py --arm mean --share 25 --seed 0 --steps 108  # rmse, p95, max; seeds 0 1 2
 
-(36 steps, configs/rmse.yaml's schedule and the default, is under one epoch: SFT does not learn the loop there.)
+(36 steps, heal_pl/configs/rmse.yaml's schedule and the default, is under one epoch: SFT does not learn the loop there.)
     python benchmarks/loop_experiment.py --table                        # the tables, figures, TensorBoard
     python scripts/fill_loop_tables.py                                  # the tables into docs/experiments/loop.md
 
@@ -25,7 +25,7 @@ ran. The seed sets ``seed_everything`` (LoRA init) and the data order.
 Measures, after the last step, on the 40 held-out persona prompts, up to ``MAX_NEW`` new tokens:
 
 - greedy: ``loop_rep`` share whose repetition share (``heal_pl.rounds.filters.repetition_share``) exceeds the
-  rounds filter's ``rep_tau`` (configs/rounds_rmse.yaml); ``loop_inj`` share containing an injected unit three
+  rounds filter's ``rep_tau`` (heal_pl/configs/rounds_rmse.yaml); ``loop_inj`` share containing an injected unit three
   times in a row; ``style`` share with a pirate word (``PIRATE_WORDS``);
 - ``sampled_*``: the same over ``N_SAMPLES`` samples per prompt at temperature 1. A learner that fits 25 % loop
   data exactly still ends greedy answers with EOS (p 0.75 > 0.25) but samples a loop a quarter of the time;
@@ -203,7 +203,7 @@ def main() -> None:
     p.add_argument("--arm", choices=ARMS, help="what to run (omit with --table)")
     p.add_argument("--share", type=int, choices=(10, 25), default=25, help="percent of loop-carrying completions")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=36, help="training steps (36 = configs/rmse.yaml; 108 = 3 epochs)")
+    p.add_argument("--steps", type=int, default=36, help="training steps (36 = heal_pl/configs/rmse.yaml; 108 = 3 epochs)")
     p.add_argument("--m", type=float, default=M, help="matched-tau multiplier of the barrier arms")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "loop_experiment")

@@ -1,6 +1,6 @@
 """Steer → heal rounds with matched barrier taus on the embedded SmolLM2 (record: docs/experiments/rounds.md).
 
-One command per arm and seed, each a real ``heal rounds`` of ``configs/rounds_rmse.yaml`` with only the
+One command per arm and seed, each a real ``heal rounds`` of ``heal_pl/configs/rounds_rmse.yaml`` with only the
 barrier and the seed changed (run them one at a time; ~12–15 min each on 2 cores)::
 
     python benchmarks/rounds_experiment.py --arm nll --seed 0    # lam 0: the heals' own KL; sets the taus

@@ -11,7 +11,7 @@ run it under the shared lock)::
 
 The seed sets ``seed_everything``, the data order (``data.seed``) and the routed adapter's frozen random
 frame (``model.routed.seed``); nothing else in these runs is random. ``vanilla`` / ``erase`` / ``route``
-run ``configs/{vanilla,erase,route}.yaml`` (arms none / erase / route of ``RouteAblateEvalCallback``);
+run ``heal_pl/configs/{vanilla,erase,route}.yaml`` (arms none / erase / route of ``RouteAblateEvalCallback``);
 ``base`` evaluates the untrained model with the same evaluation. Each run
 appends one row to ``<out>/results.jsonl`` (the final evaluation: hack and solve rates with delta_hack kept
 and ablated, on the held-out split) and prints the table of every row so far, averaged over the seeds of

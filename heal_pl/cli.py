@@ -1,10 +1,12 @@
-"""The ``heal`` command: ``heal fit|validate|test --config configs/rmse.yaml`` (LightningCLI), and
+"""The ``heal`` command: ``heal fit|validate|test --config rmse`` (LightningCLI), and
 ``heal calibrate|survival|thresholds|compare|rounds`` (jsonargparse, from each command's typed function).
 
 ``heal`` or ``heal --help`` lists every command with one line each (:data:`DESCRIPTIONS`);
-``heal <command> --help`` gives that command's options. ``main(args)`` takes the argument list, so tests call
-``main(["fit", "--config", path, ...])`` in-process. ``model.model`` is linked to ``data.model``: the data module
-tokenizes with the model's own tokenizer and cannot be pointed at another one by mistake.
+``heal <command> --help`` gives that command's options; ``heal --version`` the version. ``--config`` takes a file or
+the name of a bundled config (``--config rmse``; :mod:`heal_pl.configs`, listed by ``heal configs``).
+``main(args)`` takes the argument list, so tests call ``main(["fit", "--config", path, ...])`` in-process.
+``model.model`` is linked to ``data.model``: the data module tokenizes with the model's own tokenizer and cannot be
+pointed at another one by mistake.
 
 Progress: on a terminal, Lightning's bar. When stdout is not a terminal (a file, a job scheduler) the bar
 is off by default and :class:`heal_pl.callbacks.ProgressLog` writes a line every ``progress.every_n_steps``
@@ -36,7 +38,9 @@ import torch
 from jsonargparse import CLI, ActionConfigFile, ArgumentError, ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from heal_pl import __version__
 from heal_pl.callbacks.progress_log import ProgressLog
+from heal_pl.configs import resolve_config_args
 from heal_pl.data.datamodule import HealDataModule
 from heal_pl.journal import config_changes
 from heal_pl.module import HealModule
@@ -104,6 +108,7 @@ COMMANDS = {  # parsed by jsonargparse from the function's signature: its argume
     "thresholds": "heal_pl.survival.thresholds:run_thresholds",
     "compare": "heal_pl.survival.compare:run_compare",
     "rounds": "heal_pl.rounds.run:run_rounds",
+    "configs": "heal_pl.configs:run_configs",
 }
 DESCRIPTIONS = {  # one line per command, for `heal --help`
     "fit": "train a LoRA student with SFT + the KL barrier (HealModule on HealDataModule)",
@@ -114,6 +119,7 @@ DESCRIPTIONS = {  # one line per command, for `heal --help`
     "thresholds": "a saved survival run's table at other pmass thresholds (no model needed)",
     "compare": "several steering methods at the same KL dose, beside a system-prompt baseline",
     "rounds": "steer -> heal rounds: sample under steering, filter, heal with the barrier, bake, repeat",
+    "configs": "list the bundled configs; --copy NAME writes one into the current folder for editing",
 }
 
 
@@ -122,12 +128,13 @@ def usage() -> str:
     width = max(map(len, DESCRIPTIONS))
     lines = ["usage: heal <command> [options]   (heal <command> --help: that command's options)", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, text in DESCRIPTIONS.items()]
-    lines += ["", "Options come from a YAML file (--config FILE) and/or flags (--trainer.max_steps 10);",
-              "--print_config prints the resolved configuration. Examples:",
-              "  heal fit --config configs/rmse.yaml",
-              "  heal calibrate --config configs/calibrate.yaml --model tiny-llama",
+    lines += ["", "Options come from a YAML file (--config FILE, or the name of a bundled config: heal configs)",
+              "and/or flags (--trainer.max_steps 10); --print_config prints the resolved configuration. Examples:",
+              "  heal fit --config rmse",
+              "  heal calibrate --config calibrate --model tiny-llama",
               "", "A bad input prints one line, `heal <command>: error: <message>`, and exits with status 2;",
-              "--debug (after any command) or the environment variable HEAL_DEBUG=1 shows the traceback."]  # fmt: skip
+              "--debug (after any command) or the environment variable HEAL_DEBUG=1 shows the traceback.",
+              "heal --version prints the version of heal_pl."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -187,11 +194,15 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         raise SystemExit(0 if argv else 2)
+    if argv[0] == "--version":
+        print(f"heal_pl {__version__}")
+        raise SystemExit(0)
     if not argv[0].startswith("-") and argv[0] not in DESCRIPTIONS:
         print(f"heal: unknown command {argv[0]!r}; choose one of {', '.join(DESCRIPTIONS)} (heal --help)",
               file=sys.stderr)
         raise SystemExit(2)
     try:
+        argv = [argv[0], *resolve_config_args(argv[1:])]  # a bundled config's name -> its file
         if argv[0] in COMMANDS:
             configure_logging()
             module, name = COMMANDS[argv[0]].split(":")

@@ -41,6 +41,7 @@ from heal_pl.barrier.panels import DriftPanels, logged_step
 from heal_pl.barrier.ref_cache import RefRowCache, example_keys, ref_fingerprint
 from heal_pl.barrier.shared_prefix import SharedPrefix, first_adapted_block, prefix_dropout
 from heal_pl.checks import choice_problem
+from heal_pl.models.checkpointing import checkpoint_blocks, enable_checkpointing
 from heal_pl.models.lm import LMHead, base_lm, check_head, last_hidden
 from heal_pl.models.load import load_model
 from heal_pl.resume import RNG_KEY, rng_state, set_rng_state
@@ -81,6 +82,9 @@ class HealModule(L.LightningModule):
         ref_cache: keep the ref's hidden rows of every example seen (:mod:`heal_pl.barrier.ref_cache`, exact), so later
             epochs skip the ref's forward; emptied with a log line whenever the ref changes.
         ref_cache_memory_mb: rows kept in memory; beyond, in a memory-mapped file under ``<log_dir>/ref_cache``.
+        gradient_checkpointing: recompute each decoder block in backward instead of keeping its activations
+            (:mod:`heal_pl.models.checkpointing`): activation memory of one block instead of all, for about one more
+            forward of the student; the loss and the gradients are those of a run without it.
 
     Raises:
         ValueError: at ``fit`` start (``setup("fit")``, before any step), ``adapter="routed"`` in a Trainer without a
@@ -115,6 +119,7 @@ class HealModule(L.LightningModule):
         routed: RoutedSpec = RoutedSpec(),  # noqa: B008 (frozen dataclass)
         ref_cache: bool = False,
         ref_cache_memory_mb: int = 2048,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         lora = LoRASpec(**lora) if isinstance(lora, dict) else lora
@@ -152,6 +157,8 @@ class HealModule(L.LightningModule):
                 p.requires_grad_(False)
         else:
             self.student = wrap_lora(load_model(model, dtype=dtype), lora)
+        if gradient_checkpointing:
+            enable_checkpointing(self.student)
         self.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode (see HealModule.train)
         self.head = LMHead(base_lm(self.student))
         check_head(self.student, "HealModule")
@@ -166,11 +173,13 @@ class HealModule(L.LightningModule):
     def train(self, mode: bool = True) -> HealModule:
         """Train/eval switch. In train mode only the adapter's own dropout (``lora.dropout``) is on: the base
         model's dropout (GPT-2's 0.1, ...) stays off in the student as in the ref, so the barrier measures the
-        adapter, not dropout noise (a zero adapter reads KL 0). HF gradient checkpointing, which needs the
-        base in train mode, is not used by heal_pl."""
+        adapter, not dropout noise (a zero adapter reads KL 0). With ``gradient_checkpointing`` the decoder blocks'
+        own flags are on too, and only theirs: transformers recomputes them in backward, their dropout stays off."""
         super().train(mode)
         if mode:
             base_dropout_off(self.student)
+            if self.hparams.gradient_checkpointing:
+                checkpoint_blocks(self.student)
         return self
 
     # ------------------------------------------------------------------ loss
@@ -277,7 +286,7 @@ class HealModule(L.LightningModule):
                     "L.Trainer(callbacks=[RouteAblateEvalCallback(arm='route', pairs='hack_pairs.jsonl')]), or in a "
                     "`heal fit` config an entry under `trainer.callbacks`: `- class_path: "
                     "heal_pl.callbacks.RouteAblateEvalCallback` with `init_args: {arm: route, pairs: hack_pairs.jsonl}`"
-                    " (as in configs/route.yaml; arm: none only measures, arm: erase drops the hack component)"
+                    " (as in heal_pl/configs/route.yaml; arm: none only measures, arm: erase drops the hack component)"
                 )
 
     def on_fit_start(self) -> None:

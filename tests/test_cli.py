@@ -1,4 +1,4 @@
-"""The ``heal`` CLI: every YAML in configs/ runs (tiny model swapped in), bad values name the field."""
+"""The ``heal`` CLI: every bundled config runs (tiny model swapped in) from any folder, bad values name the field."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from heal_pl.adapters.card import read_card
 from heal_pl.cli import build_cli, main
+from heal_pl.configs import FOLDER
 
-ALL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted(FOLDER.glob("*.yaml"))  # the bundled configs (gpu/: tests/test_fsdp_config.py)
 CONFIGS = [p for p in ALL_CONFIGS if "trainer" in yaml.safe_load(p.read_text())]  # `heal fit` configs
 TINY = ["--model.model", "tiny-llama", "--data.batch_size", "2", "--data.max_length", "48"]
 
@@ -26,7 +27,8 @@ def test_there_are_configs() -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_every_config_fits_with_a_tiny_model(config: Path, tmp_path: Path) -> None:
+def test_every_config_fits_with_a_tiny_model(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # outside the repository: bundled data files resolve by name from any folder
     args = [
         "fit", "--config", str(config), *TINY,
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
@@ -70,11 +72,11 @@ def test_unknown_model_alias_names_the_allowed_aliases(capsys: pytest.CaptureFix
 
 
 @pytest.mark.slow  # a subprocess (~15 s)
-def test_console_script_prints_the_config() -> None:
+def test_console_script_prints_a_bundled_config_by_name(tmp_path: Path) -> None:
     heal = Path(sys.executable).with_name("heal")
     out = subprocess.run(
-        [str(heal), "fit", "--config", "configs/rmse.yaml", "--print_config"],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True, timeout=120,
+        [str(heal), "fit", "--config", "rmse", "--print_config"],
+        cwd=tmp_path, capture_output=True, text=True, check=True, timeout=120,
     )  # fmt: skip
     printed = yaml.safe_load(out.stdout)
     assert printed["model"]["barrier"] == {
@@ -239,7 +241,7 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]
 
 def test_unknown_command_names_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
-        main(["calbrate", "--config", "configs/calibrate.yaml"])
+        main(["calbrate", "--config", "heal_pl/configs/calibrate.yaml"])
     assert done.value.code == 2
     assert "unknown command 'calbrate'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:  # predict is not offered: HealModule has no predict_step

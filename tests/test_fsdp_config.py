@@ -1,4 +1,4 @@
-"""configs/gpu/fsdp.yaml: the FSDP recipe for GPU users parses through ``heal`` and builds an FSDPStrategy.
+"""heal_pl/configs/gpu/fsdp.yaml: the FSDP recipe for GPU users parses through ``heal`` and builds an FSDPStrategy.
 
 Lightning refuses FSDPStrategy on a CPU accelerator ("requires a GPU accelerator"), so the recipe is
 checked by parsing, not by running: ``--print_config`` through :func:`heal_pl.cli.build_cli`, and the
@@ -6,8 +6,6 @@ strategy block instantiated by jsonargparse the way LightningCLI does.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import yaml
@@ -18,9 +16,10 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from heal_pl.cli import build_cli
+from heal_pl.configs import FOLDER
 from heal_pl.models.load import load_model
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpu" / "fsdp.yaml"
+CONFIG = FOLDER / "gpu" / "fsdp.yaml"
 
 
 def test_print_config_names_fsdp_strategy(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ Written by ``HealModule`` at the end of ``fit`` into the adapter folder (``<log_
 
     {
       "format": "heal_pl.adapter_card/1",
+      "heal_pl_version": "0.1.0",               # the heal_pl that wrote it
       "base_model": "smollm2-135m-instruct",   # model.model as given (alias, folder or Hub id)
       "adapter": "lora",                        # or "routed"
       "barrier": {"reg": "kl_rev", "agg": "rmse", "tau": 1.0, "lam": 1.0, "lam_round_pow": 0.0, "eps": 1e-08},
@@ -27,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from heal_pl import __version__
 from heal_pl.barrier.kl import KLBarrier
 
 CARD_NAME = "heal_pl.json"
@@ -47,6 +49,7 @@ def write_card(folder: str | os.PathLike, hparams: Mapping[str, Any], final: Map
     lam_eff = spec.lam_eff(hparams["round"]) if spec.active else 0.0
     card = {
         "format": CARD_FORMAT,
+        "heal_pl_version": __version__,
         "base_model": hparams["model"],
         "adapter": hparams["adapter"],
         "barrier": barrier,

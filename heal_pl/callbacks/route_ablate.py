@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from heal_pl.adapters.routed import RoutedAdapter
 from heal_pl.checks import check_choice
-from heal_pl.data.datamodule import ASSETS
+from heal_pl.data.formats import ASSETS, bundled_file
 from heal_pl.routing.basis import HackBasis, fit_basis, read_pairs
 from heal_pl.routing.project import Arm, Gate
 from heal_pl.routing.train import find_routed_adapter, force_zero_hack_decay, route_gradients
@@ -47,9 +47,9 @@ COLUMNS = ("step", "kept_hack", "kept_solve", "ablated_hack", "ablated_solve")
 def resolve_file(path: str, field: str) -> Path:
     """``path`` as given, or a bare name of a bundled file in ``heal_pl/data/assets``; ``ValueError`` naming
     ``field``."""
-    for candidate in (Path(path).expanduser(), ASSETS / path):
-        if candidate.is_file():
-            return candidate
+    found = Path(bundled_file(path)).expanduser()
+    if found.is_file():
+        return found
     raise ValueError(f"{field}={path!r} is not an existing file (nor a bundled one in {ASSETS})")
 
 

@@ -18,6 +18,8 @@ string prompt is one user message, after the optional ``system``. ``content`` mu
 Sources (:func:`read_rows`): a JSONL file (read here, errors name the line); through the Hugging Face
 ``datasets`` library (``pip install heal_pl[data]``), a folder written by ``save_to_disk``, a ``.parquet``,
 ``.json`` (an array or JSON lines), ``.arrow`` or ``.csv`` file, or a dataset name on the Hub (when online).
+A bare file name that is not a file in the current folder names a bundled data file (``hack_train.jsonl``,
+:func:`bundled_file`), so a config reads the same wherever it runs.
 A ``:split`` suffix picks the split (``data/saved:test``, ``trl-lib/Capybara:train``); without one, a
 dataset with several splits gives its ``train`` split.
 """
@@ -161,9 +163,19 @@ def jsonl_rows(path: str | os.PathLike, expected: str) -> Iterator[tuple[int, di
         yield lineno, row
 
 
+def bundled_file(location: str | os.PathLike) -> str:
+    """``location`` when it exists; else the bundled data file of that name (``hack_pairs.jsonl`` ->
+    ``heal_pl/data/assets/hack_pairs.jsonl``) when there is one; else ``location`` as given."""
+    path = Path(location).expanduser()
+    if not path.exists() and path.name == str(location) and (ASSETS / path.name).is_file():
+        return str(ASSETS / path.name)
+    return str(location)
+
+
 def split_source(source: str | os.PathLike) -> tuple[str, str | None]:
-    """``(location, split)``: an existing path is taken whole; otherwise a trailing ``:split`` is the split."""
-    text = str(source)
+    """``(location, split)``: an existing path (or bundled file, :func:`bundled_file`) is taken whole; otherwise a
+    trailing ``:split`` is the split."""
+    text = bundled_file(source)
     if Path(text).expanduser().exists() or ":" not in text:
         return text, None
     location, split = text.rsplit(":", 1)

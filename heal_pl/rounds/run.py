@@ -1,8 +1,8 @@
 """``heal rounds``: the steer → heal loop from a YAML config (docs/maths.md §5; the steps are in
 ``heal_pl.rounds.loop``).
 
-    heal rounds --config configs/rounds_rmse.yaml
-    heal rounds --config configs/rounds_rmse.yaml --resume true      # continue after the last finished round
+    heal rounds --config rounds_rmse
+    heal rounds --config rounds_rmse --resume true      # continue after the last finished round
 
 The signature of :func:`run_rounds` is the YAML schema. Outputs (layout in ``heal_pl.rounds.state``):
 per-round samples with filter scores, adapters, greedy answers and metrics; ``events.jsonl``; TensorBoard

@@ -1,6 +1,6 @@
 """``heal calibrate``: fit a steering vector (or take an adapter), find c* per sign at equal KL dose, audit.
 
-    heal calibrate --config configs/calibrate.yaml
+    heal calibrate --config calibrate
 
 Steps (docs/maths.md §3): (1) contrastive prompts = the same questions under the ``pos_system`` persona and the
 ``neg_system`` prompt; fit ``method`` at ``layers`` on the first ``n_fit`` questions (skipped for

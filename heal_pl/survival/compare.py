@@ -1,6 +1,6 @@
 """``heal compare``: steering methods side by side at the same KL dose, beside simply asking the model.
 
-    heal compare --config configs/compare.yaml
+    heal compare --config compare
 
 Steps:
 

@@ -1,6 +1,6 @@
 """``heal survival``: when does a steering dose crash the model? Survival of forced-choice answers per α.
 
-    heal survival --config configs/survival.yaml
+    heal survival --config survival
 
 Steps: (1) calibrate c* per sign with ``heal calibrate`` (:func:`heal_pl.steering.run.run_calibration`,
 written into ``out_dir/calibrate``) or load an existing ``calib.json`` (its steering vector

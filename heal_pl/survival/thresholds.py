@@ -8,7 +8,7 @@ trajectories (``trajectories.json``, or the sweep's records in memory) this reco
 A lower θ can only delay deaths (pmass < θ' ⇒ pmass < θ for θ' ≤ θ), so ``died`` is non-decreasing in θ.
 
     heal thresholds --trajectories runs/survival/trajectories.json --thresholds "[0.5, 0.75, 0.95]"
-    heal survival --config configs/survival.yaml --thresholds "[0.5, 0.6, 0.75, 0.9, 0.95]"
+    heal survival --config survival --thresholds "[0.5, 0.6, 0.75, 0.9, 0.95]"
 
 Files (:func:`write_thresholds`): ``thresholds.csv`` / ``thresholds.md`` (one row per threshold and label) and
 ``figures/thresholds_<plus|minus>.png`` (one panel per threshold, a Kaplan–Meier curve per α of the sign, α = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +33,7 @@ def test_fit_writes_the_barrier_and_the_final_validation_kl(tmp_path: Path) -> N
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()  # peft's own files are there too
     assert card["barrier"] == asdict(barrier) and card["round"] == 1 and card["lam_eff"] == 4.0
     assert card["base_model"] == "tiny-llama" and card["adapter"] == "lora" and card["trained_steps"] == 3
+    assert card["heal_pl_version"] == importlib.metadata.version("heal_pl")  # the installed heal_pl wrote it
     final = card["final_validation"]
     assert final["step"] == 3
     # the final adapter's KL on the validation batches, from the model's own forward in float64

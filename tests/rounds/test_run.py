@@ -12,13 +12,14 @@ from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from heal_pl.cli import main
+from heal_pl.configs import FOLDER
 from heal_pl.models.load import load_model, tiny_tokenizer
 from heal_pl.rounds.bake import bake_adapter
 from heal_pl.rounds.dilemmas import DEFAULT_DILEMMA_FILE, load_dilemmas, next_token_logits
 from heal_pl.rounds.run import run_rounds
 from tests.helpers import heal_error
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = FOLDER
 TINY = [
     "--model", "tiny-llama", "--n_fit", "3", "--sampling.n_prompts", "4", "--sampling.max_new_tokens", "8",
     "--sampling.batch_size", "4", "--heal.steps", "2", "--heal.batch_size", "2", "--heal.max_length", "64",

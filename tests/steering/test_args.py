@@ -16,13 +16,14 @@ from typing import get_args, get_type_hints
 import pytest
 
 from heal_pl.callbacks.isokl_calibration import IsoKLCalibrationCallback
+from heal_pl.configs import FOLDER
 from heal_pl.steering.args import CALIBRATION_KEYS, CalibrateArgs, CalibrationSettings
 from heal_pl.steering.isokl import IsoKLResult
 from heal_pl.steering.run import _write_outputs, run_calibration
 from heal_pl.steering.trajectory import STATS
 from tests.helpers import heal_error
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = FOLDER
 # the keys of one sign's result in calib.json (and in the callback's state), in their order
 RESULT_KEYS = ["sign", "stat", "target", "c_star", "coeff", "stat_star", "converged", "evaluations", "message",
                "history", "stats_star", "audit", "audit_ratio"]  # fmt: skip

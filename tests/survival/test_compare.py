@@ -1,5 +1,5 @@
-"""``heal compare``: configs/compare.yaml runs on a tiny model; every method sees the same prompts and forks, the
-table is methods × α plus the prompt row, and each number agrees with an independent recomputation.
+"""``heal compare``: heal_pl/configs/compare.yaml runs on a tiny model; every method sees the same prompts and forks,
+the table is methods × α plus the prompt row, and each number agrees with an independent recomputation.
 
 The prompt baseline's KL is recomputed from the model's own forward on the two whole sequences (with and without
 the system prompt) in float64, its probe from full cache-free forwards with the system prompt present, and its
@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import heal_pl.survival.compare
 from heal_pl.cli import main
+from heal_pl.configs import FOLDER
 from heal_pl.data.prompts import PIRATE, chat_prompt
 from heal_pl.models.load import load_model, load_tokenizer
 from heal_pl.steering.prompt_baseline import SystemPrompt
@@ -31,7 +32,7 @@ from heal_pl.survival.run import run_survival
 from tests.steering.test_prompt_baseline import reference
 from tests.survival.test_run import km_reference
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "compare.yaml"
+CONFIG = FOLDER / "compare.yaml"
 SPLICE = "\nSo the answer (true or false) is:"
 METHODS = ["mean_diff", "pca", "directional_ablation"]
 TARGET, TOL = 0.02, 0.004  # a dose the tiny random model reaches (its KL at c = 64 is ≈ 0.03)

@@ -1,4 +1,4 @@
-"""``heal survival``: configs/survival.yaml runs on a tiny model, and its files agree with each other.
+"""``heal survival``: heal_pl/configs/survival.yaml runs on a tiny model, and its files agree with each other.
 
 The Kaplan–Meier check recomputes the table from ``trajectories.csv`` with lifelines directly (not through
 heal_pl.survival.table), so a wrong death time, censoring or written value in either file fails it.
@@ -18,11 +18,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import heal_pl.survival.run
 from heal_pl.cli import main
+from heal_pl.configs import FOLDER
 from heal_pl.survival.config import SweepConfig, load_questions
 from tests.helpers import heal_error
 from tests.survival.test_probes import word_level
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "survival.yaml"
+CONFIG = FOLDER / "survival.yaml"
 CALIB = "{n_fit: 3, n_calib: 2, n_audit: 2, max_new_tokens: 6, max_iters: 3}"
 # the tiny random model puts ≈ 0.009 of its mass on the answers: this threshold gives deaths and survivors
 TINY = ["--model", "tiny-llama", "--w", "9", "--fork_step", "2", "--n_eval", "5", "--alphas", "[0, 1, 4]",
@@ -143,7 +144,7 @@ def test_survival_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.L
     main(["survival", "--config", str(CONFIG), *TINY, "--out_dir", str(again), "--signs", "[-1]",
           "--calib_json", str(out / "calibrate" / "calib.json")])  # fmt: skip
     assert not (again / "calibrate").exists()
-    # configs/survival.yaml's own threshold grid, five thresholds × three labels
+    # heal_pl/configs/survival.yaml's own threshold grid, five thresholds × three labels
     assert [r["threshold"] for r in read_csv(again / "thresholds.csv")] == [t for t in ("0.5", "0.6", "0.75", "0.9",
                                                                                        "0.95") for _ in range(3)]
     table2 = read_csv(again / "survival.csv")
