@@ -30,6 +30,7 @@ from heal_pl.barrier.distributed import gather_tokens
 from heal_pl.barrier.kl import (
     KLBarrier,
     TokenStats,
+    accumulation_note,
     barrier_metrics,
     check_finite,
     counted_positions,
@@ -41,6 +42,7 @@ from heal_pl.barrier.panels import DriftPanels, logged_step
 from heal_pl.barrier.ref_cache import RefRowCache, example_keys, ref_fingerprint
 from heal_pl.barrier.shared_prefix import SharedPrefix, first_adapted_block, prefix_dropout
 from heal_pl.checks import choice_problem
+from heal_pl.hardware import auto_dtype
 from heal_pl.models.checkpointing import checkpoint_blocks, enable_checkpointing
 from heal_pl.models.lm import LMHead, base_lm, check_head, last_hidden
 from heal_pl.models.load import load_model
@@ -63,7 +65,9 @@ class HealModule(L.LightningModule):
     Args:
         model: a model alias (``smollm2-135m-instruct`` — the embedded default —, ``tiny-llama``,
             ``tiny-qwen2``), a local folder, or a Hugging Face id.
-        dtype: dtype the base weights are loaded in (use ``trainer.precision`` for mixed precision).
+        dtype: dtype the frozen base weights are loaded in; ``auto`` = ``bfloat16`` when torch sees a CUDA device,
+            else ``float32`` (:func:`heal_pl.hardware.auto_dtype`). The adapter's weights, their gradients and the
+            optimizer state are float32 whatever it is; ``trainer.precision`` sets the autocast of the forward.
         lora: the adapter (rank, alpha, dropout, target modules, depth range).
         barrier: the KL barrier (reg, agg, tau, lam, lam_round_pow).
         ref: what the barrier leashes to; ``base`` = the model with the adapter off.
@@ -103,7 +107,7 @@ class HealModule(L.LightningModule):
     def __init__(
         self,
         model: str = "smollm2-135m-instruct",
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         lora: LoRASpec = LoRASpec(),  # noqa: B008 (frozen dataclass)
         barrier: KLBarrier = KLBarrier(),  # noqa: B008 (frozen dataclass)
         ref: Literal["base"] = "base",
@@ -150,6 +154,7 @@ class HealModule(L.LightningModule):
         self.hparams.update(lora=asdict(lora), barrier=asdict(barrier), routed=asdict(routed))
         self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks it is complete
         self.barrier, self.lora_spec = barrier, lora
+        dtype = auto_dtype() if dtype == "auto" else dtype
         if adapter == "routed":
             self.student = load_model(model, dtype=dtype)
             self.routed_adapter = wrap_routed(self.student, routed)
@@ -290,6 +295,9 @@ class HealModule(L.LightningModule):
                 )
 
     def on_fit_start(self) -> None:
+        note = accumulation_note(self.trainer.accumulate_grad_batches, self.barrier.agg)
+        if note is not None and self.barrier.active and self.global_rank == 0:
+            log.info(note)
         if self.ref_cache is not None and self.ref_cache.spill_dir is None:
             root = self.trainer.log_dir or self.trainer.default_root_dir
             self.ref_cache.spill_dir = os.path.join(root, "ref_cache", f"rank{self.global_rank}")

@@ -176,6 +176,19 @@ class KLBarrier:
         return BarrierOutput(value, D.detach(), (self.tau < D).float().detach(), lam_eff)
 
 
+def accumulation_note(accumulate_grad_batches: int, agg: Agg) -> str | None:
+    """What gradient accumulation does to the barrier (logged once at fit start), or None without accumulation.
+
+    The barrier is computed per micro-batch: ``agg`` pools the tokens of one micro-batch, and the ``k`` barriers
+    of an accumulated step add up (each scaled by ``1/k``, like the SFT loss). For ``mean`` that is the mean of the
+    micro-batch means; for ``rmse``, ``p95`` and ``max`` it is not the aggregate of the whole accumulated batch
+    (docs/maths.md §1.11)."""
+    if accumulate_grad_batches <= 1:
+        return None
+    return (f"accumulate_grad_batches={accumulate_grad_batches}: the KL barrier ({agg}) is computed per micro-batch "
+            f"and averaged over the {accumulate_grad_batches} micro-batches of a step, not over their pooled tokens")
+
+
 # ----------------------------------------------------------------------------- token selection
 
 

@@ -56,10 +56,15 @@ def example_keys(
     return keys
 
 
-def ref_fingerprint(identity: Hashable, params: Iterable[Tensor]) -> tuple:
-    """``identity`` and a float64 sum of each of the ref's ``params`` (one pass over the weights)."""
+FINGERPRINT_CHUNK = 2**22  # elements summed at once: a float64 copy of 32 MiB at most, never of a whole weight
+
+
+def ref_fingerprint(identity: Hashable, params: Iterable[Tensor], chunk: int = FINGERPRINT_CHUNK) -> tuple:
+    """``identity`` and a float64 sum of each of the ref's ``params`` (one pass over the weights), summed ``chunk``
+    elements at a time: a 128k-262k vocabulary embedding would otherwise be copied whole into float64 (4-5 GB)."""
     with torch.no_grad():
-        sums = tuple(float(p.sum(dtype=torch.float64)) for p in params)
+        sums = tuple(sum(float(c.sum(dtype=torch.float64)) for c in p.detach().reshape(-1).split(chunk))
+                     for p in params)  # fmt: skip
     return (identity, sums)
 
 

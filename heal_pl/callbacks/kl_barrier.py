@@ -26,6 +26,7 @@ logits carry it (the ref never does), so the KL of a zero adapter is then the dr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,6 +40,7 @@ from heal_pl.barrier.distributed import gather_tokens
 from heal_pl.barrier.kl import (
     KLBarrier,
     TokenStats,
+    accumulation_note,
     barrier_metrics,
     check_finite,
     counted_positions,
@@ -51,6 +53,8 @@ from heal_pl.barrier.ref_cache import RefRowCache, example_keys, ref_fingerprint
 from heal_pl.callbacks.state import load_legacy_state
 from heal_pl.callbacks.student_forward import Forward, head_input, logits_of, pick_student
 from heal_pl.models.lm import LMHead, base_lm, check_head
+
+log = logging.getLogger("heal_pl")
 
 
 class KLBarrierCallback(Callback):
@@ -102,6 +106,9 @@ class KLBarrierCallback(Callback):
     # ------------------------------------------------------------------ wiring
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        note = accumulation_note(trainer.accumulate_grad_batches, self.barrier.agg)
+        if stage == "fit" and note is not None and self.barrier.active and trainer.global_rank == 0:
+            log.info(note)
         self._module = pl_module
         self.peft = find_peft_model(pl_module)
         lm = base_lm(self.peft)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -191,3 +192,15 @@ def test_callback_keys_see_every_replayed_argument() -> None:
     positions[1] = positions[1].flip(0)  # another packing of row 1
     packed = example_keys(batch["input_ids"], batch["attention_mask"], batch["labels"], [positions])
     assert with_pos != plain and packed[0] == with_pos[0] and packed[1] != with_pos[1]
+
+
+def test_the_fingerprint_sums_each_weight_in_float64_chunk_by_chunk() -> None:
+    weights = [torch.randn(1000, 37, generator=torch.Generator().manual_seed(0)).bfloat16(), torch.randn(5, 3)]
+    identity, sums = ref_fingerprint("base", weights, chunk=999)  # chunks that cut rows
+    assert identity == "base" and len(sums) == 2
+    for s, w in zip(sums, weights, strict=True):
+        exact = math.fsum(w.double().reshape(-1).tolist())  # every element, in exact arithmetic, rounded once
+        assert abs(s - exact) <= 1e-12 * w.double().abs().sum().item()
+    bumped = weights[0].clone()
+    bumped[999, 0] += 1.0  # one element in the second chunk
+    assert ref_fingerprint("base", [bumped, weights[1]], chunk=999)[1][0] != sums[0]
