@@ -46,6 +46,7 @@ from heal_pl.hardware import auto_dtype
 from heal_pl.models.checkpointing import checkpoint_blocks, enable_checkpointing
 from heal_pl.models.lm import LMHead, base_lm, check_head, last_hidden
 from heal_pl.models.load import load_model
+from heal_pl.models.quantize import check_backend
 from heal_pl.resume import RNG_KEY, rng_state, set_rng_state
 
 log = logging.getLogger("heal_pl")
@@ -89,6 +90,9 @@ class HealModule(L.LightningModule):
         gradient_checkpointing: recompute each decoder block in backward instead of keeping its activations
             (:mod:`heal_pl.models.checkpointing`): activation memory of one block instead of all, for about one more
             forward of the student; the loss and the gradients are those of a run without it.
+        quantize: the frozen base's block weights in 4 bits (``nf4``, ``fp4``) or 8 (``int8``) through bitsandbytes
+            (QLoRA; :mod:`heal_pl.models.quantize`, ``pip install 'heal_pl[quant]'``); the head stays in ``dtype``
+            and the ref is the same quantized base with the adapter off. ``adapter="routed"`` needs ``none``.
 
     Raises:
         ValueError: at ``fit`` start (``setup("fit")``, before any step), ``adapter="routed"`` in a Trainer without a
@@ -124,6 +128,7 @@ class HealModule(L.LightningModule):
         ref_cache: bool = False,
         ref_cache_memory_mb: int = 2048,
         gradient_checkpointing: bool = False,
+        quantize: Literal["none", "nf4", "fp4", "int8"] = "none",
     ) -> None:
         super().__init__()
         lora = LoRASpec(**lora) if isinstance(lora, dict) else lora
@@ -145,6 +150,9 @@ class HealModule(L.LightningModule):
         ]
         problems += [p for p in (choice_problem("ref", ref, ("base",)),
                                  choice_problem("adapter", adapter, ("lora", "routed"))) if p]  # fmt: skip
+        if adapter == "routed" and quantize != "none":
+            problems.append(f"quantize={quantize!r} needs adapter='lora' (the routed adapter's fixed A is fitted "
+                            "on the unquantized base weight); use quantize: none")
         if adapter == "routed" and spectral_lam > 0:
             problems.append(f"spectral_lam={spectral_lam} needs adapter='lora' (no spectral penalty on routed knobs)")
         if problems:
@@ -155,13 +163,14 @@ class HealModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks it is complete
         self.barrier, self.lora_spec = barrier, lora
         dtype = auto_dtype() if dtype == "auto" else dtype
+        check_backend(quantize)  # before any weight is read
         if adapter == "routed":
             self.student = load_model(model, dtype=dtype)
             self.routed_adapter = wrap_routed(self.student, routed)
             for p in self.routed_adapter.hack_params():  # no autograd work: the router hands it its gradient
                 p.requires_grad_(False)
         else:
-            self.student = wrap_lora(load_model(model, dtype=dtype), lora)
+            self.student = wrap_lora(load_model(model, dtype=dtype, quantize=quantize), lora)
         if gradient_checkpointing:
             enable_checkpointing(self.student)
         self.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode (see HealModule.train)

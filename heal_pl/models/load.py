@@ -47,6 +47,7 @@ from transformers import (
 
 from heal_pl.models import embedded
 from heal_pl.models.families import FAMILIES, Family, tiny_config
+from heal_pl.models.quantize import Quantize, keep_training_layout, quantization_kwargs
 
 logger = logging.getLogger("heal_pl")
 
@@ -303,9 +304,15 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 def load_model(
-    name: str, dtype: Dtype = "float32", cache_dir: str | os.PathLike | None = None
+    name: str, dtype: Dtype = "float32", cache_dir: str | os.PathLike | None = None, quantize: Quantize = "none"
 ) -> PreTrainedModel:
-    """``AutoModelForCausalLM`` for ``name`` in ``dtype`` (a string: float32, bfloat16, float16)."""
+    """``AutoModelForCausalLM`` for ``name`` in ``dtype`` (a string: float32, bfloat16, float16), its blocks' linear
+    weights quantized by bitsandbytes unless ``quantize="none"`` (:mod:`heal_pl.models.quantize`; the backend is
+    checked before anything is read)."""
     if dtype not in _TORCH_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported (allowed: {', '.join(get_args(Dtype))})")
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name, cache_dir), dtype=_TORCH_DTYPES[dtype])
+    extra = quantization_kwargs(quantize, _TORCH_DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name, cache_dir), dtype=_TORCH_DTYPES[dtype], **extra)
+    if extra:
+        keep_training_layout(model)
+    return model
