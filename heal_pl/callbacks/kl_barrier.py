@@ -106,7 +106,7 @@ class KLBarrierCallback(Callback):
     # ------------------------------------------------------------------ wiring
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        note = accumulation_note(trainer.accumulate_grad_batches, self.barrier.agg)
+        note = accumulation_note(getattr(trainer, "accumulate_grad_batches", 1), self.barrier.agg)
         if stage == "fit" and note is not None and self.barrier.active and trainer.global_rank == 0:
             log.info(note)
         self._module = pl_module
