@@ -19,11 +19,12 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from heal_pl.adapters.card import final_validation, write_card
-from heal_pl.adapters.lora import LoRASpec, spectral_norms, wrap_lora
+from heal_pl.adapters.lora import LoRASpec, save_lora, spectral_norms, wrap_lora
 from heal_pl.adapters.routed import RoutedSpec, hack_decay_groups, wrap_routed
 from heal_pl.adapters.switch import base_dropout_off, ref_rows
 from heal_pl.barrier.distributed import gather_tokens
@@ -44,10 +45,11 @@ from heal_pl.barrier.shared_prefix import SharedPrefix, first_adapted_block, pre
 from heal_pl.checks import choice_problem
 from heal_pl.hardware import auto_dtype
 from heal_pl.models.checkpointing import checkpoint_blocks, enable_checkpointing
+from heal_pl.models.fsdp import adapter_tensors, gathered_root, is_sharded
 from heal_pl.models.lm import LMHead, base_lm, check_head, last_hidden
 from heal_pl.models.load import load_model
 from heal_pl.models.quantize import check_backend
-from heal_pl.resume import RNG_KEY, rng_state, set_rng_state
+from heal_pl.resume import AdapterCheckpoint
 
 log = logging.getLogger("heal_pl")
 
@@ -60,7 +62,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class HealModule(L.LightningModule):
+class HealModule(AdapterCheckpoint, L.LightningModule):
     """SFT + KL barrier on a peft LoRA student of a Hugging Face causal LM.
 
     Args:
@@ -105,7 +107,7 @@ class HealModule(L.LightningModule):
         ...                     enable_model_summary=False)
         >>> trainer.fit(module, HealDataModule(model="tiny-llama", batch_size=2, max_examples=8))
         >>> trainer.global_step, sorted(os.listdir("adapter"))  # the final adapter, in peft's format
-        (2, ['README.md', 'adapter_config.json', 'adapter_model.safetensors', 'heal_pl.json'])
+        (2, ['adapter_config.json', 'adapter_model.safetensors', 'heal_pl.json'])
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class HealModule(L.LightningModule):
         self.final_validation: dict[str, float | int] | None = None
         self.ref_cache = RefRowCache(ref_cache_memory_mb * 2**20) if ref_cache else None
         self.shared_prefix = self._shared_prefix()
+        self.record_adapter_shapes()  # the shapes a resumed checkpoint must have (heal_pl.resume.AdapterCheckpoint)
 
     def train(self, mode: bool = True) -> HealModule:
         """Train/eval switch. In train mode only the adapter's own dropout (``lora.dropout``) is on: the base
@@ -290,6 +293,13 @@ class HealModule(L.LightningModule):
         self.ref_cache.check(ref_fingerprint(("adapter_off", id(self.student)), base))
 
     def setup(self, stage: str) -> None:
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            hp = self.hparams
+            refused = [f for f, on in (("adapter='routed'", hp.adapter == "routed"),
+                                       (f"spectral_lam={hp.spectral_lam}", hp.spectral_lam > 0)) if on]  # fmt: skip
+            if refused:
+                raise ValueError(f"{' and '.join(refused)} cannot run under FSDPStrategy (they read whole adapter "
+                                 "weights outside the blocks' forward); use DDP, or adapter: lora / spectral_lam: 0")
         if stage == "fit" and self.hparams.adapter == "routed":
             from heal_pl.callbacks.route_ablate import RouteAblateEvalCallback
 
@@ -339,7 +349,8 @@ class HealModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in self.val_kl.compute().items()}, sync_dist=True)
         self.val_kl.reset()
         if self.barrier.active and not self.trainer.sanity_checking:
-            self.drift.log(self.trainer, self.student, self.__dict__.get("_ref_model"))
+            with gathered_root(self.trainer.strategy.model):  # FSDP: the panels' forwards run outside the step
+                self.drift.log(self.trainer, self.student, self.__dict__.get("_ref_model"))
         self.drift.reset()
 
     def on_validation_end(self) -> None:
@@ -368,41 +379,11 @@ class HealModule(L.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # ------------------------------------------------------------------ adapter-only checkpoints
-
-    def trainable_names(self) -> set[str]:
-        hack = {id(p) for p in self.routed_adapter.hack_params()} if self.hparams.adapter == "routed" else set()
-        return {n for n, p in self.named_parameters() if p.requires_grad or id(p) in hack}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self.trainable_names()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint[RNG_KEY] = rng_state()  # the dropout masks of the steps after a resume (heal_pl.resume)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        source = f"checkpoint {self.trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
-        trained_on = checkpoint.get("hyper_parameters", {}).get("model", self.hparams.model)
-        if trained_on != self.hparams.model:
-            raise ValueError(f"{source} was trained with model={trained_on!r}, but this run has "
-                             f"model={self.hparams.model!r}")  # fmt: skip
-        missing = self.trainable_names() - set(checkpoint["state_dict"])
-        if missing:
-            raise KeyError(f"{source} lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
-        shapes = {k: tuple(p.shape) for k, p in self.named_parameters()}
-        wrong = [f"{k} is {tuple(v.shape)} there, {shapes[k]} here"
-                 for k, v in checkpoint["state_dict"].items() if shapes.get(k, tuple(v.shape)) != tuple(v.shape)]
-        if wrong:
-            raise ValueError(f"{source} holds an adapter of another shape (model.lora / model.routed differ?): "
-                             f"{wrong[0]} ({len(wrong)} tensors differ)")  # fmt: skip
-        self.__dict__["_resume_rng"] = checkpoint.get(RNG_KEY)  # put back before the next train batch
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if (state := self.__dict__.pop("_resume_rng", None)) is not None:
-            set_rng_state(state)
-
     def on_train_end(self) -> None:
         root = self.trainer.log_dir or self.trainer.default_root_dir  # log_dir is a collective under DDP
         path = self.hparams.adapter_dir or os.path.join(root, "adapter")
+        model = self.trainer.strategy.model
+        tensors = adapter_tensors(model if is_sharded(model) else self, self.trainable_names())  # FSDP: collective
         if not self.trainer.is_global_zero:
             return
         if self.hparams.adapter == "routed":
@@ -410,6 +391,6 @@ class HealModule(L.LightningModule):
             self.routed_adapter.save(os.path.join(path, "routed.safetensors"))
             rank_zero_info(f"heal_pl: routed adapter saved to {path}/routed.safetensors")
         else:
-            self.student.save_pretrained(path)
+            save_lora(self.student, {k.removeprefix("student."): v for k, v in tensors.items()}, path)
             rank_zero_info(f"heal_pl: adapter saved in peft format to {path}")
         write_card(path, self.hparams, self.final_validation, self.global_step)  # heal_pl.json: barrier, final KL

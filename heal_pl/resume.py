@@ -15,6 +15,9 @@ iteration from its first batch. Two more things decide the rest of the run:
 
 One device only: under DDP Lightning wraps the sampler in its own distributed sampler, and a mid-epoch
 position is then not restored (a warning says so; the epoch restarts).
+
+:class:`AdapterCheckpoint` is the part a LightningModule carries: its checkpoints hold the adapter alone (the frozen
+base is the model's own files), checked on load against the adapter it built, under FSDP too.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from heal_pl.models.fsdp import clean_name
 
 RNG_KEY = "heal_pl_rng"
 log = logging.getLogger("heal_pl")
@@ -91,3 +96,48 @@ def resume_point(state: dict[str, int], settings: dict[str, int], world_size: in
     # Lightning warns that a plain DataLoader cannot resume mid-epoch; this one does (the sampler skips)
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     return state["epoch"], state["batches_done"] * state["batch_size"]
+
+
+class AdapterCheckpoint:
+    """Adapter-only checkpoints for a LightningModule with a frozen base (mixed into ``HealModule``).
+
+    ``on_save_checkpoint`` keeps the :meth:`trainable_names` entries of the state dict (and the RNG state);
+    ``on_load_checkpoint`` refuses a checkpoint of another model, one that lacks an adapter tensor, or one of other
+    shapes, against the shapes recorded by :meth:`record_adapter_shapes` before any sharding. Names are those of a
+    state dict: FSDP's wrapper segments dropped (:func:`heal_pl.models.fsdp.clean_name`).
+    """
+
+    def trainable_names(self) -> set[str]:
+        """The adapter's parameter names: the trainable ones, and a routed adapter's ``delta_hack``."""
+        routed = getattr(self, "routed_adapter", None)
+        hack = {id(p) for p in routed.hack_params()} if routed is not None else set()
+        return {clean_name(n) for n, p in self.named_parameters() if p.requires_grad or id(p) in hack}
+
+    def record_adapter_shapes(self) -> None:
+        self.__dict__["_adapter_shapes"] = {clean_name(n): tuple(p.shape) for n, p in self.named_parameters()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[RNG_KEY] = rng_state()  # the dropout masks of the steps after a resume
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        source = f"checkpoint {self.trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
+        trained_on = checkpoint.get("hyper_parameters", {}).get("model", self.hparams.model)
+        if trained_on != self.hparams.model:
+            raise ValueError(f"{source} was trained with model={trained_on!r}, but this run has "
+                             f"model={self.hparams.model!r}")  # fmt: skip
+        missing = self.trainable_names() - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"{source} lacks {len(missing)} adapter tensors, e.g. {sorted(missing)[:3]}")
+        shapes = self.__dict__["_adapter_shapes"]
+        wrong = [f"{k} is {tuple(v.shape)} there, {shapes[k]} here"
+                 for k, v in checkpoint["state_dict"].items() if shapes.get(k, tuple(v.shape)) != tuple(v.shape)]
+        if wrong:
+            raise ValueError(f"{source} holds an adapter of another shape (model.lora / model.routed differ?): "
+                             f"{wrong[0]} ({len(wrong)} tensors differ)")  # fmt: skip
+        self.__dict__["_resume_rng"] = checkpoint.get(RNG_KEY)  # put back before the next train batch
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if (state := self.__dict__.pop("_resume_rng", None)) is not None:
+            set_rng_state(state)

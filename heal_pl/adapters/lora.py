@@ -7,11 +7,13 @@ the base. The base ("ref") is the same model with the adapter switched off (``he
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -112,3 +114,18 @@ def spectral_norms(model: PeftModel, n_iter: int = 8) -> Tensor:
     if not sigmas:
         raise ValueError("spectral penalty: the model has no LoRA layers")
     return torch.stack(sigmas)
+
+
+def save_lora(model: PeftModel, tensors: dict[str, Tensor], folder: str | os.PathLike) -> None:
+    """Write ``folder`` in peft's format (``adapter_config.json``, ``adapter_model.safetensors``; load it with
+    ``PeftModel.from_pretrained``) from the adapter ``tensors`` keyed as in ``model.state_dict()``.
+
+    The model itself is never read: under FSDP its modules are wrapped (peft's own ``save_pretrained`` finds no
+    adapter there) and its weights sharded; the caller gathers ``tensors``
+    (:func:`heal_pl.models.fsdp.adapter_tensors`).
+    """
+    name = model.active_adapter
+    weights = {k.replace(f".{name}.", "."): v.detach().cpu().contiguous() for k, v in tensors.items()}
+    os.makedirs(folder, exist_ok=True)
+    model.peft_config[name].save_pretrained(folder)
+    save_file(weights, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})

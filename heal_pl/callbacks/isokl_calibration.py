@@ -30,6 +30,7 @@ summary table is ``callback.survival_table``.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from heal_pl.adapters.switch import find_peft_model
 from heal_pl.callbacks.state import load_legacy_state
 from heal_pl.checks import choice_problem, int_problem
 from heal_pl.data.prompts import chat_prompt, questions
+from heal_pl.models.fsdp import gathered_root
 from heal_pl.steering.adapter import AdapterSteering
 from heal_pl.steering.args import bracket_problem, positive_problem, signs_problem
 from heal_pl.steering.isokl import IsoKLResult, calibrate_method, sign_name
@@ -157,12 +159,11 @@ class IsoKLCalibrationCallback(Callback):
         if trainer.sanity_checking or self.every_n_val_epochs is None:
             return
         self.val_epochs += 1
-        if self.val_epochs % self.every_n_val_epochs == 0 and trainer.is_global_zero:
+        if self.val_epochs % self.every_n_val_epochs == 0:
             self.run(trainer, pl_module, f"validation epoch {self.val_epochs}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.run(trainer, pl_module, "end of training")
+        self.run(trainer, pl_module, "end of training")
 
     # ------------------------------------------------------------------ the calibration
 
@@ -222,7 +223,10 @@ class IsoKLCalibrationCallback(Callback):
         out = (root if self.survival_dir else root / "survival") / f"step_{trainer.global_step}"
         tb = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         ids = answer_token_ids(tokenizer, self.survival.answer_sets())
-        with _evaluating(pl_module):
+        scratch = contextlib.nullcontext() if trainer.is_global_zero else tempfile.TemporaryDirectory()
+        with _evaluating(pl_module), scratch as elsewhere:  # the other ranks run the same sweep, writing nothing kept
+            if elsewhere is not None:
+                out, tb = Path(elsewhere), None
             summary = sweep_survival(
                 peft_model, tokenizer, AdapterSteering(peft_model), {n: r.c_star for n, r in self.results.items()},
                 self.survival, ids, out, kl_target=self.target, writer=tb, tag_prefix=f"{self.prefix}survival/",
@@ -236,7 +240,14 @@ class IsoKLCalibrationCallback(Callback):
                 for key, value in r.scalars().items()}  # fmt: skip
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str = "") -> dict[str, IsoKLResult]:
-        """Calibrate now, keep the results, log them to every logger of ``trainer`` at its global step."""
+        """Calibrate now, keep the results, log them to every logger of ``trainer`` at its global step.
+
+        Every rank runs it (the same forwards: nobody waits at the next collective under DDP, and FSDP's
+        gathers stay in step, with the root unit gathered); only rank 0 logs and writes files."""
+        with gathered_root(trainer.strategy.model):
+            return self._run(trainer, pl_module, when)
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> dict[str, IsoKLResult]:
         self.results = self.calibrate(pl_module, self.tokenizer(trainer, pl_module))
         self.calibrations += 1
         metrics = self.metrics()

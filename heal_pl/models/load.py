@@ -230,8 +230,13 @@ def _materialise(alias: str, target: Path) -> None:
             model, tok, special = embedded.convert()
         else:
             model, tok = tiny_model(alias.removeprefix("tiny-")), tiny_tokenizer()  # type: ignore[arg-type]
+        # transformers >= 5.2x writes weights on torch.distributed's rank 0 only; this cache is per process (each
+        # rank of a torchrun job may build it), so every process writes its own copy
+        model.should_save_on_this_rank = lambda is_main_process: True
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if not _is_complete(tmp):
+            raise RuntimeError(f"building {alias}: save_pretrained wrote only {sorted(os.listdir(tmp))} in {tmp}")
         if alias == SMOLLM2:
             embedded.check_saved(tmp, special)  # loads it back, checks the tokens, writes the manifest
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
