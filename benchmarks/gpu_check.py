@@ -13,8 +13,16 @@ Checks, in order (each in its own process, with a time limit, so one failure doe
 2. ``forks cuda``: fork reads on the rollout cache == the recompute (1e-4) on CUDA in float32 for a tiny Gemma-3
    (sliding window 8) and a tiny Qwen3.5 (linear/full hybrid); bf16 difference reported.
 3. ``calibrate`` and ``survival``: ``heal calibrate`` then ``heal survival`` with ``--device cuda --dtype bfloat16``.
-4. ``fsdp``: ``heal fit --config gpu/fsdp --trainer.devices 1``.
+4. ``fsdp``: ``heal fit --config gpu/fsdp --trainer.devices 1`` (``--trainer.devices 2`` and more when the
+   machine has them: the sharded run that one device, NO_SHARD, cannot stand for).
 5. ``barrier cost`` / ``barrier memory``: ``benchmarks/barrier_cost.py`` and ``barrier_memory.py`` on the GPU.
+6. ``8B bf16`` / ``8B nf4``: ``benchmarks/scale_step.py`` at Llama-3-8B's shape (random, built here), batch 8 x 2048,
+   checkpointing on: one step of SFT and of SFT + rmse barrier, peak memory and step time (``--only scale`` runs
+   just these; ``--only base`` all the others).
+
+Each row is printed as its step finishes (a step cut by the time budget still leaves the rows before it), and the
+whole table again at the end. ``--budget`` (seconds, default 540) bounds the whole check: a step's time limit is
+its own or what is left of the budget, whichever is smaller.
 
 The model is built here, not downloaded (the GPU machine may have no network): a randomly initialised Llama of
 SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads / 3 KV heads, MLP 1536, tied head) with heal_pl's tiny
@@ -76,10 +84,11 @@ def fit(model: str, precision: str, out: Path, accelerator: str) -> dict:
                 entry["stage"] = scaler._per_optimizer_states[id(optimizer)]["stage"].name
             seen.append(entry)
 
-    args = ["--config", str(ROOT / "configs" / "route.yaml"), "--model.model", model, "--trainer.accelerator",
-            accelerator, "--trainer.devices", "1", "--trainer.precision", precision, "--trainer.max_steps", "6",
-            "--trainer.val_check_interval", "6", "--trainer.logger.init_args.save_dir", str(out),
-            "--trainer.enable_progress_bar", "false", "--data.batch_size", "8"]  # fmt: skip
+    args = ["--config", str(ROOT / "heal_pl" / "configs" / "route.yaml"), "--model.model", model,
+            "--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.precision", precision,
+            "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
+            "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false",
+            "--data.batch_size", "8"]  # fmt: skip
     cli = HealCLI(HealModule, HealDataModule, args=args, run=False, save_config_kwargs={"overwrite": True},
                   parser_kwargs={"default_env": False})  # fmt: skip
     route = next(i for i, c in enumerate(cli.trainer.callbacks) if type(c).__name__ == "RouteAblateEvalCallback")
@@ -118,8 +127,16 @@ def forks_cuda(device: str) -> dict:
     return out
 
 
+DEADLINE = [float("inf")]  # perf_counter() time by which the whole check must be done (--budget)
+
+
 def run_step(name: str, cmd: list[str], limit: float, results: list, logs: Path) -> str:
     t0 = time.perf_counter()
+    limit = min(limit, DEADLINE[0] - t0)
+    if limit < 20:
+        results.append({"check": name, "status": "SKIPPED (budget spent)", "seconds": 0.0, "out": ""})
+        print(f"| {name} | SKIPPED (budget spent) | 0 | |", flush=True)
+        return ""
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=ROOT)
         status = "ok" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
@@ -131,6 +148,7 @@ def run_step(name: str, cmd: list[str], limit: float, results: list, logs: Path)
     if status != "ok":
         print(f"--- {name}: {status}; last lines:\n" + "\n".join(str(text).splitlines()[-25:]), flush=True)
     results.append({"check": name, "status": status, "seconds": round(seconds, 1), "out": str(text)})
+    print(f"| {name} | {status} | {seconds:.0f} | {table_lines(str(text))[:300]} |", flush=True)  # now, in case
     return str(text)
 
 
@@ -147,6 +165,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="run on the CPU with tiny sizes (no 16-mixed, no FSDP)")
     p.add_argument("--work", default=os.environ.get("GPU_CHECK_WORK", "/tmp/heal_gpu_check"))
+    p.add_argument("--only", choices=["all", "base", "scale"], default="all", help="which steps (module docstring)")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole check")
     p.add_argument("--step", help=argparse.SUPPRESS)
     p.add_argument("--precision", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -170,8 +190,27 @@ def main() -> None:
     if not dry:
         gpu = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
     t_all = time.perf_counter()
+    DEADLINE[0] = t_all + a.budget
     build_model(Path(model), dry)
     py, me, results = sys.executable, str(Path(__file__).resolve()), []
+    if a.only in ("all", "scale"):
+        scale(py, work, dry, results, logs)
+    if a.only != "scale":
+        base_steps(py, me, work, model, device, dry, results, logs)
+    report(gpu, torch.__version__, time.perf_counter() - t_all, results, logs)
+
+
+def scale(py: str, work: Path, dry: bool, results: list, logs: Path) -> None:
+    """The 8B steps: build the random model once, then one process per base (bf16, nf4)."""
+    folder, flag = str(work / "llama8b-shaped"), ["--dry-run"] if dry else []
+    run_step("8B build", [py, "benchmarks/scale_step.py", "--build", "--folder", folder, *flag], 240, results, logs)
+    for quantize in ("none", "nf4"):
+        run_step(f"8B {'bf16' if quantize == 'none' else quantize}", [py, "benchmarks/scale_step.py", "--folder",
+                 folder, "--quantize", quantize, *flag], 240, results, logs)  # fmt: skip
+
+
+def base_steps(py: str, me: str, work: Path, model: str, device: str, dry: bool, results: list, logs: Path) -> None:
+    """Every step but the 8B ones (module docstring, 1-5)."""
     base = [me, "--work", str(work)] + (["--dry-run"] if dry else [])
     fits = {}
     for precision in ["bf16-mixed"] + ([] if dry else ["16-mixed"]):
@@ -188,6 +227,13 @@ def main() -> None:
                         f"scale ≥ {min(e['scale'] for e in half):.0f}, median grad norm 16-mixed ÷ bf16-mixed = "
                         f"{ratio:.2f}"})  # fmt: skip
     forks = last_json(run_step("forks == recompute", [py, *base, "--step", "forks"], 180, results, logs))
+    for r in results:  # the details the final table shows for these rows
+        if r["check"] == "forks == recompute" and forks:
+            r["detail"] = ", ".join(f"{k}: max rel {v['max_rel']:.1e}" if v["same_tokens"] else
+                                    f"{k}: greedy tokens differ" for k, v in forks.items())  # fmt: skip
+        if r["check"].startswith("fit") and fits.get(r["check"].split()[1]):
+            f = fits[r["check"].split()[1]]
+            r["detail"] = f"{f['steps']} steps, route metrics {f['route']}"
     cli = [py, "-m", "heal_pl.cli"]
     hw = ["--model", model, "--device", device, "--dtype", "bfloat16"]
     run_step("calibrate bf16", [*cli, "calibrate", "--config", "heal_pl/configs/calibrate.yaml", *hw, "--n_fit", "8",
@@ -197,26 +243,28 @@ def main() -> None:
                                str(work / "calibrate" / "calib.json"), "--n_eval", "8", "--w", "64", "--alphas",
                                "[0, 1, 4]", "--out_dir", str(work / "survival")], 240, results, logs)  # fmt: skip
     if not dry:
-        run_step("fsdp 1 GPU", [*cli, "fit", "--config", "heal_pl/configs/gpu/fsdp.yaml", "--trainer.devices", "1",
-                                "--model.model", model, "--trainer.max_steps", "6", "--trainer.val_check_interval",
-                                "6", "--trainer.logger.init_args.save_dir", str(work / "fsdp"),
-                                "--trainer.enable_progress_bar", "false"], 240, results, logs)  # fmt: skip
+        import torch
+
+        n = min(torch.cuda.device_count(), 8)
+        run_step(f"fsdp {n} GPU", [*cli, "fit", "--config", "heal_pl/configs/gpu/fsdp.yaml", "--trainer.devices",
+                                   str(n), "--model.model", model, "--trainer.max_steps", "6",
+                                   "--trainer.val_check_interval", "6", "--trainer.logger.init_args.save_dir",
+                                   str(work / "fsdp"), "--trainer.enable_progress_bar", "false"], 240, results,
+                 logs)  # fmt: skip
     size = ["--batch", "2", "--seq", "64"] if dry else ["--batch", "8", "--seq", "512", "--steps", "5"]
     run_step("barrier cost", [py, "benchmarks/barrier_cost.py", "--model", model, "--device", device,
                               "--dtype", "float32" if dry else "bfloat16", *size], 180, results, logs)  # fmt: skip
     mem = ["--batch", "2", "--seq", "64", "--vocab", "4096", "--hidden", "64"] if dry else \
         ["--batch", "4", "--seq", "1024", "--vocab", "262144", "--hidden", "2560"]  # fmt: skip
     run_step("barrier memory", [py, "benchmarks/barrier_memory.py", "--device", device, *mem], 180, results, logs)
-    print(f"\nheal_pl GPU check on {gpu}, torch {torch.__version__}, total {time.perf_counter() - t_all:.0f} s\n")
+
+
+def report(gpu: str, torch_version: str, seconds: float, results: list, logs: Path) -> None:
+    """The whole table, again, at the end; exit status 1 when a step failed or was skipped."""
+    print(f"\nheal_pl GPU check on {gpu}, torch {torch_version}, total {seconds:.0f} s\n")
     print("| check | status | s | result |\n|---|---|---|---|")
     for r in results:
-        detail = r["out"] if r["check"].startswith("routing") else table_lines(r["out"])[:300]
-        if r["check"] == "forks == recompute" and forks:
-            detail = ", ".join(f"{k}: max rel {v['max_rel']:.1e}" if v["same_tokens"] else f"{k}: greedy tokens differ"
-                               for k, v in forks.items())  # fmt: skip
-        if r["check"].startswith("fit") and fits.get(r["check"].split()[1]):
-            f = fits[r["check"].split()[1]]
-            detail = f"{f['steps']} steps, route metrics {f['route']}"
+        detail = r.get("detail") or (r["out"] if r["check"].startswith("routing") else table_lines(r["out"])[:300])
         print(f"| {r['check']} | {r['status']} | {r['seconds']} | {detail} |")
     print(f"\nlogs: {logs}")
     if any(r["status"] != "ok" for r in results):

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # heal_pl's GPU check: heal fit (bf16-mixed and 16-mixed with routing; routing must see unscaled gradients),
-# fast forks == recompute on CUDA, heal calibrate and heal survival on CUDA in bf16, FSDP on one GPU
-# (heal_pl/configs/gpu/fsdp.yaml), the barrier cost / memory benchmarks; one table at the end. Under 8 minutes on one H200.
+# fast forks == recompute on CUDA, heal calibrate and heal survival on CUDA in bf16, FSDP on every GPU
+# (heal_pl/configs/gpu/fsdp.yaml), the barrier cost / memory benchmarks, and a Llama-3-8B-shaped step (bf16 and nf4,
+# checkpointing, batch 8 x 2048: benchmarks/scale_step.py); rows printed as they finish, one table at the end.
+#   --only scale: the 8B steps alone (~4 min); --only base: the others; --budget SECONDS (default 540).
 #
 #   bash benchmarks/gpu_check.sh --prepare   # HERE (any machine with heal_pl's venv): copy the pure-Python packages
 #                                            # a bare CUDA image may lack into .gpu_site/ (git-ignored)
 #   bash benchmarks/gpu_check.sh             # THERE (the GPU machine, .gpu_site/ carried along): run the check
 #   bash benchmarks/gpu_check.sh --dry-run   # its steps on the CPU, tiny sizes (no 16-mixed, no FSDP)
+#   bash benchmarks/gpu_check.sh --only scale # the 8B steps only (needs bitsandbytes for nf4: .gpu_site/ has not it)
 #
 # Needs on the GPU machine: python3 with a CUDA torch, lightning, transformers, peft, tensorboard, pandas, scipy,
 # matplotlib, tokenizers (most CUDA images with PyTorch have them); .gpu_site/ adds jsonargparse (+
-# docstring_parser, typeshed_client), lifelines (+ autograd, autograd_gamma). No network, no model download: the
-# model is a random SmolLM2-shaped Llama built on the spot (benchmarks/gpu_check.py says what that means).
+# docstring_parser, typeshed_client), lifelines (+ autograd, autograd_gamma, formulaic, interface_meta, narwhals,
+# wrapt). No network, no model download: the model is a random SmolLM2-shaped Llama built on the spot
+# (benchmarks/gpu_check.py says what that means), and a random Llama-3-8B-shaped one for the 8B steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-PACKAGES="jsonargparse docstring_parser typeshed_client lifelines autograd autograd_gamma"
+PACKAGES="jsonargparse docstring_parser typeshed_client lifelines autograd autograd_gamma formulaic interface_meta narwhals wrapt"
 
 if [[ "${1:-}" == "--prepare" ]]; then
   site=$($PY -c "import jsonargparse, pathlib; print(pathlib.Path(jsonargparse.__file__).parents[1])")
@@ -43,4 +47,6 @@ if [[ "${1:-}" != "--dry-run" ]]; then
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-exec timeout 470 $PY benchmarks/gpu_check.py "$@"
+# the script keeps to --budget (default 540 s: each step's limit is cut to what is left) and prints every row as
+# its step ends; this outer limit only catches a hang outside any step
+exec timeout 600 $PY benchmarks/gpu_check.py "$@"

@@ -203,7 +203,7 @@ def main() -> None:
     p.add_argument("--arm", choices=ARMS, help="what to run (omit with --table)")
     p.add_argument("--share", type=int, choices=(10, 25), default=25, help="percent of loop-carrying completions")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=36, help="training steps (36 = heal_pl/configs/rmse.yaml; 108 = 3 epochs)")
+    p.add_argument("--steps", type=int, default=36, help="training steps (36 = the rmse config's; 108 = 3 epochs)")
     p.add_argument("--m", type=float, default=M, help="matched-tau multiplier of the barrier arms")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "loop_experiment")
