@@ -33,3 +33,16 @@ def _offline_isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def _doctest_in_a_temporary_folder(request: pytest.FixtureRequest) -> None:
     if type(request.node).__name__ == "DoctestItem":
         request.getfixturevalue("monkeypatch").chdir(request.getfixturevalue("tmp_path"))
+
+
+@pytest.fixture(autouse=True)
+def _no_seed_left_in_the_environment() -> Iterator[None]:
+    """Lightning's ``seed_everything`` (``heal rounds`` calls it each round, ``seed_everything: 0`` in a config) writes
+    ``PL_GLOBAL_SEED`` into the environment, where every later Trainer of the process, and its spawned DDP ranks,
+    would read it: each test starts and ends without it."""
+    names = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+    for name in names:
+        os.environ.pop(name, None)
+    yield
+    for name in names:
+        os.environ.pop(name, None)
