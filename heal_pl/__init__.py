@@ -6,9 +6,15 @@ The public names below are imported lazily, so ``import heal_pl.barrier.kl`` sta
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+# bitsandbytes (heal_pl[quant]), imported by peft, logs on a CPU without network that it could not fetch an optional
+# faster CPU kernel from the Hub (two warnings, from bitsandbytes and from the kernels package): noise on every command
+for _noisy in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 _PUBLIC = {
     "per_token_kl": "heal_pl.barrier.kl",

@@ -226,7 +226,8 @@ def test_loss_terms_equal_the_naive_full_logits_computation(model: str, reg: str
 
 
 @pytest.mark.parametrize("cuda", [False, True])
-def test_auto_dtype_is_bf16_for_the_base_on_cuda_and_the_adapter_trains_in_fp32(cuda: bool, monkeypatch) -> None:
+def test_auto_dtype_is_bf16_for_the_base_on_cuda_and_the_adapter_trains_in_fp32(cuda: bool, monkeypatch,
+                                                                                  tmp_path: Path) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)  # what the module sees; it still runs on the CPU
     module = HealModule(model="tiny-llama", barrier=KLBarrier(agg="rmse", tau=0.0), lr=1e-2, warmup_steps=0)
     assert module.hparams.dtype == "auto"
@@ -235,17 +236,19 @@ def test_auto_dtype_is_bf16_for_the_base_on_cuda_and_the_adapter_trains_in_fp32(
     trainable = [p for p in module.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(module, DataLoader([make_batch()], batch_size=None))
     states = [t for s in trainer.optimizers[0].state.values() for t in s.values() if t.dim() > 0]
     assert states and all(t.dtype == torch.float32 for t in states)  # AdamW's moments of the fp32 adapter
 
 
 @pytest.mark.parametrize("accumulate", [1, 3])
-def test_accumulation_is_said_once_at_fit_start(accumulate: int, caplog: pytest.LogCaptureFixture) -> None:
+def test_accumulation_is_said_once_at_fit_start(accumulate: int, caplog: pytest.LogCaptureFixture,
+                                                tmp_path: Path) -> None:
     module = HealModule(model="tiny-llama", barrier=KLBarrier(agg="p95", tau=0.0), warmup_steps=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=accumulate, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
     with caplog.at_level("INFO", logger="heal_pl"):
         trainer.fit(module, DataLoader([make_batch(seed=s) for s in range(6)], batch_size=None))
     notes = [r.getMessage() for r in caplog.records if "per micro-batch" in r.getMessage()]
