@@ -1,7 +1,7 @@
 """Activation memory and step time of a training step with and without ``gradient_checkpointing``.
 
     OMP_NUM_THREADS=1 python benchmarks/checkpointing_memory.py             # memory at 512 / 1024 / 2048, time at 512
-    OMP_NUM_THREADS=1 python benchmarks/checkpointing_memory.py --quick     # 512 / 1024 tokens, 2 blocks, 3 timed steps
+    OMP_NUM_THREADS=1 python benchmarks/checkpointing_memory.py --quick     # 512 / 1024 tokens, no 1-block runs
 
 The model is a random Llama with Llama-3.2-1B's widths (hidden 2048, MLP 8192, 32 / 8 heads of 64, vocabulary
 128,256, tied embeddings, float32) and only ``--blocks`` decoder blocks, built from a ``LlamaConfig`` in code and
@@ -10,7 +10,7 @@ layer of every block) and its default ``chunk_size`` (256 rows of the ``[chunk, 
 is ``loss, _, _ = module.loss_terms(batch); loss.backward()`` on one row of ``T`` random tokens whose first 16 are
 prompt (label -100) and the rest completion.
 
-Memory (SFT + rmse barrier): each (blocks, arm, T) runs in its own subprocess, after a 16-token warm-up step:
+Memory (SFT + rmse barrier): each (blocks, arm, T) runs in its own subprocess, after a 32-token warm-up step:
 
 - ``saved``: the bytes of the distinct tensor storages saved for backward during the step's forward, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` (the model's parameters, saved by the frozen linear layers, are not
@@ -21,17 +21,23 @@ Memory (SFT + rmse barrier): each (blocks, arm, T) runs in its own subprocess, a
   backward, which only the RSS sees);
 - ``RSS Δ``: the peak resident set over forward + backward minus the resident set right before the step: the
   process's peak is reset first (``/proc/self/clear_refs``, then ``VmHWM``, as ``benchmarks/barrier_memory.py``
-  does); where the reset is refused, ``ru_maxrss`` is used instead (then a peak from loading the model can hide
-  a smaller one). It includes the fused head's ``[3 · 256, V]`` float32 workspace (394 MB) and every temporary.
+  does; ``ru_maxrss`` read the same way is compared with it: it is reset too, but also keeps the peak the kernel
+  records when a thread exits, so a loader thread can leave the load's peak in it); where the reset is refused,
+  ``ru_maxrss`` is used instead. It includes the fused head's ``[3 · 256, V]`` float32 workspace (376 MiB), the
+  ref's no-grad forward and every temporary. The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then
+  maps every tensor over 64 KiB on its own and unmaps it when freed, so RSS follows the live bytes; with glibc's
+  default, adaptive threshold (``--malloc default``) freed blocks stay in the heap and the RSS of both arms carries
+  them (at 512 tokens both arms then read 600–720 MiB).
 
 Per decoder block: the blocks are identical, so (``--blocks`` − (``--blocks`` − 1) blocks) is one block's figure;
 both block counts are measured (``--no-diff`` divides the ``--blocks`` run's in-block bytes instead and says so).
 
 Speed (``--speed-seq``): SFT (``reg: nll``) and SFT + rmse barrier, each with and without checkpointing, four
 modules in one process, alternated step by step, one warm-up step then ``--repeats`` timed steps each, min / median
-/ max. The ratios are of medians.
+/ max. The ratios are of medians, with the min–max of the per-round ratios (the two arms' steps of one round run
+back to back).
 
-The estimate for a Llama-3-8B shape scales the per-block saved bytes per token by width: saved tensors whose last
+The estimate for a Llama-3-8B shape scales the per-block saved bytes per input token by width: saved tensors whose last
 dimension is the MLP width by 14336 / 8192, all the others by 4096 / 2048 (hidden, q/k/v; the head count, 32, is
 the same); the terms outside the blocks (embedding output, final norm, the head's row gradients) by 4096 / 2048;
 the head's workspace is ``3 · 256 · V · 4`` bytes whatever the width. Printed as an ESTIMATE.
@@ -129,7 +135,7 @@ class SavedBytes:
             self.where = "block"
             if self.block_inputs:  # the checkpoint keeps the block's inputs for the recompute
                 flat = [*args, *kwargs.values()]
-                for x in [*flat, *(y for x in flat if isinstance(x, tuple) for y in x)]:
+                for x in [*flat, *(y for t in flat if isinstance(t, tuple) for y in t)]:
                     if isinstance(x, torch.Tensor):
                         self._add(x, "checkpoint input")
 
@@ -182,22 +188,25 @@ def measure(folder: str, checkpointing: bool, seq: int) -> dict[str, object]:
     gc.collect()
     reset = _reset_peak()
     before = _status("VmRSS")
-    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with counter.counting():
         loss, _, _ = module.loss_terms(batch)
     fwd_peak = _status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     loss.backward()
-    peak = _status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status("VmHWM") if reset else maxrss
     grads = [p.grad for p in module.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     return {"saved": counter.by_kind(), "rss_fwd": fwd_peak - before, "rss": peak - before, "loss": loss.item(),
-            "peak_reset": reset, "maxrss_before": maxrss_before, "rss_before": before,
+            "peak_reset": reset, "maxrss": maxrss - before, "rss_before": before,
             "tokens": int((batch["labels"] != -100).sum())}  # fmt: skip
 
 
-def run_child(folder: str, checkpointing: bool, seq: int) -> dict:
+def run_child(folder: str, checkpointing: bool, seq: int, malloc: str) -> dict:
     args = [sys.executable, __file__, "--child", folder, "--child-arm", ARMS[checkpointing], "--child-seq", str(seq)]
-    out = subprocess.run(args, capture_output=True, text=True)
+    env = dict(os.environ)
+    if malloc == "mmap":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    out = subprocess.run(args, capture_output=True, text=True, env=env)
     if out.returncode:
         sys.exit(f"{folder} {ARMS[checkpointing]} T={seq} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -235,7 +244,7 @@ def memory_tables(results: dict, blocks: int, seqs: list[int], diff: bool) -> di
                   f"| {ratio[0]} | {ratio[1]} | {r['loss']:.5f} |")  # fmt: skip
     per_block: dict = {}
     how = f"({blocks} blocks − {blocks - 1})" if diff else f"(in-block bytes of the {blocks}-block run ÷ {blocks})"
-    print(f"\n### Per decoder block {how}, KiB per token\n")
+    print(f"\n### Per decoder block {how}, KiB per input token\n")
     print("| T | saved, none | saved, ckpt | none ÷ ckpt | RSS Δ step, none | RSS Δ step, ckpt | none ÷ ckpt "
           "| saved, none: MLP-wide share |")
     print("|---|---|---|---|---|---|---|---|")
@@ -248,7 +257,7 @@ def memory_tables(results: dict, blocks: int, seqs: list[int], diff: bool) -> di
                 saved, rss = saved_total(r) - saved_total(s), r["rss"] - s["rss"]
             else:
                 saved, rss = in_blocks(r) / blocks, float("nan")
-            row[arm] = (saved / r["tokens"], rss / r["tokens"])
+            row[arm] = (saved / seq, rss / seq)  # per input token: a block's activations follow T
         r = top[("none", seq)]
         wide = r["saved"].get("block MLP-wide", 0) / max(1, in_blocks(r))
         per_block[seq] = {"none": row["none"][0], "ckpt": row["checkpointing"][0], "wide": wide}
@@ -267,14 +276,14 @@ def estimate(per_block: dict, results: dict, blocks: int, seq: int) -> None:
     block_none = pb["none"] * ((1 - pb["wide"]) * hr + pb["wide"] * ir)
     block_ckpt = pb["ckpt"] * hr  # the block's input row: hidden-wide
     r_none = results[blocks][("none", seq)]
-    outside = (saved_total(r_none) - in_blocks(r_none)) / r_none["tokens"] * hr
+    outside = (saved_total(r_none) - in_blocks(r_none)) / seq * hr
     workspace = 3 * 256 * VOCAB * 4
     none = L8 * block_none * n8 + outside * n8 + workspace
     ckpt = L8 * block_ckpt * n8 + outside * n8 + workspace + block_none * n8  # + one block recomputed in backward
     print(f"\n### ESTIMATE (not measured): Llama-3-8B shape (hidden {H8}, MLP {I8}, {L8} blocks, vocabulary {VOCAB}), "
           f"batch {B8} × {T8}, float32 activations\n")
-    print(f"Rule: per-block saved bytes per token measured at T = {seq} here; its MLP-wide share "
-          f"({pb['wide']:.2f}) × {I8}/{INTER}, the rest × {H8}/{HIDDEN}; outside-block saved bytes per token × "
+    print(f"Rule: per-block saved bytes per input token measured at T = {seq} here; its MLP-wide share "
+          f"({pb['wide']:.2f}) × {I8}/{INTER}, the rest × {H8}/{HIDDEN}; outside-block saved bytes per input token × "
           f"{H8}/{HIDDEN}; the head's [3 · 256, V] float32 workspace (+{workspace / 2**30:.2f} GiB) as is; with "
           "checkpointing also one block's activations, recomputed in backward. Temporaries of the ops and the "
           "weights are not in it.\n")
@@ -302,16 +311,21 @@ def speed(folder: str, seq: int, repeats: int) -> dict[str, tuple[float, float, 
             if k:
                 times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+
+    def ratio(name: str, base: str) -> str:
+        """Ratio of the medians, and (min–max) of the ratios of the steps of the same round (run back to back)."""
+        paired = [x / y for x, y in zip(times[name], times[base], strict=True)]
+        return f"{med[name] / med[base]:.2f} ({min(paired):.2f}–{max(paired):.2f})"
+
     print(f"\n### Step time (forward + backward), T = {seq}, batch 1, {repeats} timed steps per arm after 1 warm-up, "
           f"arms alternated, threads = {torch.get_num_threads()}\n")
+    print("Ratios: of the medians; in brackets the min–max of the ratios of the two arms' steps in the same round.\n")
     print("| arm | min (s) | median (s) | max (s) | ckpt ÷ none | barrier ÷ sft | loss |")
     print("|---|---|---|---|---|---|---|")
     for name, ts in times.items():
         c, b = arms[name]
-        other = f"{'sft + barrier' if b else 'sft'}, none"
-        sft = f"sft, {ARMS[c]}"
-        ck = f"{med[name] / med[other]:.2f}" if c else "1.00"
-        br = f"{med[name] / med[sft]:.2f}" if b else "1.00"
+        ck = ratio(name, f"{'sft + barrier' if b else 'sft'}, none") if c else "1"
+        br = ratio(name, f"sft, {ARMS[c]}") if b else "1"
         print(f"| {name} | {min(ts):.2f} | {med[name]:.2f} | {max(ts):.2f} | {ck} | {br} | {losses[name]:.5f} |")
     return {name: (min(ts), med[name], max(ts)) for name, ts in times.items()}
 
@@ -323,7 +337,9 @@ def main() -> None:
     p.add_argument("--no-diff", action="store_true", help="skip the (blocks − 1)-block runs; divide instead")
     p.add_argument("--speed-seq", type=int, nargs="*", default=[512], help="lengths of the timed runs (none: skip)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per arm after one warm-up")
-    p.add_argument("--quick", action="store_true", help="--seqs 512 1024 --no-diff --repeats 3")
+    p.add_argument("--malloc", choices=["mmap", "default"], default="mmap",
+                   help="glibc's allocation of the memory runs: mmap = MALLOC_MMAP_THRESHOLD_=65536 (RSS = live bytes)")
+    p.add_argument("--quick", action="store_true", help="--seqs 512 1024 --no-diff")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-arm", choices=ARMS, help=argparse.SUPPRESS)
     p.add_argument("--child-seq", type=int, help=argparse.SUPPRESS)
@@ -332,7 +348,7 @@ def main() -> None:
         print(json.dumps(measure(a.child, a.child_arm == "checkpointing", a.child_seq)))
         return
     if a.quick:
-        a.seqs, a.no_diff, a.repeats = [512, 1024], True, 3
+        a.seqs, a.no_diff = [512, 1024], True
     diff = not a.no_diff
     if a.blocks < (2 if diff else 1):
         p.error("--blocks must be >= 2 for the per-block difference (or pass --no-diff)")
@@ -353,10 +369,14 @@ def main() -> None:
             results[n] = {}
             for seq in a.seqs:
                 for arm in ARMS:  # alternated, each in a fresh process
-                    results[n][(arm, seq)] = run_child(folders[n], arm == "checkpointing", seq)
+                    results[n][(arm, seq)] = run_child(folders[n], arm == "checkpointing", seq, a.malloc)
         top = results[a.blocks]
         if not all(r["peak_reset"] for r in top.values()):
             print("note: /proc/self/clear_refs was refused: RSS Δ is ru_maxrss growth (a loading peak can hide it)")
+        runs = [r for rs in results.values() for r in rs.values()]
+        same = sum(abs(r["maxrss"] - r["rss"]) <= 0.01 * r["rss"] for r in runs)
+        print(f"RSS Δ from VmHWM after a reset (malloc: {a.malloc}); ru_maxrss read the same way agrees within 1% "
+              f"in {same} of {len(runs)} runs (it also keeps the peak recorded when a thread exits, e.g. a loader's)")
         per_block = memory_tables(results, a.blocks, a.seqs, diff)
         for seq in a.speed_seq:
             speed(folders[a.blocks], seq, a.repeats)
