@@ -48,7 +48,6 @@ from heal_pl.models.checkpointing import checkpoint_blocks, enable_checkpointing
 from heal_pl.models.fsdp import adapter_tensors, gathered_root, is_sharded
 from heal_pl.models.lm import LMHead, base_lm, check_head, last_hidden
 from heal_pl.models.load import load_model
-from heal_pl.models.quantize import check_backend
 from heal_pl.resume import AdapterCheckpoint
 
 log = logging.getLogger("heal_pl")
@@ -165,7 +164,6 @@ class HealModule(AdapterCheckpoint, L.LightningModule):
         self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks it is complete
         self.barrier, self.lora_spec = barrier, lora
         dtype = auto_dtype() if dtype == "auto" else dtype
-        check_backend(quantize)  # before any weight is read
         if adapter == "routed":
             self.student = load_model(model, dtype=dtype)
             self.routed_adapter = wrap_routed(self.student, routed)
@@ -383,10 +381,12 @@ class HealModule(AdapterCheckpoint, L.LightningModule):
         root = self.trainer.log_dir or self.trainer.default_root_dir  # log_dir is a collective under DDP
         path = self.hparams.adapter_dir or os.path.join(root, "adapter")
         model = self.trainer.strategy.model
-        tensors = adapter_tensors(model if is_sharded(model) else self, self.trainable_names())  # FSDP: collective
+        routed = self.hparams.adapter == "routed"  # refused under FSDP: it saves its own tensors
+        names = set() if routed else self.trainable_names()
+        tensors = adapter_tensors(model if is_sharded(model) else self, names)  # FSDP: collective, every rank
         if not self.trainer.is_global_zero:
             return
-        if self.hparams.adapter == "routed":
+        if routed:
             os.makedirs(path, exist_ok=True)
             self.routed_adapter.save(os.path.join(path, "routed.safetensors"))
             rank_zero_info(f"heal_pl: routed adapter saved to {path}/routed.safetensors")
