@@ -15,7 +15,7 @@ import math
 import os
 import warnings
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -48,6 +48,7 @@ from heal_pl.models.checkpointing import checkpoint_blocks, enable_checkpointing
 from heal_pl.models.fsdp import adapter_tensors, gathered_root, is_sharded
 from heal_pl.models.lm import LMHead, base_lm, check_head, last_hidden
 from heal_pl.models.load import load_model
+from heal_pl.models.rank_zero import LoadOn, is_launch_rank_zero, prepare_strategy
 from heal_pl.resume import AdapterCheckpoint
 
 log = logging.getLogger("heal_pl")
@@ -94,6 +95,9 @@ class HealModule(AdapterCheckpoint, L.LightningModule):
         quantize: the frozen base's block weights in 4 bits (``nf4``, ``fp4``) or 8 (``int8``) through bitsandbytes
             (QLoRA; :mod:`heal_pl.models.quantize`, ``pip install 'heal_pl[quant]'``); the head stays in ``dtype``
             and the ref is the same quantized base with the adapter off. ``adapter="routed"`` needs ``none``.
+        load_on: ``rank_zero``: only global rank 0 reads the base's weights; the other ranks build it empty and
+            ``FSDPStrategy`` (required on several processes) broadcasts rank 0's weights into them as it shards
+            (:mod:`heal_pl.models.rank_zero`; a 70B base is then read once per node, not once per GPU).
 
     Raises:
         ValueError: at ``fit`` start (``setup("fit")``, before any step), ``adapter="routed"`` in a Trainer without a
@@ -130,6 +134,7 @@ class HealModule(AdapterCheckpoint, L.LightningModule):
         ref_cache_memory_mb: int = 2048,
         gradient_checkpointing: bool = False,
         quantize: Literal["none", "nf4", "fp4", "int8"] = "none",
+        load_on: LoadOn = "every_rank",
     ) -> None:
         super().__init__()
         lora = LoRASpec(**lora) if isinstance(lora, dict) else lora
@@ -150,12 +155,13 @@ class HealModule(AdapterCheckpoint, L.LightningModule):
             if not ok
         ]
         problems += [p for p in (choice_problem("ref", ref, ("base",)),
-                                 choice_problem("adapter", adapter, ("lora", "routed"))) if p]  # fmt: skip
-        if adapter == "routed" and quantize != "none":
-            problems.append(f"quantize={quantize!r} needs adapter='lora' (the routed adapter's fixed A is fitted "
-                            "on the unquantized base weight); use quantize: none")
-        if adapter == "routed" and spectral_lam > 0:
-            problems.append(f"spectral_lam={spectral_lam} needs adapter='lora' (no spectral penalty on routed knobs)")
+                                 choice_problem("adapter", adapter, ("lora", "routed")),
+                                 choice_problem("load_on", load_on, get_args(LoadOn))) if p]  # fmt: skip
+        if adapter == "routed":  # its fixed A is fitted on the whole, unquantized base weight
+            problems += [f"{field} needs adapter='lora' ({why})" for field, on, why in (
+                (f"quantize={quantize!r}", quantize != "none", "use quantize: none"),
+                (f"load_on={load_on!r}", load_on != "every_rank", "use load_on: every_rank"),
+                (f"spectral_lam={spectral_lam}", spectral_lam > 0, "no spectral penalty on routed knobs")) if on]
         if problems:
             raise ValueError("HealModule: " + "; ".join(problems))
         self.save_hyperparameters()
@@ -164,18 +170,20 @@ class HealModule(AdapterCheckpoint, L.LightningModule):
         self.strict_loading = False  # checkpoints hold the adapter only; on_load_checkpoint checks it is complete
         self.barrier, self.lora_spec = barrier, lora
         dtype = auto_dtype() if dtype == "auto" else dtype
+        empty = load_on == "rank_zero" and not is_launch_rank_zero()  # filled from rank 0 by FSDP
         if adapter == "routed":
-            self.student = load_model(model, dtype=dtype)
+            self.student = load_model(model, dtype=dtype, empty=empty)
             self.routed_adapter = wrap_routed(self.student, routed)
             for p in self.routed_adapter.hack_params():  # no autograd work: the router hands it its gradient
                 p.requires_grad_(False)
         else:
-            self.student = wrap_lora(load_model(model, dtype=dtype, quantize=quantize), lora)
+            self.student = wrap_lora(load_model(model, dtype=dtype, quantize=quantize, empty=empty), lora)
         if gradient_checkpointing:
             enable_checkpointing(self.student)
         self.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode (see HealModule.train)
         self.head = LMHead(base_lm(self.student))
-        check_head(self.student, "HealModule")
+        if not empty:  # rank 0 checks the weights every rank will hold
+            check_head(self.student, "HealModule")
         # base modules stay in eval mode by design (HealModule.train): Lightning's warning about it is noise here
         warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training")
         self.val_kl = TokenKLStats()
@@ -291,6 +299,7 @@ class HealModule(AdapterCheckpoint, L.LightningModule):
         self.ref_cache.check(ref_fingerprint(("adapter_off", id(self.student)), base))
 
     def setup(self, stage: str) -> None:
+        prepare_strategy(self.hparams.load_on, self.trainer.strategy, self.trainer.world_size)
         if isinstance(self.trainer.strategy, FSDPStrategy):
             hp = self.hparams
             refused = [f for f, on in (("adapter='routed'", hp.adapter == "routed"),
@@ -299,17 +308,9 @@ class HealModule(AdapterCheckpoint, L.LightningModule):
                 raise ValueError(f"{' and '.join(refused)} cannot run under FSDPStrategy (they read whole adapter "
                                  "weights outside the blocks' forward); use DDP, or adapter: lora / spectral_lam: 0")
         if stage == "fit" and self.hparams.adapter == "routed":
-            from heal_pl.callbacks.route_ablate import RouteAblateEvalCallback
+            from heal_pl.callbacks.route_ablate import require_router
 
-            if not any(isinstance(cb, RouteAblateEvalCallback) for cb in self.trainer.callbacks):
-                raise ValueError(
-                    "HealModule(adapter='routed') is trained without a RouteAblateEvalCallback: nothing would route "
-                    "the gradients and delta_hack would never move. Add the callback to the Trainer: "
-                    "L.Trainer(callbacks=[RouteAblateEvalCallback(arm='route', pairs='hack_pairs.jsonl')]), or in a "
-                    "`heal fit` config an entry under `trainer.callbacks`: `- class_path: "
-                    "heal_pl.callbacks.RouteAblateEvalCallback` with `init_args: {arm: route, pairs: hack_pairs.jsonl}`"
-                    " (as in heal_pl/configs/route.yaml; arm: none only measures, arm: erase drops the hack component)"
-                )
+            require_router(self.trainer.callbacks)
 
     def on_fit_start(self) -> None:
         note = accumulation_note(self.trainer.accumulate_grad_batches, self.barrier.agg)

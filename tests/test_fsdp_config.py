@@ -28,7 +28,8 @@ EXPECTED = {
     "fsdp": {"precision": "bf16-mixed", "checkpointing": True, "quantize": "none"},
     "llama8b_24gb": {"precision": "bf16-mixed", "checkpointing": True, "quantize": "nf4", "batch": 4, "length": 2048},
     "llama8b_80gb": {"precision": "bf16-mixed", "checkpointing": True, "quantize": "none", "batch": 8, "length": 2048},
-    "llama70b_fsdp": {"precision": "bf16-mixed", "checkpointing": True, "quantize": "none", "devices": 8},
+    "llama70b_fsdp": {"precision": "bf16-mixed", "checkpointing": True, "quantize": "none", "devices": 8,
+                      "load_on": "rank_zero"},
 }
 
 
@@ -46,6 +47,7 @@ def test_print_config_has_what_the_recipe_promises(recipe, capsys: pytest.Captur
     assert printed["trainer"]["precision"] == want["precision"]
     assert printed["model"]["gradient_checkpointing"] is want["checkpointing"]
     assert printed["model"]["quantize"] == want["quantize"]
+    assert printed["model"]["load_on"] == want.get("load_on", "every_rank")
     assert printed["model"]["barrier"]["agg"] == "rmse"
     assert printed["data"].get("batch_size") == want.get("batch", printed["data"].get("batch_size"))
     assert printed["data"].get("max_length") == want.get("length", printed["data"].get("max_length"))

@@ -70,6 +70,19 @@ def build_evaluate(evaluate: Evaluate | Mapping[str, Any] | None) -> Evaluate | 
     )
 
 
+def require_router(callbacks: list[Callback]) -> None:
+    """Refuse to train ``HealModule(adapter="routed")`` without this callback: nothing would route its gradients."""
+    if not any(isinstance(cb, RouteAblateEvalCallback) for cb in callbacks):
+        raise ValueError(
+            "HealModule(adapter='routed') is trained without a RouteAblateEvalCallback: nothing would route "
+            "the gradients and delta_hack would never move. Add the callback to the Trainer: "
+            "L.Trainer(callbacks=[RouteAblateEvalCallback(arm='route', pairs='hack_pairs.jsonl')]), or in a "
+            "`heal fit` config an entry under `trainer.callbacks`: `- class_path: "
+            "heal_pl.callbacks.RouteAblateEvalCallback` with `init_args: {arm: route, pairs: hack_pairs.jsonl}`"
+            " (as in heal_pl/configs/route.yaml; arm: none only measures, arm: erase drops the hack component)"
+        )
+
+
 class RouteAblateEvalCallback(Callback):
     """Routes gradients between ``delta`` and ``delta_hack`` and tracks the task kept vs ablated.
 

@@ -38,8 +38,10 @@ from typing import Literal, get_args
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -48,6 +50,7 @@ from transformers import (
 from heal_pl.models import embedded
 from heal_pl.models.families import FAMILIES, Family, tiny_config
 from heal_pl.models.quantize import Quantize, keep_training_layout, quantization_kwargs
+from heal_pl.models.rank_zero import parameters_on_meta
 
 logger = logging.getLogger("heal_pl")
 
@@ -309,15 +312,32 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 def load_model(
-    name: str, dtype: Dtype = "float32", cache_dir: str | os.PathLike | None = None, quantize: Quantize = "none"
+    name: str,
+    dtype: Dtype = "float32",
+    cache_dir: str | os.PathLike | None = None,
+    quantize: Quantize = "none",
+    empty: bool = False,
 ) -> PreTrainedModel:
     """``AutoModelForCausalLM`` for ``name`` in ``dtype`` (a string: float32, bfloat16, float16), its blocks' linear
     weights quantized by bitsandbytes unless ``quantize="none"`` (:mod:`heal_pl.models.quantize`; the backend is
-    checked before anything is read)."""
+    checked before anything is read).
+
+    With ``empty=True`` no weight is read: the same architecture (and generation config) with every parameter on the
+    meta device and real buffers, for FSDP to fill from rank 0 (:mod:`heal_pl.models.rank_zero`)."""
     if dtype not in _TORCH_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported (allowed: {', '.join(get_args(Dtype))})")
+    if empty and quantize != "none":
+        raise ValueError(f"quantize={quantize!r} cannot build an empty (rank_zero) model: bitsandbytes quantizes "
+                         "weights as it reads them; use load_on: every_rank or quantize: none")
+    folder = resolve_model(name, cache_dir)
+    if empty:
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=_TORCH_DTYPES[dtype])
+        if Path(folder, "generation_config.json").is_file():  # eos ids of rollouts must match rank 0's
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        return model
     extra = quantization_kwargs(quantize, _TORCH_DTYPES[dtype])
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name, cache_dir), dtype=_TORCH_DTYPES[dtype], **extra)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_TORCH_DTYPES[dtype], **extra)
     if extra:
         keep_training_layout(model)
     return model
