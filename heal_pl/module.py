@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import warnings
+from contextvars import ContextVar
 from dataclasses import asdict
 from typing import Any, Literal, get_args
 
@@ -22,11 +23,12 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from transformers import PreTrainedModel
 
 from heal_pl.adapters.card import final_validation, write_card
 from heal_pl.adapters.lora import LoRASpec, save_lora, spectral_norms, wrap_lora
 from heal_pl.adapters.routed import RoutedSpec, hack_decay_groups, wrap_routed
-from heal_pl.adapters.switch import base_dropout_off, ref_rows
+from heal_pl.adapters.switch import base_dropout_off
 from heal_pl.barrier.distributed import gather_tokens
 from heal_pl.barrier.kl import (
     KLBarrier,
@@ -40,8 +42,8 @@ from heal_pl.barrier.kl import (
 )
 from heal_pl.barrier.metrics import TokenKLStats
 from heal_pl.barrier.panels import DriftPanels, logged_step
-from heal_pl.barrier.ref_cache import RefRowCache, example_keys, ref_fingerprint
-from heal_pl.barrier.shared_prefix import SharedPrefix, first_adapted_block, prefix_dropout
+from heal_pl.barrier.ref_cache import RefRowCache
+from heal_pl.barrier.ref_source import RefSource
 from heal_pl.checks import choice_problem
 from heal_pl.hardware import auto_dtype
 from heal_pl.models.checkpointing import checkpoint_blocks, enable_checkpointing
@@ -52,6 +54,7 @@ from heal_pl.models.rank_zero import LoadOn, is_launch_rank_zero, prepare_strate
 from heal_pl.resume import AdapterCheckpoint
 
 log = logging.getLogger("heal_pl")
+_AROUND: ContextVar[PreTrainedModel | None] = ContextVar("heal_pl_around", default=None)  # HealModule.around
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -62,7 +65,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class HealModule(AdapterCheckpoint, L.LightningModule):
+class HealModule(RefSource, AdapterCheckpoint, L.LightningModule):
     """SFT + KL barrier on a peft LoRA student of a Hugging Face causal LM.
 
     Args:
@@ -171,13 +174,14 @@ class HealModule(AdapterCheckpoint, L.LightningModule):
         self.barrier, self.lora_spec = barrier, lora
         dtype = auto_dtype() if dtype == "auto" else dtype
         empty = load_on == "rank_zero" and not is_launch_rank_zero()  # filled from rank 0 by FSDP
+        base = _AROUND.get() or load_model(model, dtype=dtype, quantize=quantize, empty=empty)
         if adapter == "routed":
-            self.student = load_model(model, dtype=dtype, empty=empty)
+            self.student = base
             self.routed_adapter = wrap_routed(self.student, routed)
             for p in self.routed_adapter.hack_params():  # no autograd work: the router hands it its gradient
                 p.requires_grad_(False)
         else:
-            self.student = wrap_lora(load_model(model, dtype=dtype, quantize=quantize, empty=empty), lora)
+            self.student = wrap_lora(base, lora)
         if gradient_checkpointing:
             enable_checkpointing(self.student)
         self.train()  # from_pretrained returns eval mode; LoRA dropout needs train mode (see HealModule.train)
@@ -192,6 +196,24 @@ class HealModule(AdapterCheckpoint, L.LightningModule):
         self.ref_cache = RefRowCache(ref_cache_memory_mb * 2**20) if ref_cache else None
         self.shared_prefix = self._shared_prefix()
         self.record_adapter_shapes()  # the shapes a resumed checkpoint must have (heal_pl.resume.AdapterCheckpoint)
+
+    @classmethod
+    def around(cls, base: PreTrainedModel, **kwargs: Any) -> HealModule:
+        """A HealModule whose student is ``base`` itself, adapted in place (peft injects the adapter's layers into
+        it; no second copy is loaded), e.g. the model a steer → heal round holds. ``model`` (recorded in the
+        hparams and the adapter card) defaults to ``base``'s ``name_or_path``, ``dtype`` to its dtype. Afterwards
+        ``module.student.unload()`` gives ``base`` back without the adapter's layers, its weights untouched."""
+        kwargs.setdefault("model", base.name_or_path)
+        kwargs.setdefault("dtype", str(base.dtype).removeprefix("torch."))
+        refused = {k: kwargs[k] for k, default in (("quantize", "none"), ("load_on", "every_rank"))
+                   if kwargs.get(k, default) != default}  # fmt: skip
+        if refused:
+            raise ValueError(f"HealModule.around: {refused} need a model HealModule loads itself (model=NAME)")
+        token = _AROUND.set(base)
+        try:
+            return cls(**kwargs)
+        finally:
+            _AROUND.reset(token)
 
     def train(self, mode: bool = True) -> HealModule:
         """Train/eval switch. In train mode only the adapter's own dropout (``lora.dropout``) is on: the base
@@ -241,62 +263,6 @@ class HealModule(AdapterCheckpoint, L.LightningModule):
             scalars["spectral"] = spectral.detach()
         scalars["loss"] = loss.detach()
         return loss, scalars, local_kl
-
-    def set_ref_model(self, ref_model: torch.nn.Module | None) -> None:
-        """Leash the barrier to ``ref_model`` (frozen, kept out of the submodules and checkpoints) instead of the
-        adapter-off student; ``None`` restores the default. Steer → heal rounds use it for ``ref = base`` when
-        earlier rounds are baked into the student's weights. Its hidden rows go through the student's LM head,
-        so the adapter must not touch the head."""
-        if ref_model is not None:
-            head = base_lm(ref_model).get_output_embeddings()
-            if head is None or not torch.equal(head.weight, self.head.proj.weight):
-                raise ValueError("set_ref_model: ref_model's LM head must equal the student's (its rows go through it)")
-            ref_model.requires_grad_(False).eval()
-        self.__dict__["_ref_model"] = ref_model  # plain attribute: not registered, not trained, not saved
-        if self.ref_cache is not None:
-            self.ref_cache.clear("set_ref_model changed the ref")
-            self.ref_cache.fingerprint = None
-
-    def _ref_rows(self, batch: dict[str, Tensor], counted: Any) -> Tensor:
-        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
-        ref_model = self.__dict__.get("_ref_model")
-
-        def compute() -> Tensor:
-            if ref_model is None:
-                with self.shared_prefix.replay():
-                    return ref_rows(self.student, input_ids, mask, counted)
-            with torch.no_grad():
-                return gather_rows(last_hidden(ref_model, input_ids, mask), counted)
-
-        if self.ref_cache is None:
-            return compute()
-        return self.ref_cache.rows(example_keys(input_ids, mask, batch["labels"]), counted, compute)
-
-    def _shared_prefix(self) -> SharedPrefix:
-        """The blocks below the first adapted one, run once for student and ref
-        (:mod:`heal_pl.barrier.shared_prefix`)."""
-        trainable = self.trainable_names()
-        lo = first_adapted_block(self.student, {id(p) for n, p in self.named_parameters() if n in trainable})
-        why = prefix_dropout(base_lm(self.student), lo) if lo > 0 else None
-        if why is not None:
-            log.info("heal_pl: blocks 0..%d are not shared between student and ref (%s can drop out)", lo - 1, why)
-            lo = 0
-        elif lo > 0:
-            log.info("heal_pl: blocks 0..%d carry no adapter: the ref's forward starts at block %d", lo - 1, lo)
-        return SharedPrefix(self.student, lo)
-
-    def _check_ref_cache(self) -> None:
-        """Empty the ref cache if the ref's weights (the base, or the ``set_ref_model`` model) changed."""
-        if self.ref_cache is None:
-            return
-        ref_model = self.__dict__.get("_ref_model")
-        if ref_model is not None:
-            self.ref_cache.check(ref_fingerprint(("ref_model", id(ref_model)), ref_model.parameters()))
-            return
-        trainable = self.trainable_names()
-        adapter = {id(p) for n, p in self.named_parameters() if n in trainable}
-        base = [p for p in self.student.parameters() if id(p) not in adapter]
-        self.ref_cache.check(ref_fingerprint(("adapter_off", id(self.student)), base))
 
     def setup(self, stage: str) -> None:
         prepare_strategy(self.hparams.load_on, self.trainer.strategy, self.trainer.world_size)

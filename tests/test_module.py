@@ -255,3 +255,23 @@ def test_accumulation_is_said_once_at_fit_start(accumulate: int, caplog: pytest.
     assert notes == ([] if accumulate == 1 else [
         "accumulate_grad_batches=3: the KL barrier (p95) is computed per micro-batch and averaged over the 3 "
         "micro-batches of a step, not over their pooled tokens"])  # fmt: skip
+
+
+def test_around_adapts_the_given_model_in_place_and_unload_gives_it_back() -> None:
+    from heal_pl.models.load import load_model
+
+    base = load_model("tiny-qwen2", dtype="bfloat16")
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    module = HealModule.around(base, barrier=KLBarrier(agg="rmse", tau=0.0))
+    assert module.hparams.dtype == "bfloat16" and module.hparams.model == base.name_or_path
+    assert module.student.get_base_model() is base, "no copy: the student is the model given"
+    assert all(p.dtype == torch.float32 for p in module.parameters() if p.requires_grad)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)  # a non-zero adapter: unload must drop it, not merge it
+    plain = module.student.unload()
+    assert plain is base and dict(plain.named_parameters()).keys() == before.keys()
+    assert all(torch.equal(p, before[n]) for n, p in plain.named_parameters())
+    with pytest.raises(ValueError, match="HealModule.around: {'quantize': 'nf4'} need a model HealModule loads"):
+        HealModule.around(load_model("tiny-llama"), quantize="nf4")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -37,7 +36,7 @@ from heal_pl.barrier.kl import KLBarrier
 from heal_pl.callbacks.progress_log import ProgressLog
 from heal_pl.data.datamodule import HealDataModule
 from heal_pl.data.prompts import chat_prompt
-from heal_pl.hardware import trainer_settings
+from heal_pl.hardware import resolve_device, trainer_settings
 from heal_pl.module import HealModule
 from heal_pl.progress import interactive, progress
 from heal_pl.rounds.bake import bake_adapter
@@ -186,20 +185,19 @@ def _sample_at(ctx: RoundsContext, student: PreTrainedModel, vector: SteeringVec
 
 def _heal(
     ctx: RoundsContext, student: PreTrainedModel, rows: list[dict[str, str]], r: int
-) -> tuple[HealModule, dict[str, float]]:
-    """Fit a fresh adapter on ``student`` (saved to ``out/student`` so HealModule can load it) on ``rows``;
-    returns the module and the trainer's last logged metrics."""
-    rdir, folder = round_dir(ctx.state.out, r), ctx.state.out / "student"
+) -> tuple[PreTrainedModel, dict[str, float]]:
+    """Fit a fresh adapter on ``student`` itself (:meth:`HealModule.around`: adapted in place, in its own dtype and
+    on its own device, no copy) on ``rows``, save it to ``round_r/adapter`` and take it out again; returns the
+    healed student (the adapter on, for the healed probes) and the trainer's last logged metrics."""
+    rdir = round_dir(ctx.state.out, r)
     write_jsonl(rdir / "train.jsonl", rows)
-    student.save_pretrained(folder)
-    ctx.tokenizer.save_pretrained(folder)
     h = ctx.heal
-    dm = HealDataModule(train_file=str(rdir / "train.jsonl"), val_fraction=0.0, model=str(folder),
+    dm = HealDataModule(train_file=str(rdir / "train.jsonl"), val_fraction=0.0, model=ctx.model_name,
                         max_length=h.max_length, batch_size=h.batch_size, seed=ctx.seed + r)  # fmt: skip
     dm.set_tokenizer(ctx.tokenizer)
     L.seed_everything(ctx.seed + r, verbose=False)  # the fresh adapter's random A, then the fit
-    module = HealModule(model=str(folder), lora=ctx.lora, barrier=ctx.barrier, round=r, lr=h.lr,
-                        warmup_steps=h.warmup_steps, adapter_dir=str(rdir / "adapter"))  # fmt: skip
+    module = HealModule.around(student, model=ctx.model_name, lora=ctx.lora, barrier=ctx.barrier, round=r,
+                               lr=h.lr, warmup_steps=h.warmup_steps, adapter_dir=str(rdir / "adapter"))  # fmt: skip
     if h.ref == "base" and r > 0:
         module.set_ref_model(ctx.original)
     trainer = L.Trainer(
@@ -212,7 +210,8 @@ def _heal(
         default_root_dir=str(rdir), gradient_clip_val=1.0,
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
-    return module, {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()}
+    healed = module.student.to(resolve_device(ctx.device)).eval()  # Lightning's teardown moves a GPU module to CPU
+    return healed, {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()}
 
 
 def run_round(ctx: RoundsContext, student: PreTrainedModel, r: int) -> tuple[PreTrainedModel, dict[str, Any]]:
@@ -251,16 +250,17 @@ def run_round(ctx: RoundsContext, student: PreTrainedModel, r: int) -> tuple[Pre
         return student, metrics
     kept = [{"prompt": q, "completion": x.text} for q, x in zip(ctx.sample_questions, dose.chosen.payload,
                                                                 strict=True) if x.keep]  # fmt: skip
-    module, fit = _heal(ctx, student, kept, r)
-    healed = probe_model(module.student, tok, d)
-    greedy["healed"] = generate_texts(module.student, tok, [chat_prompt(tok, p, None) for p in ctx.greedy_prompts],
+    adapted, fit = _heal(ctx, student, kept, r)
+    healed = probe_model(adapted, tok, d)
+    greedy["healed"] = generate_texts(adapted, tok, [chat_prompt(tok, p, None) for p in ctx.greedy_prompts],
                                       ctx.sampling.max_new_tokens)  # fmt: skip
     write_json(rdir / "greedy.json", greedy)
     metrics |= {"coherence_healed": healed["coherence"], "trait_healed": healed["trait"],
                 **{f"fit_{k}": v for k, v in fit.items()}}  # fmt: skip
-    del module
+    student = adapted.unload()  # the adapter's layers out, S_r's weights untouched
+    del adapted
     gc.collect()
-    student = bake_adapter(student, rdir / "adapter")
+    student = bake_adapter(student, rdir / "adapter")  # from the saved file, as a resumed run re-bakes it
     if healed["coherence"] < ctx.coh_floor:
         metrics["stop"] = (f"round {r}: coherence {healed['coherence']:.4f} < coh_floor={ctx.coh_floor}; "
                            "early stop")  # fmt: skip
@@ -289,7 +289,4 @@ def run_loop(ctx: RoundsContext, student: PreTrainedModel, rounds: int) -> Round
         state.save()
         if stop is not None:
             break
-    student_folder = state.out / "student"
-    if student_folder.is_dir():  # the working copy HealModule loaded; the adapters are the record
-        shutil.rmtree(student_folder, ignore_errors=True)
     return state

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import heal_pl.callbacks.kl_barrier as kl_barrier_py
-import heal_pl.module as module_py
+import heal_pl.barrier.ref_source as ref_source_py
 from heal_pl.adapters.switch import ref_rows
 from heal_pl.barrier.kl import KLBarrier, counted_positions
 from heal_pl.barrier.ref_cache import RefRowCache, example_keys, ref_fingerprint
@@ -98,7 +98,7 @@ def _fit(tmp_path: Path, ref_cache: bool, monkeypatch: pytest.MonkeyPatch) -> tu
         forwards.append(module.current_epoch)
         return ref_rows(*args, **kwargs)
 
-    monkeypatch.setattr(module_py, "ref_rows", counting_ref_rows)
+    monkeypatch.setattr(ref_source_py, "ref_rows", counting_ref_rows)
     rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": "The answer is " + "big " * i}
             for i in range(1, 7)]  # fmt: skip
     data_file = tmp_path / "train.jsonl"

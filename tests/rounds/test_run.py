@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_config_runs_two_rounds_end_to_end(config: str, tmp_path: Path, caplog: 
     assert (tmp_path / "trajectory.png").stat().st_size > 0
     report = (tmp_path / "report.md").read_text()
     assert "| 1 |" in report and "round 1 samples" in report
-    assert not (tmp_path / "student").exists(), "the working copy of the student is removed at the end"
+    assert not (tmp_path / "student").exists(), "the student is healed in memory, never written out whole"
 
 
 def test_early_stop_when_coherence_is_below_the_floor(tmp_path: Path) -> None:
@@ -168,3 +169,25 @@ def test_ref_base_leashes_to_the_original_and_prev_to_the_baked_student(ref: str
         assert first["train/kl_max"] == pytest.approx(0.0, abs=1e-6)
     else:
         assert first["train/kl_max"] > 1e-3
+
+
+def test_bf16_rounds_heal_the_student_itself_in_its_dtype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import heal_pl.hardware
+    import heal_pl.module
+
+    loads: list[tuple[str, str]] = []
+
+    def counting_load_model(name: str, dtype: str = "float32", **kwargs):
+        loads.append((name, dtype))
+        return load_model(name, dtype=dtype, **kwargs)
+
+    for where in (heal_pl.hardware, heal_pl.module):
+        monkeypatch.setattr(where, "load_model", counting_load_model)
+    state = _run(tmp_path, "--rounds", "2", "--dtype", "bfloat16")
+    assert [m["round"] for m in state["finished"]] == [0, 1]
+    assert loads == [("tiny-llama", "bfloat16")] * 2, "the original and the student, once each: no copy per round"
+    for r in (0, 1):
+        card = json.loads((tmp_path / f"round_{r:02d}" / "adapter" / "heal_pl.json").read_text())
+        assert card["hparams"]["dtype"] == "bfloat16" and card["base_model"] == "tiny-llama"
+        fit = _scalars(tmp_path / "tb" / f"round_{r:02d}")
+        assert len(fit["train/loss"]) == 2 and all(math.isfinite(v) for _, v in fit["train/loss"])
