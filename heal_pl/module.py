@@ -47,7 +47,7 @@ from heal_pl.barrier.ref_source import RefSource
 from heal_pl.checks import choice_problem
 from heal_pl.hardware import auto_dtype
 from heal_pl.models.checkpointing import checkpoint_blocks, enable_checkpointing
-from heal_pl.models.fsdp import adapter_tensors, gathered_root, is_sharded
+from heal_pl.models.fsdp import adapter_tensors, check_block_units, gathered_root, is_sharded
 from heal_pl.models.lm import LMHead, base_lm, check_head, last_hidden
 from heal_pl.models.load import load_model
 from heal_pl.models.rank_zero import LoadOn, is_launch_rank_zero, prepare_strategy
@@ -267,6 +267,7 @@ class HealModule(RefSource, AdapterCheckpoint, L.LightningModule):
     def setup(self, stage: str) -> None:
         prepare_strategy(self.hparams.load_on, self.trainer.strategy, self.trainer.world_size)
         if isinstance(self.trainer.strategy, FSDPStrategy):
+            check_block_units(self.student, self.trainer.strategy.kwargs.get("auto_wrap_policy"))
             hp = self.hparams
             refused = [f for f, on in (("adapter='routed'", hp.adapter == "routed"),
                                        (f"spectral_lam={hp.spectral_lam}", hp.spectral_lam > 0)) if on]  # fmt: skip

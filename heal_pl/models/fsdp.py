@@ -68,3 +68,21 @@ def adapter_tensors(model: nn.Module, names: Collection[str]) -> dict[str, Tenso
                 if id(p) not in nested and name in names:
                     out[name] = p.detach().cpu().clone()
     return out
+
+
+def check_block_units(model: nn.Module, policy: object) -> None:
+    """Refuse :func:`decoder_blocks` as the wrap policy of a model in which it finds no block: FSDP would then shard
+    nothing but the root unit, i.e. gather the whole model on every rank. Names the block classes found instead."""
+    if policy is not decoder_blocks or any(isinstance(m, GradientCheckpointingLayer) for m in model.modules()):
+        return
+    from heal_pl.models.lm import find_blocks
+
+    try:
+        found = sorted({type(b).__name__ for b in find_blocks(model)})
+    except ValueError as error:
+        found = [str(error)]
+    raise ValueError(
+        f"auto_wrap_policy=heal_pl.models.fsdp.decoder_blocks finds no decoder block in {type(model).__name__}: its "
+        f"blocks ({', '.join(found)}) are not transformers GradientCheckpointingLayers, so FSDP would shard nothing. "
+        "Give the FSDPStrategy the block class itself: auto_wrap_policy: {BlockClass} (a set of classes)"
+    )

@@ -104,3 +104,20 @@ def test_clean_name_drops_every_wrapper_segment() -> None:
     assert clean_name("_fsdp_wrapped_module.student.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.w") == (
         "student.layers.0.w")
     assert clean_name("student.base_model.model.lm_head.weight") == "student.base_model.model.lm_head.weight"
+
+
+def test_the_block_policy_refuses_a_model_without_transformers_blocks() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from heal_pl.models.fsdp import check_block_units
+
+    model = load_model("tiny-llama")
+    check_block_units(model, decoder_blocks)  # every family's blocks are GradientCheckpointingLayers
+    module = HealModule(model="tiny-llama")
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(auto_wrap_policy=decoder_blocks), world_size=2)
+    module.setup("fit")
+    model.model.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))  # blocks of a custom class
+    with pytest.raises(ValueError, match=r"decoder_blocks finds no decoder block in LlamaForCausalLM: its blocks "
+                                         r"\(Linear\) are not transformers GradientCheckpointingLayers"):  # fmt: skip
+        check_block_units(model, decoder_blocks)
+    check_block_units(model, {torch.nn.Linear})  # a policy of the user's own: not second-guessed
