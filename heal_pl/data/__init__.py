@@ -1,5 +1,6 @@
 """Training data: the Lightning datamodule (``datamodule``), the row formats it reads (``formats``), the chat
-turn ends (``turns``), question prompts (``prompts``) and the bundled data sets (``assets/``)."""
+turn ends (``turns``), question prompts (``prompts``), your own prompt files (``prompt_files``) and the bundled data
+sets (``assets/``)."""
 
 from heal_pl.data.datamodule import ASSETS, EpochShuffleSampler, HealDataModule
 

@@ -26,9 +26,18 @@ def chat_prompt(tokenizer: Any, question: str, system: str | None) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def questions(n: int) -> list[str]:
-    """``n`` distinct bundled questions: held-out ones first, then training ones."""
+def questions(n: int, source: str | None = None) -> list[str]:
+    """``n`` distinct questions: the first ``n`` prompts of the file ``source`` (your own prompts,
+    :func:`heal_pl.data.prompt_files.read_prompts`), or, when ``None``, bundled ones: held-out first, then training."""
     # imported here: prompt users need no file readers (a shorter import chain, scripts/import_chain.py)
+    if source is not None:
+        from heal_pl.data.prompt_files import read_prompts
+
+        given = [row["prompt"] for row in read_prompts(source)]
+        if len(given) < n:
+            raise ValueError(f"n_fit + n_calib + n_audit = {n} exceeds the {len(given)} prompts of "
+                             f"prompts={source!r} (fit, calibration, then audit, in file order)")  # fmt: skip
+        return given[:n]
     from heal_pl.data.formats import DEFAULT_TRAIN_FILE, DEFAULT_VAL_FILE, read_examples
 
     seen: dict[str, None] = {}

@@ -5,7 +5,7 @@ and the YAML keys and flags stay flat (``--stat p95``, never ``--steering.stat``
 
 * :class:`SteeringArgs`: model, device, dtype, adapter_dir, layers, target, stat, signs (calibrate, survival, compare);
 * :class:`MethodArgs`: SteeringArgs + method (calibrate and survival; compare has ``methods``);
-* :class:`CalibrationSettings`: pos_system, neg_system, n_fit, n_calib, n_audit, bracket, tol, max_iters,
+* :class:`CalibrationSettings`: pos_system, neg_system, n_fit, n_calib, n_audit, prompts, bracket, tol, max_iters,
   max_new_tokens, batch_size (flat in ``heal calibrate``, the ``calibration`` dict of survival and compare);
 * :class:`CalibrateArgs`: MethodArgs + CalibrationSettings + out_dir, the arguments of ``heal calibrate``.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal, get_args
 
 from heal_pl.checks import Checked, choice_problem, int_problem
-from heal_pl.data.prompts import NEUTRAL, PIRATE
+from heal_pl.data.prompts import NEUTRAL, PIRATE, questions
 from heal_pl.hardware import resolve_device
 from heal_pl.models.load import Dtype
 from heal_pl.steering.trajectory import STATS, Stat
@@ -130,9 +130,12 @@ class CalibrationSettings(Checked):
     Args:
         pos_system: the persona whose contrast with ``neg_system`` defines the vector.
         neg_system: the other side of the contrast (a plain assistant).
-        n_fit: bundled questions the vector is fitted on (>= 1; 0 is allowed with ``method: adapter``, nothing fitted).
-        n_calib: the next bundled questions, on which c* is searched (>= 1).
+        n_fit: questions the vector is fitted on (>= 1; 0 is allowed with ``method: adapter``, nothing fitted).
+        n_calib: the next questions, on which c* is searched (>= 1).
         n_audit: the next ones, held out, on which c* is re-measured (>= 1).
+        prompts: your own questions: a ``.jsonl`` / ``.csv`` file with a ``prompt`` field, a ``.txt`` file with one
+            per line, or a ``datasets`` source (:mod:`heal_pl.data.prompt_files`), read in file order (fit,
+            calibration, audit); ``None`` = the bundled persona questions.
         bracket: the search range ``(lo, hi)`` of ``c``, ``0 < lo < hi``.
         tol: the root finder's tolerance on the statistic (absolute nats, > 0).
         max_iters: the most evaluations per sign (>= 1).
@@ -146,6 +149,7 @@ class CalibrationSettings(Checked):
     n_fit: int = 16
     n_calib: int = 8
     n_audit: int = 8
+    prompts: str | None = None
     bracket: tuple[float, float] = (0.5, 64.0)
     tol: float = 0.05
     max_iters: int = 10
@@ -153,11 +157,26 @@ class CalibrationSettings(Checked):
     batch_size: int = 8
 
     def problems(self) -> list[str]:
-        return [*super().problems(), *_present(
-            int_problem("n_fit", self.n_fit, 0), int_problem("n_calib", self.n_calib, 1),
-            int_problem("n_audit", self.n_audit, 1), bracket_problem(self.bracket), positive_problem("tol", self.tol),
-            int_problem("max_iters", self.max_iters, 1), int_problem("max_new_tokens", self.max_new_tokens, 1),
-            int_problem("batch_size", self.batch_size, 1))]  # fmt: skip
+        counts = _present(int_problem("n_fit", self.n_fit, 0), int_problem("n_calib", self.n_calib, 1),
+                          int_problem("n_audit", self.n_audit, 1))  # fmt: skip
+        return [*super().problems(), *counts, *_present(
+            None if counts else self.prompts_problem(), bracket_problem(self.bracket),
+            positive_problem("tol", self.tol), int_problem("max_iters", self.max_iters, 1),
+            int_problem("max_new_tokens", self.max_new_tokens, 1), int_problem("batch_size", self.batch_size, 1))]
+
+    def questions(self) -> list[str]:
+        """The ``n_fit + n_calib + n_audit`` questions, in that order: from ``prompts``, or bundled ones."""
+        return questions(self.n_fit + self.n_calib + self.n_audit, self.prompts)
+
+    def prompts_problem(self) -> str | None:
+        """Why ``prompts`` cannot give the questions (a missing field, too few prompts, ...), or ``None``."""
+        if self.prompts is None:
+            return None
+        try:
+            self.questions()
+        except ValueError as e:
+            return str(e)
+        return None
 
 
 CALIBRATION_KEYS: tuple[str, ...] = tuple(f.name for f in fields(CalibrationSettings))  # the `calibration` dict's keys

@@ -7,9 +7,10 @@ Steps (docs/maths.md §3): (1) contrastive prompts = the same questions under th
 ``adapter``); (2) for each sign, ``heal_pl.steering.isokl.calibrate_method`` finds c with ``stat`` of
 KL(steered ‖ base) along the greedy trajectory of the next ``n_calib`` questions equal to ``target``;
 (3) re-measure at c* on ``n_audit`` held-out questions. Questions come from the bundled persona set
-(``heal_pl/data/assets/persona_*.jsonl``) and are shown with no system prompt of ours at measurement time.
+(``heal_pl/data/assets/persona_*.jsonl``), or from your own file ``prompts`` in file order
+(:mod:`heal_pl.data.prompt_files`), and are shown with no system prompt of ours at measurement time.
 
-Writes into ``out_dir``: ``calib.json`` (config + full results), ``history.csv`` (every evaluation),
+Writes into ``out_dir``: ``calib.json`` (config, the questions used, full results), ``history.csv`` (every evaluation),
 ``summary.csv`` (one row per sign), ``audit.csv``, ``vector.safetensors`` (when a vector was fitted)
 and TensorBoard scalars under ``calibrate/``. Every finished evaluation is recorded in ``out_dir/journal/``
 (:mod:`heal_pl.journal`): rerun the same config with the same ``out_dir`` after a kill and it continues from them.
@@ -30,9 +31,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from heal_pl.checks import command
-from heal_pl.data.prompts import chat_prompt, questions
+from heal_pl.data.prompts import chat_prompt
 from heal_pl.hardware import load_on
-from heal_pl.journal import Journal, atomic_path, write_json
+from heal_pl.journal import Journal, atomic_path, fingerprint, write_json
 from heal_pl.models.load import load_tokenizer
 from heal_pl.progress import Progress, progress
 from heal_pl.steering.adapter import AdapterSteering
@@ -54,11 +55,14 @@ def run_calibration(args: CalibrateArgs) -> dict[str, IsoKLResult]:
     config = asdict(args)  # the arguments, for calib.json
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(out / "journal", {k: v for k, v in config.items() if k != "out_dir"}, "heal calibrate")
+    qs = args.questions()
+    journaled = {k: v for k, v in config.items() if k != "out_dir"}
+    if args.prompts is not None:  # an edited file under the same name is another config
+        journaled["prompts_digest"] = fingerprint({"questions": qs})
+    journal = Journal(out / "journal", journaled, "heal calibrate")
     lm = load_on(args.model, args.device, args.dtype)
     tokenizer = load_tokenizer(args.model)
     n_fit, n_calib = args.n_fit, args.n_calib
-    qs = questions(n_fit + n_calib + args.n_audit)
     fit_q, calib_q, audit_q = qs[:n_fit], qs[n_fit : n_fit + n_calib], qs[n_fit + n_calib :]
     if args.method == "adapter":
         steering: Any = AdapterSteering.from_pretrained(lm, args.adapter_dir)  # type: ignore[arg-type]
@@ -108,12 +112,14 @@ def run_calibration(args: CalibrateArgs) -> dict[str, IsoKLResult]:
             writer.add_scalar(f"calibrate/{name}/{key}", value, 0)
         results[name] = result
     writer.close()
-    _write_outputs(out, config, results, stat)
+    _write_outputs(out, config, results, stat, {"fit": fit_q, "calib": calib_q, "audit": audit_q})
     return results
 
 
-def _write_outputs(out: Path, config: dict[str, Any], results: dict[str, IsoKLResult], stat: str) -> None:
-    payload = {"config": config, "results": {n: r.to_dict() for n, r in results.items()}}
+def _write_outputs(out: Path, config: dict[str, Any], results: dict[str, IsoKLResult], stat: str,
+                   used: dict[str, list[str]] | None = None) -> None:  # fmt: skip
+    payload = {"config": config, **({} if used is None else {"questions": used}),
+               "results": {n: r.to_dict() for n, r in results.items()}}  # fmt: skip
     write_json(out / "calib.json", payload, indent=2, default=str)  # atomic
     with open(out / "history.csv", "w", newline="") as f:
         w = csv.writer(f)

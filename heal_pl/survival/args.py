@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from heal_pl.checks import choice_problem
+from heal_pl.data.prompt_files import overlap_problem
 from heal_pl.steering.args import (
     CALIBRATION_KEYS,
     METHODS,
@@ -37,7 +38,9 @@ class SweepArgs(SweepConfig, SteeringArgs):
     Args:
         calibration: further ``heal calibrate`` arguments, by name (:class:`~heal_pl.steering.args.
             CalibrationSettings`: ``n_fit``, ``n_calib``, ``n_audit``, ``bracket``, ``tol``, ``max_iters``,
-            ``max_new_tokens``, ``batch_size``, ``pos_system``, ``neg_system``); ``None`` = their defaults.
+            ``max_new_tokens``, ``batch_size``, ``pos_system``, ``neg_system``, ``prompts``: your own open questions
+            for the vector and c*); ``None`` = their defaults. With your own prompts on either side, the
+            calibration's questions and the evaluation's must be disjoint.
     """
 
     calibration: dict[str, Any] | None = None
@@ -60,7 +63,19 @@ class SweepArgs(SweepConfig, SteeringArgs):
         except ValueError as e:
             return [*problems, str(e)]
         n_fit = n_fit_problem(settings.n_fit, self.calibrated_methods()) if self.calibrated_methods() else None
-        return problems if n_fit is None else [*problems, f"calibration: {n_fit}"]
+        if n_fit is not None:
+            return [*problems, f"calibration: {n_fit}"]
+        overlap = self.overlap_problem(settings) if self.calibrated_methods() and not problems else None
+        return problems if overlap is None else [*problems, overlap]
+
+    def overlap_problem(self, settings: CalibrationSettings) -> str | None:
+        """Why the calibration's questions (the vector is fitted, c* searched and audited on them) meet the
+        evaluation's, or ``None``; checked when your own prompts are given to either (the bundled sets are
+        disjoint)."""
+        if settings.prompts is None and self.prompts is None:
+            return None
+        calibration = [{"prompt": q} for q in settings.questions()]
+        return overlap_problem("calibration prompts", calibration, "evaluation prompts", self.question_sets()[1])
 
     def calibrate_kwargs(self, method: str, adapter_dir: str | None, out_dir: str) -> dict[str, Any]:
         """The keywords of ``run_calibration`` (:class:`~heal_pl.steering.args.CalibrateArgs`) for ``method``."""

@@ -239,7 +239,8 @@ def _run_prompt(
     """:func:`prompt_survival` on a freshly loaded model, journaled in ``out/journal``; writes ``out/prompt.json``
     and ``out/figures/spaghetti_prompt.png`` (TensorBoard ``compare/spaghetti/prompt``)."""
     journal = Journal(out / "journal", {"model": model_name, "device": device, "dtype": dtype, "system": system,
-                                        "sweep": asdict(config)}, "heal compare (prompt baseline)")  # fmt: skip
+                                        "sweep": asdict(config), **config.prompts_digest()},
+                      "heal compare (prompt baseline)")  # fmt: skip
     tokenizer = load_tokenizer(model_name)
     answer_ids = answer_token_ids(tokenizer, config.answer_sets())
     lm = load_on(model_name, device, dtype)

@@ -1,5 +1,6 @@
 """What a survival sweep measures: :class:`SweepConfig` (everything but the model, the steering and c*), the
-default α grid and splice, and the bundled true/false questions it reads (docs/maths.md §4.6)."""
+default α grid and splice, and the true/false questions it reads: bundled, or your own (``prompts``,
+:mod:`heal_pl.data.prompt_files`) (docs/maths.md §4.6)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import numpy as np
 
 from heal_pl.checks import Checked
 from heal_pl.data.formats import ASSETS
+from heal_pl.data.prompt_files import overlap_problem, read_prompts, split_check_eval
+from heal_pl.journal import fingerprint
 from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, AnswerSet
 from heal_pl.survival.table import fork_schedule
 from heal_pl.survival.thresholds import check_thresholds
@@ -38,8 +41,13 @@ class SweepConfig(Checked):
         fork_step: a fork every ``fork_step`` tokens (``0, s, 2s, …, w``); or ``n_log_forks`` log-spaced forks.
         threshold: alive while ``pmass ≥ threshold``, in the open interval (0, 1).
         splice: the probe's answer prefix, appended after the first ``t`` generated tokens.
-        n_eval: how many bundled evaluation questions (``None`` = all); stop_at_eos: end a rollout at EOS
+        n_eval: how many evaluation questions (``None`` = all); stop_at_eos: end a rollout at EOS
             (right-censored there) or run every rollout to ``w``.
+        prompts: your own true/false statements (``prompt`` and ``answer`` fields: a ``.jsonl`` / ``.csv`` file or a
+            ``datasets`` source, :mod:`heal_pl.data.prompt_files`): the evaluation set; without ``check_prompts``
+            the file is cut in two, rows 1, 5, 9, … for the probe check and the others for the evaluation.
+            ``None`` = the bundled ``yesno_eval.jsonl`` (and ``yesno_calib.jsonl``).
+        check_prompts: the probe check's statements, in a file of their own (disjoint from the evaluation's).
         batch_size: prompts per rollout forward; fork_batch: forks packed per probe forward.
         smooth, normalise: spaghetti figure smoothing width and per-trajectory normalisation.
         true_variants, false_variants: the surface forms of the two answer sets.
@@ -61,6 +69,8 @@ class SweepConfig(Checked):
     true_variants: list[str] = field(default_factory=lambda: list(DEFAULT_ANSWER_SETS[0].variants))
     false_variants: list[str] = field(default_factory=lambda: list(DEFAULT_ANSWER_SETS[1].variants))
     thresholds: list[float] | None = None
+    prompts: str | None = None
+    check_prompts: str | None = None
 
     where: ClassVar[str] = "survival"
 
@@ -68,7 +78,11 @@ class SweepConfig(Checked):
         def pos_int(x: Any) -> bool:
             return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
-        n_questions = len(load_questions("eval"))
+        try:
+            n_questions, sets = len(self.question_sets()[1]), None
+        except ValueError as e:
+            n_questions, sets = None, str(e)
+        given = "bundled questions" if self.prompts is None else f"evaluation prompts of prompts={self.prompts!r}"
         checks = [
             (len(self.alphas) > 0 and all(isinstance(a, (int, float)) and math.isfinite(a) and a >= 0
                                           for a in self.alphas) and len(set(self.alphas)) == len(self.alphas),
@@ -81,8 +95,9 @@ class SweepConfig(Checked):
             (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0,
              f"threshold={self.threshold!r} must be in the open interval (0, 1)"),
             (isinstance(self.splice, str) and self.splice.strip() != "", f"splice={self.splice!r} must be non-empty"),
-            (self.n_eval is None or (pos_int(self.n_eval) and self.n_eval <= n_questions),
-             f"n_eval={self.n_eval!r} must be None or an integer in [1, {n_questions}] (bundled questions)"),
+            (sets is None, sets or ""),
+            (self.n_eval is None or n_questions is None or (pos_int(self.n_eval) and self.n_eval <= n_questions),
+             f"n_eval={self.n_eval!r} must be None or an integer in [1, {n_questions}] ({given})"),
             (pos_int(self.batch_size), f"batch_size={self.batch_size!r} must be an integer >= 1"),
             (pos_int(self.fork_batch), f"fork_batch={self.fork_batch!r} must be an integer >= 1"),
             (pos_int(self.smooth), f"smooth={self.smooth!r} must be an integer >= 1"),
@@ -112,6 +127,33 @@ class SweepConfig(Checked):
     def fork_points(self) -> np.ndarray:
         """The forks: :func:`heal_pl.survival.table.fork_schedule` of ``w`` with ``fork_step`` or ``n_log_forks``."""
         return fork_schedule(self.w, step=self.fork_step, n_log=self.n_log_forks)
+
+    def question_sets(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """``(probe check questions, evaluation questions)``, each ``{"prompt", "answer", ...}``: from ``prompts``
+        and ``check_prompts`` (class docstring), else the bundled ones.
+
+        Raises:
+            ValueError: a problem of a file (naming it and the line), or the two sets share a prompt.
+        """
+        given = self.prompts is not None
+        evals = read_prompts(self.prompts, "prompts", answers=True) if given else load_questions("eval")
+        if self.check_prompts is not None:
+            check = read_prompts(self.check_prompts, "check_prompts", answers=True)
+        elif given:
+            check, evals = split_check_eval(evals, f"prompts={self.prompts!r}")
+        else:
+            return load_questions("calib"), evals
+        problem = overlap_problem("probe check prompts", check, "evaluation prompts", evals)
+        if problem is not None:
+            raise ValueError(problem)
+        return check, evals
+
+    def prompts_digest(self) -> dict[str, str]:
+        """``{"prompts_digest": SHA-256 of both question sets}`` when your own prompts are read, else ``{}``: for a
+        journal's config, where an edited file under the same name is another config."""
+        if self.prompts is None and self.check_prompts is None:
+            return {}
+        return {"prompts_digest": fingerprint(dict(zip(("check", "eval"), self.question_sets(), strict=True)))}
 
     def answer_sets(self) -> tuple[AnswerSet, AnswerSet]:
         return AnswerSet("true", tuple(self.true_variants)), AnswerSet("false", tuple(self.false_variants))

@@ -4,9 +4,10 @@
 
 Steps: (1) calibrate c* per sign with ``heal calibrate`` (:func:`heal_pl.steering.run.run_calibration`,
 written into ``out_dir/calibrate``) or load an existing ``calib.json`` (its steering vector
-``vector.safetensors`` next to it, or its ``adapter_dir``); (2) sweep α · c* over the bundled true/false
-evaluation questions, reading a forced-choice probe at the forks of every rollout
-(:func:`heal_pl.survival.sweep.sweep_survival`, docs/maths.md §4); (3) write the survival table, the trajectories
+``vector.safetensors`` next to it, or its ``adapter_dir``); (2) sweep α · c* over the true/false evaluation
+questions (bundled, or your own: ``prompts``, :class:`~heal_pl.survival.config.SweepConfig`), reading a
+forced-choice probe at the forks of every rollout (:func:`heal_pl.survival.sweep.sweep_survival`, docs/maths.md
+§4); (3) write the survival table, the trajectories
 and the figures (files and TensorBoard tags listed in :mod:`heal_pl.survival.sweep`).
 
 The arguments are :class:`heal_pl.survival.args.SurvivalArgs` (flat: ``run_survival(model=..., w=...)`` and
@@ -64,8 +65,9 @@ def run_survival(args: SurvivalArgs) -> dict[str, Any]:
     arguments is refused (the message names them). ``thresholds`` are read from the stored pmass, so not part of
     the journal's arguments.
     """
-    arguments = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in NOT_JOURNALED}
     config = args.sweep_config()
+    arguments = {f.name: getattr(args, f.name) for f in fields(args) if f.name not in NOT_JOURNALED}
+    arguments.update(config.prompts_digest())
     out = Path(args.out_dir)
     journal = Journal(out / "journal", arguments, "heal survival")
     tokenizer = load_tokenizer(args.model)

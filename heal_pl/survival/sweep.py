@@ -10,10 +10,10 @@ For each sign ``σ`` with calibrated ``c*_σ`` and each ``α`` of the grid (defa
 3. :func:`heal_pl.survival.table.survival_table`: alive while ``pmass ≥ threshold``, absorbing death, censoring at
    EOS; Kaplan–Meier through lifelines.
 
-Before the sweep a probe check reads the unsteered probe right after the prompt (fork 0) on the
-calibration questions (never the evaluation ones): mean pmass, share with ``pmass ≥ threshold``, and
-accuracy of ``p_true > 0.5`` against the answers. A low share says the splice or the threshold does not
-suit the model, whatever the steering.
+Before the sweep a probe check reads the unsteered probe right after the prompt (fork 0) on the probe check
+questions (bundled ``yesno_calib.jsonl``, or ``check_prompts`` / a part of ``prompts``; never the evaluation
+ones): mean pmass, share with ``pmass ≥ threshold``, and accuracy of ``p_true > 0.5`` against the answers. A
+low share says the splice or the threshold does not suit the model, whatever the steering.
 
 Files written into ``out_dir`` by :func:`write_outputs`: ``summary.json``, ``survival.csv``, ``survival.md``,
 ``trajectories.json``, ``trajectories.csv`` (one row per trajectory and fork), ``kl.csv`` (one row per
@@ -50,7 +50,7 @@ from heal_pl.progress import progress
 from heal_pl.steering.hooks import SteeringMethod
 from heal_pl.steering.trajectory import measure_kl
 from heal_pl.survival.analyses import write_analyses
-from heal_pl.survival.config import SweepConfig, load_questions
+from heal_pl.survival.config import SweepConfig
 from heal_pl.survival.forks import check_window, fork_probe, probe_forks
 from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
 from heal_pl.survival.probes import THINK_OPEN, has_thinking_tokens, splice_text
@@ -93,7 +93,7 @@ def eval_prompts(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The evaluation questions and their chat prompts (under ``system``, if given); ``ValueError`` (naming ``w``)
     when prompt + ``w`` + splice do not fit the model's context."""
-    evals = load_questions("eval")[: config.n_eval]
+    evals = config.question_sets()[1][: config.n_eval]
     prompts = [chat_prompt(tokenizer, q["prompt"], system) for q in evals]
     splice = splice_text(THINK_OPEN, config.splice) if has_thinking_tokens(tokenizer) else config.splice
     n_splice = len(tokenizer(splice, add_special_tokens=False)["input_ids"])
@@ -137,7 +137,7 @@ def sweep_survival(
     if bad:
         raise ValueError(f"c_stars {bad} must be finite and > 0")
     evals, prompts = eval_prompts(model, tokenizer, config)
-    calib = load_questions("calib")
+    calib = config.question_sets()[0]
     forks = config.fork_points()
     eos = set(eos_ids(tokenizer, model, None).tolist())
     check = journaled(journal, "probe_check", {}, lambda: probe_check(

@@ -11,8 +11,8 @@ import lightning as L
 import pytest
 import torch
 
-import heal_pl.callbacks.kl_barrier as kl_barrier_py
 import heal_pl.barrier.ref_source as ref_source_py
+import heal_pl.callbacks.kl_barrier as kl_barrier_py
 from heal_pl.adapters.switch import ref_rows
 from heal_pl.barrier.kl import KLBarrier, counted_positions
 from heal_pl.barrier.ref_cache import RefRowCache, example_keys, ref_fingerprint
