@@ -11,7 +11,7 @@ import torch
 import heal_pl.hardware as hardware
 import heal_pl.rounds.loop
 from heal_pl.cli import main
-from heal_pl.hardware import load_on, resolve_device, trainer_settings
+from heal_pl.hardware import load_on, resolve_device, resolve_dtype, trainer_settings
 from heal_pl.steering.run import run_calibration
 from heal_pl.survival.run import run_survival
 from tests.helpers import heal_error
@@ -60,7 +60,7 @@ def test_cuda_asked_for_and_absent_is_a_clear_error(device: str, no_cuda) -> Non
 
 
 def test_unknown_dtypes_list_the_allowed_ones() -> None:
-    with pytest.raises(ValueError, match="dtype='fp8' is not allowed; choose one of float32, bfloat16, float16"):
+    with pytest.raises(ValueError, match="dtype='fp8' is not allowed; choose one of auto, float32, bfloat16, float16"):
         load_on("tiny-llama", "cpu", "fp8")  # type: ignore[arg-type]
 
 
@@ -68,6 +68,18 @@ def test_load_on_gives_the_dtype_and_device() -> None:
     model = load_on("tiny-llama", "cpu", "bfloat16")
     p = next(model.parameters())
     assert p.dtype == torch.bfloat16 and p.device == torch.device("cpu") and not model.training
+
+
+def test_auto_dtype_is_bfloat16_on_cuda_and_float32_on_the_cpu(two_gpus) -> None:
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("auto", "auto") == resolve_dtype("auto", "cuda:1") == "bfloat16"
+    assert resolve_dtype("float16", "cpu") == "float16"  # a named dtype is kept
+    assert trainer_settings("auto", "auto")["precision"] == "bf16-mixed"
+    assert trainer_settings("cpu", "auto")["precision"] == "32-true"
+
+
+def test_load_on_auto_loads_float32_on_the_cpu() -> None:
+    assert next(load_on("tiny-llama", "cpu").parameters()).dtype == torch.float32
 
 
 def test_trainer_settings_follow_device_and_dtype_unless_given(no_cuda) -> None:
@@ -84,8 +96,8 @@ def test_help_shows_device_and_dtype(command: str, capsys) -> None:
         main([command, "--help"])
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
-    assert "--device DEVICE" in text and "--dtype {float32,bfloat16,float16}" in text
-    assert "cuda:N" in text and "default: auto" in text and "default: float32" in text
+    assert "--device DEVICE" in text and "--dtype {auto,float32,bfloat16,float16}" in text
+    assert "cuda:N" in text and "default: auto" in text and "default: float32" not in text
     if command == "rounds":
         assert all(f"--heal.{k}" in text for k in ("accelerator", "devices", "precision"))
 

@@ -23,8 +23,8 @@ from torch.utils.tensorboard import SummaryWriter
 from heal_pl.adapters.lora import LoRASpec
 from heal_pl.barrier.kl import KLBarrier
 from heal_pl.data.prompts import questions
-from heal_pl.hardware import check_dtype, load_on, resolve_device
-from heal_pl.models.load import Dtype, load_tokenizer
+from heal_pl.hardware import RunDtype, load_on, resolve_dtype
+from heal_pl.models.load import load_tokenizer
 from heal_pl.rounds.bake import bake_history
 from heal_pl.rounds.dilemmas import DEFAULT_DILEMMA_FILE, DEFAULT_PERSONA_FILE, load_dilemmas, load_persona_pair
 from heal_pl.rounds.dose import check_dose
@@ -69,7 +69,7 @@ def _problems(rounds: int, coh_floor: float, n_fit: int, sampling: Sampling, fil
 def run_rounds(
     model: str = "smollm2-135m-instruct",
     device: str = "auto",
-    dtype: Dtype = "float32",
+    dtype: RunDtype = "auto",
     persona_file: str | None = None,
     dilemma_file: str | None = None,
     method: Literal["mean_diff", "pca"] = "mean_diff",
@@ -94,8 +94,9 @@ def run_rounds(
     Args:
         model: model alias, folder or Hugging Face id.
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (:mod:`heal_pl.hardware`).
-        dtype: the dtype the weights are loaded in: ``float32``, ``bfloat16`` or ``float16``; the heal fit's
-            precision follows it (``32-true``, ``bf16-mixed``, ``16-mixed``) unless ``heal.precision`` is set.
+        dtype: the dtype the weights are loaded in: ``auto`` (``bfloat16`` on CUDA, else ``float32``), ``float32``,
+            ``bfloat16`` or ``float16``; the heal fit's precision follows it (``32-true``, ``bf16-mixed``,
+            ``16-mixed``) unless ``heal.precision`` is set.
         persona_file: JSON persona pair (``pos_system`` = the trait, ``neg_system``); None = the bundled
             care vs authority pair (``heal_pl/data/assets/persona_pair_care_authority.json``).
         dilemma_file: JSON forced-choice probe set (single-token answers) for coherence and trait; None = the
@@ -118,8 +119,7 @@ def run_rounds(
     problems = _problems(rounds, coh_floor, n_fit, sampling, filter, heal, lora, greedy_prompts)
     if problems:
         raise ValueError("heal rounds: " + "; ".join(problems))
-    check_dtype(dtype)
-    resolve_device(device)
+    dtype = resolve_dtype(dtype, device)  # auto: what the device runs best (the state records the choice)
     check_dose(dose.kappa_min, dose.target_share, dose.max_attempts)
     if dose.coeff <= 0:
         raise ValueError(f"dose.coeff={dose.coeff} must be > 0 (the sign is the persona pair's order)")

@@ -24,8 +24,7 @@ from typing import ClassVar, Literal, get_args
 
 from heal_pl.checks import Checked, choice_problem, int_problem
 from heal_pl.data.prompts import NEUTRAL, PIRATE, questions
-from heal_pl.hardware import resolve_device
-from heal_pl.models.load import Dtype
+from heal_pl.hardware import RunDtype, resolve_device, resolve_dtype
 from heal_pl.steering.trajectory import STATS, Stat
 
 Method = Literal["mean_diff", "pca", "directional_ablation", "adapter"]
@@ -74,7 +73,8 @@ class SteeringArgs(Checked):
     Args:
         model: model alias, folder or Hugging Face id.
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (:mod:`heal_pl.hardware`).
-        dtype: the dtype the weights are loaded in: ``float32``, ``bfloat16`` or ``float16``.
+        dtype: the dtype the weights are loaded in: ``auto`` (``bfloat16`` on a CUDA device, else ``float32``),
+            ``float32``, ``bfloat16`` or ``float16``; the KLs are float32 whatever it is.
         adapter_dir: a peft adapter folder (e.g. ``runs/rmse/version_0/adapter``), read by the ``adapter`` method.
         layers: decoder blocks to steer, as depth fractions (floats) or indices (ints).
         target: the KL budget in nats (> 0).
@@ -85,7 +85,7 @@ class SteeringArgs(Checked):
     where: ClassVar[str] = "steering"
     model: str = "smollm2-135m-instruct"
     device: str = "auto"
-    dtype: Dtype = "float32"
+    dtype: RunDtype = "auto"
     adapter_dir: str | None = None
     layers: list[float] | list[int] | float | int = 0.5
     target: float = 1.0
@@ -99,8 +99,12 @@ class SteeringArgs(Checked):
         except ValueError as e:
             device = str(e)
         return [*super().problems(), *_present(
-            device, choice_problem("dtype", self.dtype, Dtype), positive_problem("target", self.target),
+            device, choice_problem("dtype", self.dtype, RunDtype), positive_problem("target", self.target),
             choice_problem("stat", self.stat, STATS), signs_problem(self.signs))]  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.dtype = resolve_dtype(self.dtype, self.device)  # auto -> the device's; the journal records the choice
 
 
 @dataclass

@@ -46,7 +46,7 @@ def test_one_error_names_every_bad_field_and_its_allowed_values() -> None:
     message = str(info.value)
     assert message.startswith("heal calibrate: ")
     for part in ("stat='p42' is not allowed; choose one of mean, p50, p90, p95, p99, max, rms", TWICE,
-                 "dtype='half' is not allowed; choose one of float32, bfloat16, float16",
+                 "dtype='half' is not allowed; choose one of auto, float32, bfloat16, float16",
                  "method='adapter' needs adapter_dir", "n_calib=0 must be >= 1", "bracket=(5.0, 1.0) must be (lo, hi)",
                  "tol=0.0 must be a finite number > 0", "target=-1.0 must be a finite number > 0",
                  "max_iters=0 must be >= 1"):  # fmt: skip
