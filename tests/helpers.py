@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -69,3 +72,22 @@ def heal_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         main(argv)
     assert done.value.code == 2, f"exit status {done.value.code}"
     return one_line_error(capsys.readouterr().err, argv[0])
+
+
+@contextlib.contextmanager
+def largest_vocab_rows(vocab: int) -> Iterator[dict[str, int]]:
+    """Inside the block, the most rows (all dimensions but the last) of any ``[..., vocab]`` log-softmax
+    (``torch.log_softmax``) and head product (``F.linear`` / ``torch.mm``); both functions are restored on exit."""
+    seen = {"log_softmax": 0, "head": 0}
+
+    def record(kind: str, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == vocab:
+            seen[kind] = max(seen[kind], x.numel() // vocab)
+        return x
+
+    log_softmax, linear, mm = torch.log_softmax, torch.nn.functional.linear, torch.mm
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "log_softmax", lambda *a, **k: record("log_softmax", log_softmax(*a, **k)))
+        patch.setattr(torch.nn.functional, "linear", lambda *a, **k: record("head", linear(*a, **k)))
+        patch.setattr(torch, "mm", lambda *a, **k: record("head", mm(*a, **k)))
+        yield seen

@@ -138,6 +138,25 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
         return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
+def _kl_rows(w: Tensor, diff: Tensor, keep_diff: bool) -> Tensor:
+    """``KL_t = Σ_v w[t, v] · diff[t, v]``; only when a row's sum is not finite are the ``w = 0`` terms set to 0
+    (``0 · log 0 = 0``). With ``keep_diff`` (the gradient passes read ``diff`` after) batched dot products, no
+    ``[c, V]`` temporary; without, ``diff`` is overwritten by the products and summed by torch's pairwise
+    reduction, as accurate as :func:`heal_pl.barrier.kl.per_token_kl` (the dot products accumulate in float32
+    along ``V``: largest relative error against float64 2.2e-4 instead of 2.9e-5 on 256 rows at V = 131,072)."""
+    if keep_diff:
+        kl = _rowdot(w, diff)
+        if not torch.isfinite(kl).all():
+            diff.masked_fill_(w == 0, 0.0)
+            kl = _rowdot(w, diff)
+        return kl
+    prod = diff.mul_(w)
+    kl = prod.sum(-1)
+    if not torch.isfinite(kl).all():
+        kl = prod.masked_fill_(w == 0, 0.0).sum(-1)
+    return kl
+
+
 def _logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, transform: HeadTransform) -> None:
     """``out ← transform(x Wᵀ + b)`` in float32, autocast off; a non-float32 ``W`` is upcast block by block."""
     with torch.autocast(x.device.type, enabled=False):
@@ -200,19 +219,13 @@ def head_stats(
     if reverse:
         diff = torch.sub(logp, mid, out=mid)  # log p − log q
         p = logp.exp_()
-        kl = _rowdot(p, diff)
-        if not torch.isfinite(kl).all():
-            diff.masked_fill_(p == 0, 0.0)  # 0 · log 0 = 0
-            kl = _rowdot(p, diff)
+        kl = _kl_rows(p, diff, keep_diff=grads)
         if grads:
             diff.sub_(kl.unsqueeze(-1)).mul_(p)  # ∂KL/∂z = p ⊙ (log p − log q − KL), in place
     else:
         q = torch.exp(mid, out=zq)
         diff = mid.sub_(logp)  # log q − log p
-        kl = _rowdot(q, diff)
-        if not torch.isfinite(kl).all():
-            diff.masked_fill_(q == 0, 0.0)
-            kl = _rowdot(q, diff)
+        kl = _kl_rows(q, diff, keep_diff=grads)
         if grads:
             p = logp.exp_()
             torch.sub(p, q, out=mid)  # ∂KL/∂z = p − q

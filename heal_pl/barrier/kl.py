@@ -255,14 +255,15 @@ def _chunk_stats(
     return kl, nll
 
 
-def _fusable(head: Head | None) -> tuple[nn.Linear, HeadTransform] | None:
+def _fusable(head: Head | None, grad_on: bool = True) -> tuple[nn.Linear, HeadTransform] | None:
     """``(projection, transform)`` of a frozen linear head: a bare ``nn.Linear``, or an object with a frozen
-    ``proj: nn.Linear`` and a ``transform: HeadTransform`` (``heal_pl.models.lm.LMHead``); else ``None``."""
+    ``proj: nn.Linear`` and a ``transform: HeadTransform`` (``heal_pl.models.lm.LMHead``); else ``None``.
+    With ``grad_on=False`` (no gradient is recorded) a trainable ``proj`` is read like a frozen one."""
     proj, transform = (head, IDENTITY) if isinstance(head, nn.Linear) else (
         getattr(head, "proj", None), getattr(head, "transform", None))  # fmt: skip
     if type(proj) is not nn.Linear or not isinstance(transform, HeadTransform):
         return None
-    return None if any(p.requires_grad for p in proj.parameters()) else (proj, transform)
+    return None if grad_on and any(p.requires_grad for p in proj.parameters()) else (proj, transform)
 
 
 def token_stats(
@@ -292,8 +293,9 @@ def token_stats(
             (the usual LoRA case; ``LMHead`` included, its transform and gradient applied exactly) and
             ``ref_head`` is the same head, each chunk's row gradients are
             taken in the forward pass, in one ``[3 · chunk_size, V]`` float32 workspace reused by
-            every chunk (``heal_pl.barrier.fused_head``; without gradients, e.g. in validation, the same
-            kernel skips the gradient passes); otherwise each chunk runs under activation
+            every chunk (``heal_pl.barrier.fused_head``; without gradients, e.g. in validation or a
+            rollout's KL, the same kernel skips the gradient passes, and under ``torch.no_grad`` a
+            trainable linear head is fused too); otherwise each chunk runs under activation
             checkpointing.
 
     Returns:
@@ -312,7 +314,7 @@ def token_stats(
         empty = student.new_zeros(0, dtype=torch.float32) + student.float().sum() * 0.0
         return TokenStats(empty, empty)
     grad_on = torch.is_grad_enabled()  # the student rows or a trainable head may need gradients
-    fusable = _fusable(head) if ref is None or ref_head is head else None
+    fusable = _fusable(head, grad_on) if ref is None or ref_head is head else None
     fused = fusable is not None
     if fusable is not None:
         proj, transform = fusable

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from heal_pl.barrier.kl import token_stats
+from heal_pl.models.lm import LMHead, base_lm, check_head
+
 _WORD = re.compile(r"\w+")
 
 
@@ -53,11 +56,16 @@ def tail_perplexity(
     completions: list[str],
     tail: float = 0.25,
     batch_size: int = 8,
+    chunk_size: int = 256,
 ) -> list[float]:
     """ppl = exp(mean of the k largest per-token NLLs of the completion), k = max(1, ceil(tail * T)).
 
     Prompt and completion are tokenized separately (no special tokens) and joined; NLL_t = -log p(c_t | prefix)
     in float32, right padding. A completion with no tokens gives nan.
+
+    Memory: only the backbone's final hidden rows that predict completion tokens are kept (``[N, H]``); the LM head
+    and log-softmax run ``chunk_size`` rows at a time (:func:`heal_pl.barrier.kl.token_stats`), so no
+    ``[B, T, V]`` tensor is built and the peak of that step grows with ``chunk_size · V``.
     """
     if not 0.0 < tail <= 1.0:
         raise ValueError(f"tail: must be in (0, 1], got {tail}")
@@ -65,6 +73,10 @@ def tail_perplexity(
         raise ValueError(f"completions: length {len(completions)} != prompts length {len(prompts)}")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: must be an integer >= 1, got {chunk_size!r}")
+    check_head(model, "tail_perplexity")  # the NLL is read through heal_pl's head: it must be the model's own
+    backbone, head = base_lm(model).get_decoder(), LMHead(base_lm(model))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # type: ignore[attr-defined]
     device = next(model.parameters()).device
     out: list[float] = []
@@ -77,25 +89,27 @@ def tail_perplexity(
         width = max(len(pi) + len(ci) for pi, ci in enc)
         ids = torch.full((len(enc), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
+        rows: list[tuple[int, int]] = []  # (b, t): row t of prompt b predicts its completion token t + 1
+        counts = []
         for b, (pi, ci) in enumerate(enc):
             seq = pi + ci
             ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[b, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        for b, (pi, ci) in enumerate(enc):
-            if not ci or not pi:
-                # the first completion token needs a prefix; without a prompt it is skipped
-                ci_pos = range(max(len(pi), 1), len(pi) + len(ci))
-            else:
-                ci_pos = range(len(pi), len(pi) + len(ci))
-            pos = torch.tensor(list(ci_pos), dtype=torch.long, device=device)
-            if pos.numel() == 0:
+            # the first completion token needs a prefix; without a prompt it is skipped
+            scored = range(max(len(pi), 1), len(seq))
+            rows += [(b, t - 1) for t in scored]
+            counts.append(len(scored))
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, H]
+        b_idx, t_idx = torch.tensor(rows, dtype=torch.long, device=device).view(-1, 2).unbind(1)
+        nll = token_stats(hidden[b_idx, t_idx], None, ids[b_idx, t_idx + 1], head=head, reg="nll",
+                          chunk_size=chunk_size).nll  # [N] float32
+        for row in nll.split(counts):
+            if row.numel() == 0:
                 out.append(math.nan)
                 continue
-            nll = -logp[b, pos - 1, ids[b, pos].to(device)]
-            k = max(1, math.ceil(tail * nll.numel()))
-            out.append(math.exp(nll.topk(k).values.mean().item()))
+            k = max(1, math.ceil(tail * row.numel()))
+            out.append(math.exp(row.topk(k).values.mean().item()))
     return out
 
 

@@ -80,11 +80,12 @@ def prompt_kl(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     eos_token_id: int | Sequence[int] | None = None,
+    chunk_size: int = 256,
 ) -> TrajectoryKL:
     """Per-token KL(with ``system`` ‖ without) along the greedy rollout with the system prompt (module docstring).
 
     Args:
-        model, tokenizer, max_new_tokens, batch_size, eos_token_id: as in
+        model, tokenizer, max_new_tokens, batch_size, eos_token_id, chunk_size: as in
             :func:`heal_pl.steering.trajectory.measure_kl`.
         questions: the user turns (plain text, not chat-formatted), at least one.
         system: the system prompt, not blank.
@@ -95,4 +96,4 @@ def prompt_kl(
     method = SystemPrompt(system)
     steered, base = method.prompts(tokenizer, questions)
     return measure_kl(model, tokenizer, steered, method, 1.0, max_new_tokens, batch_size, eos_token_id=eos_token_id,
-                      base_prompts=base)  # fmt: skip
+                      base_prompts=base, chunk_size=chunk_size)  # fmt: skip

@@ -15,6 +15,13 @@ For each prompt ``x`` (text already chat-formatted, tokenized with ``add_special
    mean, p50, p90, p95, p99, max and rms = ``sqrt(mean KL²)``. Quantiles interpolate linearly (numpy's
    default, :func:`heal_pl.barrier.kl.quantile`).
 
+**Memory.** No ``[B, n, V]`` tensor is built: each forward keeps only its final hidden rows at the counted
+positions (``[N, H]``, ``N ≤ B · n``), and step 3 applies the LM head and the log-softmax ``chunk_size`` rows at a
+time (:func:`heal_pl.barrier.kl.token_stats`; a plain linear head runs the fused kernel of
+:mod:`heal_pl.barrier.fused_head`, one ``[3 · chunk_size, V]`` float32 workspace), so the KL step's peak grows
+with ``chunk_size · V``, not with ``batch_size · max_new_tokens · V``. The result does not depend on ``chunk_size``
+beyond float32 rounding.
+
 Prompts are batched with LEFT padding (the real tokens of every row end at the same column, so the next
 token is always read from the last column); position ids count real tokens only, so a prompt's numbers
 do not depend on the batch it is in (up to float rounding).
@@ -41,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.barrier.kl import per_token_kl, quantile
+from heal_pl.barrier.kl import Head, quantile, token_stats
 from heal_pl.data.prompts import encode_prompts
 from heal_pl.models.context import checked_context
 from heal_pl.models.generate import eos_ids, greedy_generate, left_pad, positions
@@ -95,12 +102,38 @@ def base_context(method: SteeringMethod, model: nn.Module) -> AbstractContextMan
     return base(model) if callable(base) else contextlib.nullcontext()
 
 
-def _generated_logp(model: nn.Module, ids: Tensor, mask: Tensor, n_new: int) -> Tensor:
-    """Float32 log-probabilities ``[B, n_new, V]`` of the rows that predict the last ``n_new`` tokens."""
-    backbone, head = base_lm(model).get_decoder(), LMHead(base_lm(model))
-    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
-    rows = hidden.last_hidden_state[:, -n_new - 1 : -1]  # row t predicts token t + 1
-    return torch.log_softmax(head(rows).float(), dim=-1)
+def _generated_rows(model: nn.Module, ids: Tensor, mask: Tensor, counted: Tensor) -> Tensor:
+    """Final hidden rows ``[N, H]`` that predict the generated tokens where ``counted`` (bool ``[B, n]``) is set.
+
+    Row ``t`` predicts token ``t + 1``, so the rows are the ``n`` columns before the last; they come batch-major,
+    in the order of ``new_ids[counted]``. Only ``[N, H]`` outlives the call, never ``[B, n, V]``.
+    """
+    n_new = counted.shape[1]
+    hidden = base_lm(model).get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                                          use_cache=False).last_hidden_state  # fmt: skip
+    return hidden[:, -n_new - 1 : -1][counted]
+
+
+def _heads(model: nn.Module, method: SteeringMethod, coeff: float, layers: LayerSpec | None) -> tuple[Head, Head]:
+    """``(steered head, base head)`` for :func:`heal_pl.barrier.kl.token_stats`.
+
+    A plain ``nn.Linear`` projection is read from its weights (``LMHead``), which no steering context changes: one
+    head serves both sides and ``token_stats`` runs it fused. Any other head (a LoRA layer on ``lm_head``, ...) may
+    depend on the context, so each side applies it, one chunk at a time, inside its own context.
+    """
+    head = LMHead(base_lm(model))
+    if type(head.proj) is nn.Linear:
+        return head, head
+
+    def steered(rows: Tensor) -> Tensor:
+        with method.steering(model, coeff, layers):
+            return head(rows)
+
+    def base(rows: Tensor) -> Tensor:
+        with base_context(method, model):
+            return head(rows)
+
+    return steered, base
 
 
 @torch.no_grad()
@@ -115,6 +148,7 @@ def measure_kl(
     layers: LayerSpec | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     base_prompts: Sequence[str] | None = None,
+    chunk_size: int = 256,
 ) -> TrajectoryKL:
     """Per-token KL(steered ‖ base) along each prompt's greedy steered trajectory (see the module docstring).
 
@@ -131,13 +165,16 @@ def measure_kl(
             ``generation_config.eos_token_id``.
         base_prompts: the prefix the base scores the trajectory after, one per prompt (``None``: the same
             prompts).
+        chunk_size: rows whose ``[chunk_size, V]`` log-probabilities are alive at once in the KL step, ``≥ 1``;
+            the peak memory of that step grows with ``chunk_size · V`` (not with the batch or ``T``), and the
+            result does not depend on it beyond float32 rounding.
 
     Returns:
         a :class:`TrajectoryKL` with per-prompt KL and tokens (in prompt order) and the pooled statistics.
 
     Raises:
         ValueError: no prompt, an empty prompt, ``base_prompts`` of another length,
-            ``max_new_tokens < 1``, ``batch_size < 1``, a non-finite
+            ``max_new_tokens < 1``, ``batch_size < 1``, ``chunk_size < 1``, a non-finite
             ``coeff``, a prompt + ``max_new_tokens`` longer than the model's context length
             (:func:`heal_pl.models.context.context_length`; not checked, with a warning, when the model declares none),
             or no end-of-sequence id at all (:func:`heal_pl.models.generate.eos_ids`).
@@ -149,6 +186,9 @@ def measure_kl(
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1 (rows of [chunk_size, vocab] "
+                         "log-probabilities alive at once)")
     if not math.isfinite(coeff):
         raise ValueError(f"coeff={coeff!r} must be finite")
     if not isinstance(method, SteeringMethod):
@@ -166,6 +206,7 @@ def measure_kl(
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     eos = eos_ids(tokenizer, model, eos_token_id)
     device = next(model.parameters()).device
+    head_s, head_b = _heads(model, method, coeff, layers)
     kls: list[Tensor] = []
     tokens: list[Tensor] = []
     was_training = model.training
@@ -176,17 +217,18 @@ def measure_kl(
             with method.steering(model, coeff, layers):
                 new_ids, new_mask = greedy_generate(model, ids, mask, max_new_tokens, eos, pad_id)
             full_ids, full_mask = torch.cat([ids, new_ids], 1), torch.cat([mask, new_mask], 1)
-            n_new = new_ids.shape[1]
+            counted = new_mask.bool()  # 1 up to and including each row's first EOS
             with method.steering(model, coeff, layers):
-                logp_s = _generated_logp(model, full_ids, full_mask, n_new)
+                rows_s = _generated_rows(model, full_ids, full_mask, counted)  # [N, H]
             if base_prompts is not None:  # the same tokens after the base prompts (left-padded on their own)
                 ids_b, mask_b = (t.to(device) for t in left_pad(encoded_base[start : start + batch_size], pad_id))
                 full_ids, full_mask = torch.cat([ids_b, new_ids], 1), torch.cat([mask_b, new_mask], 1)
             with base_context(method, model):
-                logp_b = _generated_logp(model, full_ids, full_mask, n_new)
-            kl = per_token_kl(logp_s, logp_b).cpu()  # [B, n_new] float32
+                rows_b = _generated_rows(model, full_ids, full_mask, counted)
+            kl = token_stats(rows_s, rows_b, new_ids[counted], head=head_s, ref_head=head_b, reg="kl_rev",
+                             chunk_size=chunk_size).kl.cpu()  # [N] float32, KL(steered ‖ base)
             counts = new_mask.sum(1).tolist()
-            kls += [kl[b, :n] for b, n in enumerate(counts)]
+            kls += list(kl.split(counts))
             tokens += [new_ids[b, :n].cpu() for b, n in enumerate(counts)]
     finally:
         model.train(was_training)

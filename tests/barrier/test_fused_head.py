@@ -270,3 +270,26 @@ def test_no_grad_path_uses_the_fused_kernel_and_matches_float64(reg: str, monkey
     _, kl64, nll64 = reference(h, ref, head.weight, head.bias, y, reg)
     torch.testing.assert_close(stats.kl.double(), kl64.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats.nll.double(), nll64.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reg", ["kl_rev", "kl_fwd"])
+def test_no_grad_kl_sums_like_per_token_kl(reg: str) -> None:
+    """Without gradients the kernel sums ``KL_t`` as ``per_token_kl`` does (torch's pairwise sum, not float32 dot
+    products along V), so a rollout's KL (measure_kl, issue 27) is the full-tensor value to float32 rounding, also
+    with ``p = 0`` terms (masked vocabulary)."""
+    from heal_pl.barrier.fused_head import linear_f32
+    from heal_pl.barrier.kl import per_token_kl
+
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 16, 8, 65536
+    head = torch.nn.Linear(H, V)  # trainable: under no_grad it is fused all the same
+    with torch.no_grad():
+        head.weight.copy_(4 * torch.randn(V, H, generator=g))
+        head.bias[[3, 11]] = -float("inf")
+        h, ref = torch.randn(N, H, generator=g), torch.randn(N, H, generator=g)
+        stats = token_stats(h, ref, torch.randint(0, V, (N,), generator=g), head=head, reg=reg, chunk_size=5)
+        logp = torch.log_softmax(linear_f32(h, head.weight, head.bias), -1)
+        logq = torch.log_softmax(linear_f32(ref, head.weight, head.bias), -1)
+    want = per_token_kl(logp, logq) if reg == "kl_rev" else per_token_kl(logq, logp)
+    assert torch.isfinite(stats.kl).all()
+    torch.testing.assert_close(stats.kl, want, rtol=2e-6, atol=0)

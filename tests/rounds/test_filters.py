@@ -5,6 +5,7 @@ import torch
 
 from heal_pl.models.load import tiny_model, tiny_tokenizer
 from heal_pl.rounds.filters import filter_samples, repetition_share, tail_perplexity
+from tests.helpers import largest_vocab_rows
 
 
 def test_repetition_words():
@@ -98,3 +99,23 @@ def test_filter_keeps_natural_text_and_drops_a_loop():
     res = filter_samples([natural, loop], [5.0, 5.0], ppl_tau=10.0, rep_tau=0.3)
     assert res[0].keep and res[0].rep < 0.3
     assert not res[1].keep and res[1].reasons == ["repetition"] and res[1].rep >= 0.3
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_tail_perplexity_builds_no_whole_batch_by_tokens_by_vocab_tensor(chunk_size: int) -> None:
+    """The NLL is read ``chunk_size`` rows at a time through the head: same values for every chunk (float32
+    rounding), never more than ``chunk_size`` rows of log-probabilities at once (a ``[B, T, V]`` block has B · T)."""
+    torch.manual_seed(0)
+    tok, model = tiny_tokenizer(), tiny_model().eval()
+    prompts, comps = ["hello there", "a", ""], [" the cat sat on the mat and then it sat again", " b c d e", " ran"]
+    want = tail_perplexity(model, tok, prompts, comps, tail=1.0, batch_size=3, chunk_size=1000)
+    with largest_vocab_rows(len(tok)) as seen:
+        got = tail_perplexity(model, tok, prompts, comps, tail=1.0, batch_size=3, chunk_size=chunk_size)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert 0 < seen["log_softmax"] <= chunk_size and seen["head"] <= chunk_size
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_tail_perplexity_bad_chunk_size(bad: object) -> None:
+    with pytest.raises(ValueError, match=rf"chunk_size: must be an integer >= 1, got {bad!r}"):
+        tail_perplexity(tiny_model(), tiny_tokenizer(), ["a"], ["b"], chunk_size=bad)  # type: ignore[arg-type]
