@@ -10,7 +10,8 @@ For each prompt ``x`` (text already chat-formatted, tokenized with ``add_special
        KL_t = Σ_v p_s(v | x, y_<t) · (log p_s(v | x, y_<t) − log p_b(v | x, y_<t))
 
    with ``p_s`` steered and ``p_b`` base; ``y_t = argmax p_s(· | x, y_<t)`` (greedy), so the steered
-   forward of step 2 recomputes exactly the distributions that produced the tokens;
+   forward of step 2 recomputes the distributions that produced the tokens (and at α = 0 the two forwards are
+   the same computation: KL exactly 0);
 4. pool every prompt's ``KL_1 … KL_n`` (positions after its EOS are never counted) and report
    mean, p50, p90, p95, p99, max and rms = ``sqrt(mean KL²)``. Quantiles interpolate linearly (numpy's
    default, :func:`heal_pl.barrier.kl.quantile`).
@@ -39,10 +40,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +53,7 @@ from heal_pl.barrier.kl import Head, quantile, token_stats
 from heal_pl.data.prompts import encode_prompts
 from heal_pl.models.context import checked_context
 from heal_pl.models.generate import eos_ids, greedy_generate, left_pad, positions
-from heal_pl.models.lm import LMHead, base_lm, check_head
+from heal_pl.models.lm import LMHead, base_lm, cache_kwargs, check_head
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 
 Stat = Literal["mean", "p50", "p90", "p95", "p99", "max", "rms"]  # a trajectory statistic of the per-token KL
@@ -81,6 +82,27 @@ class TrajectoryKL:
         return torch.cat(self.kl)
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """One batch of :func:`measure_kl`'s greedy rollouts, as :func:`measure_kl`'s ``on_rollout`` sees it.
+
+    Attributes:
+        start: the index of the batch's first prompt.
+        ids, mask: the left-padded prompts ``[B, P]``.
+        new_ids, new_mask: the generated tokens ``[B, n]`` and their mask (1 up to and including each row's EOS).
+        cache: the cache of the steered scoring forward (``measure_kl``'s ``cache()``): the prompts and the
+            generated tokens, ``P + n`` columns (a row's columns after its EOS hold padding); ``None`` without
+            ``cache``.
+    """
+
+    start: int
+    ids: Tensor
+    mask: Tensor
+    new_ids: Tensor
+    new_mask: Tensor
+    cache: Any
+
+
 def trajectory_stats(kl: Tensor) -> dict[str, float]:
     """mean, p50, p90, p95, p99, max and rms (``sqrt(mean KL²)``, no epsilon) of a 1-D float tensor.
 
@@ -102,15 +124,28 @@ def base_context(method: SteeringMethod, model: nn.Module) -> AbstractContextMan
     return base(model) if callable(base) else contextlib.nullcontext()
 
 
-def _generated_rows(model: nn.Module, ids: Tensor, mask: Tensor, counted: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class Unsteered:
+    """The unsteered model as a steering method, at any coefficient: ``method``'s base (:func:`base_context`; an
+    adapter at α = 0), or no edit when ``method`` is ``None`` (the survival probe check before any calibration)."""
+
+    method: SteeringMethod | None = None
+
+    def steering(self, model: nn.Module, coeff: float, layers: LayerSpec | None = None) -> AbstractContextManager[None]:
+        return contextlib.nullcontext() if self.method is None else base_context(self.method, model)
+
+
+def _generated_rows(model: nn.Module, ids: Tensor, mask: Tensor, counted: Tensor, cache: Any = None) -> Tensor:
     """Final hidden rows ``[N, H]`` that predict the generated tokens where ``counted`` (bool ``[B, n]``) is set.
 
     Row ``t`` predicts token ``t + 1``, so the rows are the ``n`` columns before the last; they come batch-major,
-    in the order of ``new_ids[counted]``. Only ``[N, H]`` outlives the call, never ``[B, n, V]``.
+    in the order of ``new_ids[counted]``. Only ``[N, H]`` outlives the call, never ``[B, n, V]``. With an (empty)
+    ``cache``, the forward fills it.
     """
     n_new = counted.shape[1]
-    hidden = base_lm(model).get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                                          use_cache=False).last_hidden_state  # fmt: skip
+    decoder = base_lm(model).get_decoder()
+    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=cache is not None,
+                     **(cache_kwargs(decoder, cache) if cache is not None else {})).last_hidden_state  # fmt: skip
     return hidden[:, -n_new - 1 : -1][counted]
 
 
@@ -149,6 +184,8 @@ def measure_kl(
     eos_token_id: int | Sequence[int] | None = None,
     base_prompts: Sequence[str] | None = None,
     chunk_size: int = 256,
+    cache: Callable[[], Any] | None = None,
+    on_rollout: Callable[[Rollout], None] | None = None,
 ) -> TrajectoryKL:
     """Per-token KL(steered ‖ base) along each prompt's greedy steered trajectory (see the module docstring).
 
@@ -168,6 +205,9 @@ def measure_kl(
         chunk_size: rows whose ``[chunk_size, V]`` log-probabilities are alive at once in the KL step, ``≥ 1``;
             the peak memory of that step grows with ``chunk_size · V`` (not with the batch or ``T``), and the
             result does not depend on it beyond float32 rounding.
+        cache: makes the empty cache the steered scoring forward of each batch fills (default: none is kept).
+        on_rollout: called with each batch's :class:`Rollout` right after its steered scoring forward, still
+            under the steering context (the survival sweep reads its forks on that cache there).
 
     Returns:
         a :class:`TrajectoryKL` with per-prompt KL and tokens (in prompt order) and the pooled statistics.
@@ -219,7 +259,11 @@ def measure_kl(
             full_ids, full_mask = torch.cat([ids, new_ids], 1), torch.cat([mask, new_mask], 1)
             counted = new_mask.bool()  # 1 up to and including each row's first EOS
             with method.steering(model, coeff, layers):
-                rows_s = _generated_rows(model, full_ids, full_mask, counted)  # [N, H]
+                kept = cache() if cache is not None else None
+                rows_s = _generated_rows(model, full_ids, full_mask, counted, kept)  # [N, H]
+                if on_rollout is not None:
+                    on_rollout(Rollout(start, ids, mask, new_ids, new_mask, kept))
+            del kept
             if base_prompts is not None:  # the same tokens after the base prompts (left-padded on their own)
                 ids_b, mask_b = (t.to(device) for t in left_pad(encoded_base[start : start + batch_size], pad_id))
                 full_ids, full_mask = torch.cat([ids_b, new_ids], 1), torch.cat([mask_b, new_mask], 1)

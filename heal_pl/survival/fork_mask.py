@@ -38,25 +38,32 @@ def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def packed_fork_mask(keeps: Sequence[int], lens: Sequence[int], cached: int, dtype: torch.dtype,
-                     window: int | None = None) -> Tensor:  # fmt: skip
+                     window: int | None = None, offset: int = 0, width: int | None = None) -> Tensor:  # fmt: skip
     """Additive mask ``[1, 1, Q, cached + Q]`` (0 = attend, ``finfo(dtype).min`` = blocked), ``Q = Σ lens``.
 
     Query ``i`` of segment ``j`` (position ``p = keeps[j] + i``) sees cache columns ``q < keeps[j]`` and the
     columns ``cached + r`` of the queries ``r ≤ i`` of its own segment (causal within the segment, blind to the
-    other segments); with a ``window`` ``W``, only the keys at positions ``> p − W``.
+    other segments); with a ``window`` ``W``, only the keys at positions ``> p − W``. A row whose cache is
+    left-padded holds position ``q`` in column ``offset + q`` (the columns before ``offset`` are never seen);
+    ``width ≥ Σ lens`` pads the queries to ``Q = width``, each padding query seeing only itself.
     """
     lens_t = torch.as_tensor(list(lens), dtype=torch.long)
     seg = torch.repeat_interleave(torch.arange(len(lens_t)), lens_t)  # [Q] segment of each query
     keep = torch.as_tensor(list(keeps), dtype=torch.long)[seg]
     q = torch.arange(seg.numel())
     i = q - (torch.cumsum(lens_t, 0) - lens_t)[seg]  # index within the segment
-    col = torch.arange(cached)[None, :]
-    see_cache = col < keep[:, None]
+    col = torch.arange(cached)[None, :] - offset  # the position each cache column holds
+    see_cache = (col >= 0) & (col < keep[:, None])
     see_new = (seg[:, None] == seg[None, :]) & (q[None, :] <= q[:, None])
     if window is not None:
         see_cache &= col > (keep + i)[:, None] - window
         see_new &= (i[:, None] - i[None, :]) < window
-    return _additive(torch.cat([see_cache, see_new], dim=1), dtype)[None, None]
+    allowed = torch.cat([see_cache, see_new], dim=1)
+    pad = (width or seg.numel()) - seg.numel()
+    if pad > 0:
+        allowed = torch.nn.functional.pad(allowed, (0, pad, 0, pad))
+        allowed[seg.numel():, cached + seg.numel():] = torch.eye(pad, dtype=torch.bool)
+    return _additive(allowed, dtype)[None, None]
 
 
 def batched_fork_mask(keeps: Sequence[int], width: int, cached: int, dtype: torch.dtype,
