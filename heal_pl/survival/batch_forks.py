@@ -36,7 +36,7 @@ from heal_pl.steering.hooks import SteeringMethod
 from heal_pl.steering.trajectory import Rollout
 from heal_pl.survival.fork_cache import ForkCache, cached_positions, fork_plan, new_cache
 from heal_pl.survival.fork_mask import packed_fork_mask
-from heal_pl.survival.forks import ForkResult, _keeps, _result, _setup, _splice_ids
+from heal_pl.survival.fork_setup import ForkResult, fork_keeps, fork_result, fork_setup, splice_ids
 from heal_pl.survival.probes import probe_from_logits
 
 
@@ -51,7 +51,7 @@ def batch_fork_reader(
     plan = fork_plan(model)
     if plan is None or plan.mode != "packed":
         return None
-    setups = [_setup(model, tokenizer, p, method, coeff, w, forks, splice, None) for p in prompts]
+    setups = [fork_setup(model, tokenizer, p, method, coeff, w, forks, splice, None) for p in prompts]
     results: list[ForkResult | None] = [None] * len(prompts)
 
     def on_rollout(batch: Rollout) -> None:
@@ -60,7 +60,7 @@ def batch_fork_reader(
         read = read_batch(model, tokenizer, batch, [setups[i] for i in rows], [prompts[i] for i in rows], gens,
                           splice, answer_ids, fork_batch)  # fmt: skip
         for i, gen, (pmass, p_true) in zip(rows, gens, read, strict=True):
-            results[i] = _result(setups[i], gen, coeff, w, pmass, p_true)
+            results[i] = fork_result(setups[i], gen, coeff, w, pmass, p_true)
 
     return (lambda: new_cache(model, plan)), on_rollout, results
 
@@ -76,9 +76,9 @@ def read_batch(
     plan, cached = cache.plan, cached_positions(cache)
     segments = []  # per row: [(keep, feed)] of its reached forks
     for setup, prompt, gen, n_prompt in zip(setups, prompts, gens, batch.mask.sum(1).tolist(), strict=True):
-        keeps = _keeps(setup, gen, n_prompt + len(gen) - 1)
+        keeps = fork_keeps(setup, gen, n_prompt + len(gen) - 1)
         ts = [t for t in setup.forks.tolist() if t <= len(gen)]
-        segments.append([(k, gen[k - n_prompt : t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice))
+        segments.append([(k, gen[k - n_prompt : t] + splice_ids(tokenizer, setup, prompt, gen[:t], splice))
                          for k, t in zip(keeps, ts, strict=True)])  # fmt: skip
     most = max(len(s) for s in segments)
     passes = -(-most * len(segments) // fork_batch)

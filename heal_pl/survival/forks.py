@@ -32,139 +32,33 @@ one full cache-free forward of ``c_t ⊕ s_t`` per fork through the model's own 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.data.prompts import encode_text
-from heal_pl.models.context import checked_context
-from heal_pl.models.generate import eos_ids, greedy_generate
+from heal_pl.models.generate import greedy_generate
 from heal_pl.steering.hooks import LayerSpec, SteeringMethod
 from heal_pl.survival.fork_cache import ForkCache, cached_positions, fork_plan, prefill, rollout
 from heal_pl.survival.fork_mask import packed_fork_mask, read_forks
-from heal_pl.survival.probes import THINK_OPEN, has_thinking_tokens, probe_from_logits, splice_text
-from heal_pl.survival.table import fork_schedule
+from heal_pl.survival.fork_setup import (
+    ForkResult,
+    ForkSetup,
+    check_fork_batch,
+    check_tokens,
+    check_window,
+    fork_keeps,
+    fork_result,
+    fork_setup,
+    splice_ids,
+)
+from heal_pl.survival.probes import probe_from_logits
 
 __all__ = ["ForkResult", "check_window", "fork_probe", "fork_probe_recompute", "packed_fork_mask", "probe_forks",
            "probe_forks_recompute", "rollout"]
-
-
-@dataclass
-class ForkResult:
-    """The result of :func:`fork_probe` / :func:`fork_probe_recompute` for one prompt.
-
-    Attributes:
-        fork_points: int64 ``[m]``, the forks ``t_j`` (generated tokens before the splice), increasing.
-        pmass: float64 ``[m]``, probe mass at each fork; NaN where ``t_j > gen_len``.
-        p_true: float64 ``[m]``, share of the ``true_name`` set at each fork; NaN where ``t_j > gen_len``.
-        gen_len: ``g``, the number of generated tokens (``< w`` only when the rollout hit an EOS).
-        tokens: long ``[g]``, the generated ids (ending at the EOS if one was produced).
-        coeff: the steering coefficient of the rollout and of the probe.
-        w: the window (most generated tokens).
-    """
-
-    fork_points: np.ndarray
-    pmass: np.ndarray
-    p_true: np.ndarray
-    gen_len: int
-    tokens: Tensor
-    coeff: float
-    w: int
-
-    @property
-    def reached(self) -> np.ndarray:
-        """bool ``[m]``: fork ``t_j`` is at or before the end of the rollout (``t_j ≤ gen_len``)."""
-        return self.fork_points <= self.gen_len
-
-
-@dataclass(frozen=True)
-class _Setup:
-    prompt_ids: list[int]
-    forks: np.ndarray
-    eos: Tensor
-    thinking: bool
-
-
-def _check_forks(fork_points: int | Sequence[int] | np.ndarray, w: int) -> np.ndarray:
-    """``fork_points`` as int64 ``[m]``: an int is a step ``s`` (:func:`heal_pl.survival.table.fork_schedule`)."""
-    if isinstance(fork_points, (int, np.integer)) and not isinstance(fork_points, bool):
-        return fork_schedule(w, step=int(fork_points))
-    arr = np.asarray(fork_points)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"fork_points must be a fork step (int > 0) or a non-empty 1-D sequence, got {fork_points!r}")
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer)
-                                 or (np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)))):
-        raise ValueError(f"fork_points must be integers, got {arr.tolist()!r}")
-    arr = arr.astype(np.int64)
-    if arr[0] < 0 or arr[-1] > w:
-        raise ValueError(f"fork_points must lie in [0, w={w}], got {arr.tolist()}")
-    if np.any(np.diff(arr) <= 0):
-        raise ValueError(f"fork_points must be strictly increasing, got {arr.tolist()}")
-    return arr
-
-
-def check_window(model: nn.Module, n_prompt: int, w: int, n_splice: int) -> None:
-    """Raise ``ValueError`` (naming ``w``) when ``n_prompt + w + n_splice`` exceeds the model's context length.
-
-    The context length is :func:`heal_pl.models.context.context_length` (``max_position_embeddings`` or its aliases); a
-    model that declares none is not checked (logged once).
-    """
-    n_ctx = checked_context(model, "the fork window w")
-    if n_ctx is not None and n_prompt + w + n_splice > n_ctx:
-        raise ValueError(
-            f"w={w} is longer than the model's context: prompt ({n_prompt}) + w + splice ({n_splice}) "
-            f"tokens exceed max_position_embeddings={n_ctx}; use w <= {n_ctx - n_prompt - n_splice}")
-
-
-def _setup(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, method: SteeringMethod, coeff: float, w: int,
-    fork_points: int | Sequence[int] | np.ndarray, splice: str, eos_token_id: int | Sequence[int] | None,
-) -> _Setup:
-    """Validate the arguments shared by all four entry points (errors name the offending field)."""
-    if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
-        raise ValueError(f"w={w!r} must be an integer >= 1 (the rollout window in tokens)")
-    w = int(w)
-    if not math.isfinite(coeff):
-        raise ValueError(f"coeff={coeff!r} must be finite")
-    if not isinstance(method, SteeringMethod):
-        raise TypeError(f"method is a {type(method).__name__}; expected an object with steering(model, coeff, layers)")
-    prompt_ids = encode_text(tokenizer, prompt)
-    if not prompt_ids:
-        raise ValueError(f"prompt={prompt!r} has no tokens")
-    if not isinstance(splice, str) or not encode_text(tokenizer, splice):
-        raise ValueError(f"splice={splice!r} tokenizes to nothing; give the probe's answer prefix text")
-    forks = _check_forks(fork_points, w)
-    thinking = has_thinking_tokens(tokenizer)
-    # the longest splice: with a thinking tokenizer it may have to close an open block first
-    longest = encode_text(tokenizer, splice_text(THINK_OPEN, splice) if thinking else splice)
-    check_window(model, len(prompt_ids), w, len(longest))
-    return _Setup(prompt_ids, forks, eos_ids(tokenizer, model, eos_token_id), thinking)
-
-
-def _splice_ids(
-    tokenizer: PreTrainedTokenizerBase, setup: _Setup, prompt: str, gen: list[int], splice: str
-) -> list[int]:
-    """Splice tokens for the context ``prompt ⊕ gen``: closes an open thinking block first (if the tokenizer can)."""
-    if not setup.thinking:
-        return encode_text(tokenizer, splice)
-    context = prompt + tokenizer.decode(gen, skip_special_tokens=False)
-    return encode_text(tokenizer, splice_text(context, splice))
-
-
-def _result(
-    setup: _Setup, gen: list[int], coeff: float, w: int, pmass: Sequence[float], p_true: Sequence[float]
-) -> ForkResult:
-    """The :class:`ForkResult`: ``pmass`` / ``p_true`` hold the reached forks (a prefix), NaN after them."""
-    m, n = len(setup.forks), len(pmass)
-    return ForkResult(setup.forks, np.concatenate([pmass, np.full(m - n, np.nan)]).astype(np.float64),
-                      np.concatenate([p_true, np.full(m - n, np.nan)]).astype(np.float64), len(gen),
-                      torch.tensor(gen, dtype=torch.long), float(coeff), int(w))
 
 
 @contextmanager
@@ -180,33 +74,16 @@ def _steered_eval(model: nn.Module, method: SteeringMethod, coeff: float, layers
 
 
 def _read_cached(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, setup: _Setup, prompt: str, splice: str,
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, setup: ForkSetup, prompt: str, splice: str,
     gen: list[int], cache: ForkCache, answer_ids: Mapping[str, Sequence[int]], true_name: str, fork_batch: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(pmass, p_true)`` at the reached forks, read on ``cache`` (module docstring, step 2)."""
     P, cached = len(setup.prompt_ids), cached_positions(cache)  # cached = P + g − 1
     ts = [t for t in setup.forks.tolist() if t <= len(gen)]
-    keeps = _keeps(setup, gen, cached)
-    feeds = [gen[k - P : t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice)
+    keeps = fork_keeps(setup, gen, cached)
+    feeds = [gen[k - P : t] + splice_ids(tokenizer, setup, prompt, gen[:t], splice)
              for k, t in zip(keeps, ts, strict=True)]  # fmt: skip
     return read_forks(model, cache, keeps, feeds, answer_ids, true_name, fork_batch)
-
-
-def _keeps(setup: _Setup, gen: list[int], cached: int) -> list[int]:
-    """``k_j = min(P + t_j, C)`` for the reached forks."""
-    return [min(len(setup.prompt_ids) + t, cached) for t in setup.forks.tolist() if t <= len(gen)]
-
-
-def _check_fork_batch(fork_batch: int) -> None:
-    if isinstance(fork_batch, bool) or not isinstance(fork_batch, (int, np.integer)) or fork_batch < 1:
-        raise ValueError(f"fork_batch={fork_batch!r} must be an integer >= 1 (forks packed per forward)")
-
-
-def _check_tokens(tokens: Sequence[int] | Tensor, w: int) -> list[int]:
-    gen = [int(i) for i in (tokens.tolist() if isinstance(tokens, Tensor) else tokens)]
-    if not 1 <= len(gen) <= w:
-        raise ValueError(f"tokens holds {len(gen)} generated ids; need 1 <= len(tokens) <= w={w}")
-    return gen
 
 
 @torch.no_grad()
@@ -253,8 +130,8 @@ def fork_probe(
             ``fork_batch < 1``.
         TypeError: ``method`` has no ``steering(model, coeff, layers)``.
     """
-    setup = _setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, eos_token_id)
-    _check_fork_batch(fork_batch)
+    setup = fork_setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, eos_token_id)
+    check_fork_batch(fork_batch)
     if fork_plan(model) is None:
         return fork_probe_recompute(model, tokenizer, prompt, method, coeff, w, fork_points, splice, answer_ids,
                                     true_name, layers, eos_token_id)  # fmt: skip
@@ -262,7 +139,7 @@ def fork_probe(
         gen, cache = rollout(model, setup.prompt_ids, int(w), setup.eos, setup.forks.tolist())
         pmass, p_true = _read_cached(model, tokenizer, setup, prompt, splice, gen, cache, answer_ids, true_name,
                                      int(fork_batch))  # fmt: skip
-    return _result(setup, gen, coeff, w, pmass, p_true)
+    return fork_result(setup, gen, coeff, w, pmass, p_true)
 
 
 @torch.no_grad()
@@ -281,9 +158,9 @@ def probe_forks(
     exactly: :func:`probe_forks_recompute`, with one log line). Other arguments and errors as there, plus a
     ``cache`` not from :func:`rollout`, of the wrong length, or without the recurrent state at a fork.
     """
-    setup = _setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, None)
-    _check_fork_batch(fork_batch)
-    gen = _check_tokens(tokens, int(w))
+    setup = fork_setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, None)
+    check_fork_batch(fork_batch)
+    gen = check_tokens(tokens, int(w))
     if cache is not None and not isinstance(cache, ForkCache):
         raise ValueError(f"cache is a {type(cache).__name__}; pass the cache from rollout() or none")
     cached = len(setup.prompt_ids) + len(gen) - 1
@@ -295,21 +172,21 @@ def probe_forks(
                                      answer_ids, true_name, layers)  # fmt: skip
     with _steered_eval(model, method, coeff, layers):
         if cache is None:
-            cache = prefill(model, plan, setup.prompt_ids, gen, _keeps(setup, gen, cached))
+            cache = prefill(model, plan, setup.prompt_ids, gen, fork_keeps(setup, gen, cached))
         pmass, p_true = _read_cached(model, tokenizer, setup, prompt, splice, gen, cache, answer_ids, true_name,
                                      int(fork_batch))  # fmt: skip
-    return _result(setup, gen, coeff, w, pmass, p_true)
+    return fork_result(setup, gen, coeff, w, pmass, p_true)
 
 
 def _read_recompute(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, setup: _Setup, prompt: str, splice: str, gen: list[int],
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, setup: ForkSetup, prompt: str, splice: str, gen: list[int],
     answer_ids: Mapping[str, Sequence[int]], true_name: str,
 ) -> tuple[list[float], list[float]]:
     """``(pmass, p_true)`` at the reached forks, one full cache-free forward of ``c_t ⊕ s_t`` each."""
     device = next(model.parameters()).device
     pmass, p_true = [], []
     for t in (t for t in setup.forks.tolist() if t <= len(gen)):
-        seq = setup.prompt_ids + gen[:t] + _splice_ids(tokenizer, setup, prompt, gen[:t], splice)
+        seq = setup.prompt_ids + gen[:t] + splice_ids(tokenizer, setup, prompt, gen[:t], splice)
         logits = model(input_ids=torch.tensor([seq], device=device), use_cache=False, logits_to_keep=1).logits[:, -1]
         pm, pt = probe_from_logits(logits, answer_ids, true_name)
         pmass.append(float(pm[0]))
@@ -329,7 +206,7 @@ def fork_probe_recompute(
     ``prompt ⊕ y_1 … y_t ⊕ splice`` (``use_cache=False``) and reads ``logits[:, -1]``. Cost ``O(m · (P + w))``
     tokens of forward instead of ``O(m · len(splice))``.
     """
-    setup = _setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, eos_token_id)
+    setup = fork_setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, eos_token_id)
     device = next(model.parameters()).device
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     with _steered_eval(model, method, coeff, layers):
@@ -337,7 +214,7 @@ def fork_probe_recompute(
         new_ids, new_mask = greedy_generate(model, ids, torch.ones_like(ids), int(w), setup.eos, pad_id)
         gen = new_ids[0, : int(new_mask[0].sum())].tolist()
         pmass, p_true = _read_recompute(model, tokenizer, setup, prompt, splice, gen, answer_ids, true_name)
-    return _result(setup, gen, coeff, w, pmass, p_true)
+    return fork_result(setup, gen, coeff, w, pmass, p_true)
 
 
 @torch.no_grad()
@@ -347,8 +224,8 @@ def probe_forks_recompute(
     answer_ids: Mapping[str, Sequence[int]], true_name: str = "true", layers: LayerSpec | None = None,
 ) -> ForkResult:
     """The reference for :func:`probe_forks`: one full cache-free forward per fork on the given ``tokens``."""
-    setup = _setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, None)
-    gen = _check_tokens(tokens, int(w))
+    setup = fork_setup(model, tokenizer, prompt, method, coeff, w, fork_points, splice, None)
+    gen = check_tokens(tokens, int(w))
     with _steered_eval(model, method, coeff, layers):
         pmass, p_true = _read_recompute(model, tokenizer, setup, prompt, splice, gen, answer_ids, true_name)
-    return _result(setup, gen, coeff, w, pmass, p_true)
+    return fork_result(setup, gen, coeff, w, pmass, p_true)
