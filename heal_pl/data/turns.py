@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -22,12 +24,23 @@ _PROBE = "HEALPLPROBEANSWER"  # one word, no whitespace: survives templates that
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _from_template(tok: PreTrainedTokenizerBase) -> list[int] | None:
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
-    text = tok.apply_chat_template(messages, tokenize=False)
-    if _PROBE not in text:
+def after_assistant(
+    tok: PreTrainedTokenizerBase, then: Sequence[Mapping[str, str]] = (), **template_kwargs: Any
+) -> str | None:
+    """The text ``tok``'s chat template writes after an assistant message's content, in ``[user, assistant, *then]``
+    rendered with ``template_kwargs`` (e.g. ``add_generation_prompt=True``); ``None`` when the template drops the
+    assistant's words."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}, *then]
+    text = tok.apply_chat_template(messages, tokenize=False, **template_kwargs)
+    if not isinstance(text, str) or _PROBE not in text:
         return None
-    after = text[text.rindex(_PROBE) + len(_PROBE):]
+    return text[text.rindex(_PROBE) + len(_PROBE):]
+
+
+def _from_template(tok: PreTrainedTokenizerBase) -> list[int] | None:
+    after = after_assistant(tok)
+    if after is None:
+        return None
     specials = [s for s in set(tok.all_special_tokens) | set(tok.get_added_vocab()) if s and s in after]
     if not specials:
         return None

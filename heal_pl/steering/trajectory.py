@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from heal_pl import shards
 from heal_pl.barrier.kl import Head, quantile, token_stats
 from heal_pl.data.prompts import encode_prompts
 from heal_pl.models.context import checked_context
@@ -249,11 +250,13 @@ def measure_kl(
     head_s, head_b = _heads(model, method, coeff, layers)
     kls: list[Tensor] = []
     tokens: list[Tensor] = []
+    own = shards.block(len(encoded))  # under heal_pl.shards.sharded(): this process's prompts, else all
     was_training = model.training
     try:
         model.eval()
-        for start in range(0, len(encoded), batch_size):
-            ids, mask = (t.to(device) for t in left_pad(encoded[start : start + batch_size], pad_id))
+        for start in range(own.start, own.stop, batch_size):
+            stop = min(start + batch_size, own.stop)
+            ids, mask = (t.to(device) for t in left_pad(encoded[start:stop], pad_id))
             with method.steering(model, coeff, layers):
                 new_ids, new_mask = greedy_generate(model, ids, mask, max_new_tokens, eos, pad_id)
             full_ids, full_mask = torch.cat([ids, new_ids], 1), torch.cat([mask, new_mask], 1)
@@ -265,7 +268,7 @@ def measure_kl(
                     on_rollout(Rollout(start, ids, mask, new_ids, new_mask, kept))
             del kept
             if base_prompts is not None:  # the same tokens after the base prompts (left-padded on their own)
-                ids_b, mask_b = (t.to(device) for t in left_pad(encoded_base[start : start + batch_size], pad_id))
+                ids_b, mask_b = (t.to(device) for t in left_pad(encoded_base[start:stop], pad_id))
                 full_ids, full_mask = torch.cat([ids_b, new_ids], 1), torch.cat([mask_b, new_mask], 1)
             with base_context(method, model):
                 rows_b = _generated_rows(model, full_ids, full_mask, counted)
@@ -276,4 +279,5 @@ def measure_kl(
             tokens += [new_ids[b, :n].cpu() for b, n in enumerate(counts)]
     finally:
         model.train(was_training)
+    kls, tokens = shards.gather(kls), shards.gather(tokens)  # every prompt's, in order, on every process
     return TrajectoryKL(kls, tokens, trajectory_stats(torch.cat(kls)), float(coeff))

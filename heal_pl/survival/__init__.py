@@ -19,7 +19,7 @@ from heal_pl.survival.config import ALPHAS, SweepConfig
 from heal_pl.survival.fan import fan_figure, kl_quantiles
 from heal_pl.survival.forks import ForkResult, fork_probe, probe_forks, rollout
 from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
-from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, AnswerSet, answer_token_ids, probe_from_logits
+from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, AnswerSet, answer_token_ids, probe_from_logits, probe_splice
 from heal_pl.survival.run import load_calibration, run_survival
 from heal_pl.survival.stored import by_label, load_trajectories
 from heal_pl.survival.sweep import sweep_survival
@@ -47,6 +47,7 @@ __all__ = [
     "load_trajectories",
     "probe_forks",
     "probe_from_logits",
+    "probe_splice",
     "prompt_survival",
     "rollout",
     "run_compare",

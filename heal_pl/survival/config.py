@@ -1,12 +1,13 @@
 """What a survival sweep measures: :class:`SweepConfig` (everything but the model, the steering and c*), the
-default α grid and splice, and the true/false questions it reads: bundled, or your own (``prompts``,
+default α grid, the probe check's bar, and the true/false questions it reads: bundled, or your own (``prompts``,
 :mod:`heal_pl.data.prompt_files`) (docs/maths.md §4.6)."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -15,12 +16,14 @@ from heal_pl.checks import Checked
 from heal_pl.data.formats import ASSETS
 from heal_pl.data.prompt_files import overlap_problem, read_prompts, split_check_eval
 from heal_pl.journal import fingerprint
-from heal_pl.survival.probes import DEFAULT_ANSWER_SETS, AnswerSet
+from heal_pl.survival.probes import AUTO, DEFAULT_ANSWER_SETS, AnswerSet, probe_splice
 from heal_pl.survival.table import fork_schedule
 from heal_pl.survival.thresholds import check_thresholds
 
 ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
-SPLICE = "\nSo the answer (true or false) is:"
+# heal survival / heal compare stop when fewer than this share of the probe check's prompts is alive (pmass ≥
+# threshold) at fork 0 on the unsteered model: the probe then does not suit the model, whatever the steering
+MIN_SHARE_ALIVE = 0.5
 
 
 def load_questions(split: Literal["calib", "eval"]) -> list[dict[str, Any]]:
@@ -40,7 +43,9 @@ class SweepConfig(Checked):
         w: rollout window in generated tokens, ``≥ 1``.
         fork_step: a fork every ``fork_step`` tokens (``0, s, 2s, …, w``); or ``n_log_forks`` log-spaced forks.
         threshold: alive while ``pmass ≥ threshold``, in the open interval (0, 1).
-        splice: the probe's answer prefix, appended after the first ``t`` generated tokens.
+        splice: the probe's text, appended after the first ``t`` generated tokens; ``"auto"`` = the model's own turn
+            asking "Is the statement true or false?", built from its chat template
+            (:func:`heal_pl.survival.probes.probe_splice`; resolved by :meth:`resolved`).
         n_eval: how many evaluation questions (``None`` = all); stop_at_eos: end a rollout at EOS
             (right-censored there) or run every rollout to ``w``.
         prompts: your own true/false statements (``prompt`` and ``answer`` fields: a ``.jsonl`` / ``.csv`` file or a
@@ -59,7 +64,7 @@ class SweepConfig(Checked):
     fork_step: int | None = 4
     n_log_forks: int | None = None
     threshold: float = 0.95
-    splice: str = SPLICE
+    splice: str = AUTO
     n_eval: int | None = None
     stop_at_eos: bool = True
     batch_size: int = 8
@@ -123,6 +128,23 @@ class SweepConfig(Checked):
     def sweep_config(self) -> SweepConfig:
         """Just the sweep's fields, as a :class:`SweepConfig` (from a subclass that holds more arguments)."""
         return SweepConfig(**{f.name: getattr(self, f.name) for f in fields(SweepConfig)})
+
+    def resolved(self, tokenizer: Any) -> SweepConfig:
+        """This config with ``splice`` as the text the probe appends: ``"auto"`` becomes the model's own probe turn
+        (:func:`heal_pl.survival.probes.probe_splice`); a given splice is kept (then ``self`` is returned)."""
+        return self if self.splice != AUTO else replace(self, splice=probe_splice(tokenizer, self.splice))
+
+    def probe_check_problem(self, check: Mapping[str, Any]) -> str | None:
+        """Why the probe check ``check`` (``n``, ``mean_pmass``, ``share_alive``) stops the run, or ``None`` when at
+        least :data:`MIN_SHARE_ALIVE` of its prompts is alive at fork 0."""
+        if check["share_alive"] >= MIN_SHARE_ALIVE:
+            return None
+        return (f"the probe check failed: on the unsteered model, right after the prompt (fork 0), "
+                f"share_alive={check['share_alive']:.2f} of the {check['n']} probe check prompts have pmass >= "
+                f"threshold={self.threshold:g} (mean pmass {check['mean_pmass']:.3g}; a run needs a share >= "
+                f"{MIN_SHARE_ALIVE:g}) with splice={self.splice!r}. Most rollouts would die at t = 0, whatever the "
+                f"steering: give a splice in the model's own turn format (splice: auto builds it from the chat "
+                f"template) or a threshold below the mean pmass")  # fmt: skip
 
     def fork_points(self) -> np.ndarray:
         """The forks: :func:`heal_pl.survival.table.fork_schedule` of ``w`` with ``fork_step`` or ``n_log_forks``."""

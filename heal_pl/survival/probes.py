@@ -12,23 +12,31 @@ Each surface variant contributes the id of its *last* token (tokenised without s
 ``" True"`` → the id of ``"ĠTrue"`` and a multi-token variant ``"False"`` → the id of its final piece; ids
 are deduplicated within a set and must not collide across sets.
 
-Splice: when the context has an open thinking block (a ``<think>`` after the last ``</think>``), the
-splice first closes it: ``splice' = </think> + sep + splice``.
+Splice: :func:`probe_splice` resolves ``splice="auto"`` into the model's own probe turn (the end of the assistant's
+turn, a user turn asking :data:`PROBE_QUESTION`, the assistant's turn opened), from its chat template; when the
+context has an open thinking block (a ``<think>`` after the last ``</think>``), the splice first closes it:
+``splice' = </think> + sep + splice``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 from torch import Tensor
 
-from heal_pl.data.prompts import encode_text
+from heal_pl.data.prompts import chat_prompt, encode_text
+from heal_pl.data.turns import after_assistant
 
+log = logging.getLogger("heal_pl")
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+AUTO = "auto"  # the splice built from the tokenizer's chat template (probe_splice)
+PROBE_QUESTION = "Is the statement true or false?"
 
 
 @dataclass(frozen=True)
@@ -161,3 +169,48 @@ def splice_text(
     if last_open >= 0 and last_open > context.rfind(think_close):
         return think_close + sep + splice
     return splice
+
+
+def probe_splice(tokenizer: Any, splice: str = AUTO, question: str = PROBE_QUESTION) -> str:
+    """The probe's splice text: ``splice`` itself, or for ``"auto"`` the model's own turn that asks ``question``.
+
+    ``auto`` renders ``[user, assistant, user: question]`` with the chat template (``add_generation_prompt``,
+    ``enable_thinking=False``, which a Qwen3-style template reads to open the answer with an empty, closed thinking
+    block; other templates ignore it) and keeps what follows the assistant's words
+    (:func:`heal_pl.data.turns.after_assistant`): the end of the assistant's turn, the user turn and the opened
+    assistant turn. A tokenizer without a chat template gets the plain-text turn of
+    :func:`heal_pl.data.prompts.chat_prompt` (``"\\n\\nUser: …\\n\\nAssistant:"``, logged).
+
+    Example:
+        >>> from heal_pl.models import tiny_tokenizer
+        >>> probe_splice(tiny_tokenizer())  # ChatML
+        '<|im_end|>\\n<|im_start|>user\\nIs the statement true or false?<|im_end|>\\n<|im_start|>assistant\\n'
+        >>> probe_splice(tiny_tokenizer(chat_template=False))
+        '\\n\\nUser: Is the statement true or false?\\n\\nAssistant:'
+        >>> probe_splice(tiny_tokenizer(), "\\nAnswer:")  # a given splice is kept as it is
+        '\\nAnswer:'
+
+    Raises:
+        ValueError: the template cannot render the probe turn, or drops the assistant's words (give the splice).
+    """
+    if splice != AUTO:
+        return splice
+    name = type(tokenizer).__name__
+    if getattr(tokenizer, "chat_template", None) is None:
+        text = "\n\n" + chat_prompt(tokenizer, question, None)
+        log.info("splice 'auto': the %s has no chat template; the probe is the plain-text turn %r", name, text)
+        return text
+    try:  # enable_thinking: read by Qwen3-style templates, ignored by the others
+        text = after_assistant(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True,
+                               enable_thinking=False)  # fmt: skip
+    except (TemplateError, ValueError, TypeError) as e:
+        raise ValueError(f"splice='auto': the chat template of the {name} cannot render the probe turn "
+                         f"(user, assistant, user): {e}; give the splice text instead") from e  # fmt: skip
+    if text is None:
+        raise ValueError(f"splice='auto': the chat template of the {name} does not write the assistant's words in the "
+                         f"probe turn; give the splice text instead")  # fmt: skip
+    if question not in text:
+        raise ValueError(f"splice='auto': the chat template of the {name} drops the probe question after an assistant "
+                         f"turn ({text!r}); give the splice text instead")  # fmt: skip
+    log.info("splice 'auto': the probe turn of the chat template is %r", text)
+    return text

@@ -28,14 +28,17 @@ W, STEP = 12, 3
 SPLICE = "\nSo the answer (true or false) is:"
 
 
-@pytest.mark.parametrize(("family", "mode"), [("gemma3", "packed"), ("qwen3_5", "batched")])
-def test_survival_cli_on_sliding_window_and_hybrid_models(family: str, mode: str, tmp_path: Path, caplog) -> None:
+# the probe check needs half its prompts at pmass >= threshold at fork 0: the tiny random Qwen3.5 puts ≈ 0.0087 of its
+# mass on the answers there, below the 0.009 that suits the others
+@pytest.mark.parametrize(("family", "mode", "threshold"), [("gemma3", "packed", 0.009), ("qwen3_5", "batched", 0.008)])
+def test_survival_cli_on_sliding_window_and_hybrid_models(family: str, mode: str, threshold: float, tmp_path: Path,
+                                                          caplog) -> None:  # fmt: skip
     out = tmp_path / family
     with caplog.at_level(logging.INFO, logger="heal_pl"):
         main(["survival", "--config", str(CONFIG), "--model", f"tiny-{family}", "--device", "cpu", "--dtype",
               "float32", "--w", str(W), "--fork_step", str(STEP), "--n_eval", "3", "--alphas", "[0, 4]",
-              "--signs", "[1]", "--threshold", "0.009", "--splice", SPLICE, "--batch_size", "3", "--fork_batch", "2",
-              "--out_dir", str(out), "--calibration", CALIB])  # fmt: skip
+              "--signs", "[1]", "--threshold", str(threshold), "--splice", SPLICE, "--batch_size", "3",
+              "--fork_batch", "2", "--out_dir", str(out), "--calibration", CALIB])  # fmt: skip
     assert not [r for r in caplog.records if "recomputing every fork" in r.getMessage()]
     model, tok = load_model(f"tiny-{family}").eval(), load_tokenizer(f"tiny-{family}")
     assert fork_plan(model).mode == mode
