@@ -9,6 +9,7 @@ Every consumer asks for a model by *name* and gets a local folder back from :fun
 |                           | special tokens from the GGUF itself (:mod:`heal_pl.models.embedded`)         |
 | ``tiny-<family>``         | :func:`tiny_model` (family) + :func:`tiny_tokenizer`, random init;   |
 |                           | families in :data:`heal_pl.models.families.FAMILIES` (llama, gemma3, …)     |
+|                           | and the multimodal wrapper ``gemma3_vl`` (``WRAPPED_FAMILIES``)      |
 | an existing folder        | returned unchanged                                                   |
 | ``org/name``              | a Hugging Face id, returned unchanged (transformers handles it)      |
 
@@ -48,14 +49,14 @@ from transformers import (
 )
 
 from heal_pl.models import embedded
-from heal_pl.models.families import FAMILIES, Family, tiny_config
+from heal_pl.models.families import FAMILIES, WRAPPED_FAMILIES, Family, WrappedFamily, tiny_config
 from heal_pl.models.quantize import Quantize, keep_training_layout, quantization_kwargs
 from heal_pl.models.rank_zero import parameters_on_meta
 
 logger = logging.getLogger("heal_pl")
 
 SMOLLM2 = "smollm2-135m-instruct"
-MODEL_ALIASES: tuple[str, ...] = (SMOLLM2, *(f"tiny-{family}" for family in FAMILIES))
+MODEL_ALIASES: tuple[str, ...] = (SMOLLM2, *(f"tiny-{family}" for family in FAMILIES + WRAPPED_FAMILIES))
 Dtype = Literal["float32", "bfloat16", "float16"]
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
@@ -172,7 +173,7 @@ def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
 
 
 def tiny_model(
-    style: Family = "llama",
+    style: Family | WrappedFamily = "llama",
     vocab_size: int | None = None,
     seed: int = 0,
     num_layers: int | None = None,

@@ -134,7 +134,7 @@ def _kind(layer: object, config_kind: str | None) -> str:
 def _plan_or_reason(model: nn.Module) -> ForkPlan | str:
     lm = base_lm(model)
     config = lm.config.get_text_config(decoder=True) if hasattr(lm.config, "get_text_config") else lm.config
-    attn = getattr(lm.config, "_attn_implementation", None)
+    attn = getattr(config, "_attn_implementation", None)  # the decoder's: a wrapper's top level may name another
     if attn not in MASKED_ATTENTION:
         return f"its attention kernel {attn!r} takes no 4-D fork mask (the fast path needs one of {MASKED_ATTENTION})"
     if getattr(config, "attention_chunk_size", None) is not None:

@@ -149,7 +149,7 @@ def test_resolve_tiny_alias_caches(alias, tmp_path):
 def test_load_tokenizer_matches_tiny_tokenizer(alias, tokenizer):
     # transformers 5 rebuilds any qwen2 folder's tokenizer as Qwen2Tokenizer: it must still agree
     loaded = load_tokenizer(alias)
-    assert len(loaded) == len(tokenizer) == load_model(alias).config.vocab_size
+    assert len(loaded) == len(tokenizer) == load_model(alias).config.get_text_config().vocab_size
     assert (loaded.eos_token, loaded.pad_token, loaded.padding_side) == ("<|im_end|>", "<pad>", "right")
     for text in TEXTS:
         assert loaded(text).input_ids == tokenizer(text).input_ids

@@ -104,20 +104,22 @@ def test_resume_after_a_finished_round_matches_an_uninterrupted_run(tmp_path: Pa
     assert resumed["finished"][0] == first["finished"][0]
 
 
-def test_baked_history_with_the_current_adapter_off_is_the_previous_round(tmp_path: Path) -> None:
-    _run(tmp_path, "--rounds", "2")
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3_vl"])  # a wrapper: tests/models/test_wrapped.py
+def test_baked_history_with_the_current_adapter_off_is_the_previous_round(model: str, tmp_path: Path) -> None:
+    state = _run(tmp_path, "--rounds", "2", "--model", model)
+    assert state["config"]["model"] == model and [m["round"] for m in state["finished"]] == [0, 1]
     tok = tiny_tokenizer()
     texts = load_dilemmas().prompts(tok)[:4]
-    prev = PeftModel.from_pretrained(load_model("tiny-llama"), str(tmp_path / "round_00" / "adapter"))
+    prev = PeftModel.from_pretrained(load_model(model), str(tmp_path / "round_00" / "adapter"))
     want = next_token_logits(prev, tok, texts)  # round 0's healed student, its adapter on
-    baked = bake_adapter(load_model("tiny-llama"), tmp_path / "round_00" / "adapter")
+    baked = bake_adapter(load_model(model), tmp_path / "round_00" / "adapter")
     current = PeftModel.from_pretrained(baked, str(tmp_path / "round_01" / "adapter"))
     with current.disable_adapter():
         got = next_token_logits(current, tok, texts)
     on = next_token_logits(current, tok, texts)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(on, want, atol=1e-6), "round 1's adapter changes the outputs when on"
-    base = next_token_logits(load_model("tiny-llama"), tok, texts)
+    base = next_token_logits(load_model(model), tok, texts)
     assert not torch.allclose(base, want, atol=1e-6), "round 0's adapter is in the baked weights"
 
 
