@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from heal_pl import shards
+
 log = logging.getLogger("heal_pl")
 
 CONFIG_FILE = "config.json"
@@ -110,14 +112,16 @@ class Journal:
         return self.steps.get(key)
 
     def record(self, key: str, value: Any) -> Any:
-        """Write step ``key`` (atomically) and return ``value`` as it will be read back on a rerun."""
+        """Write step ``key`` (atomically; in a sharded job only rank 0 writes, :mod:`heal_pl.shards`) and return
+        ``value`` as it will be read back on a rerun."""
         if not _KEY.fullmatch(key) or key == Path(CONFIG_FILE).stem:
             raise ValueError(f"journal key {key!r} must be letters, digits and _ . + - (and not 'config')")
-        if not (self.folder / CONFIG_FILE).is_file():
-            write_json(self.folder / CONFIG_FILE, {"command": self.command, "fingerprint": self.fingerprint,
-                                                   "config": self.config}, indent=2)  # fmt: skip
         value = canonical(value, strict=True)
-        write_json(self.folder / f"{key}.json", value)
+        if shards.is_writer():  # a sharded job: every process holds the value, rank 0 writes it
+            if not (self.folder / CONFIG_FILE).is_file():
+                write_json(self.folder / CONFIG_FILE, {"command": self.command, "fingerprint": self.fingerprint,
+                                                       "config": self.config}, indent=2)  # fmt: skip
+            write_json(self.folder / f"{key}.json", value)
         self.steps[key] = value
         return value
 

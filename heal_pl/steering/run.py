@@ -25,11 +25,14 @@ import csv
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
+from transformers import PreTrainedTokenizerBase
 
+from heal_pl import shards
 from heal_pl.checks import command
 from heal_pl.data.prompts import chat_prompt
 from heal_pl.hardware import load_on
@@ -45,23 +48,53 @@ from heal_pl.steering.vectors import SteeringVector
 log = logging.getLogger("heal_pl")
 
 
+class Calibrated(NamedTuple):
+    """What :func:`calibrate_on` gives: the results per sign name, the steering method and the model it steers
+    (``lm`` itself for a vector; the peft model wrapping it for an adapter)."""
+
+    results: dict[str, IsoKLResult]
+    steering: Any
+    model: nn.Module
+
+
 @command(CalibrateArgs)
 def run_calibration(args: CalibrateArgs) -> dict[str, IsoKLResult]:
     """Calibrate a steering method per sign to an equal KL dose and audit it on held-out prompts.
 
     Called with :class:`~heal_pl.steering.args.CalibrateArgs`' fields as keywords; returns the result per sign
-    name (``"+"``, ``"-"``), as written to ``calib.json``.
+    name (``"+"``, ``"-"``), as written to ``calib.json``. Under ``torchrun`` the prompts are shared by the
+    processes and rank 0 writes (:mod:`heal_pl.shards`).
     """
+    shards.init()
+    with shards.sharded():
+        journal = calibration_journal(args)  # other arguments in the same out_dir: refused before the model loads
+        lm = load_on(args.model, args.device, args.dtype)
+        return calibrate_on(args, lm, load_tokenizer(args.model), journal).results
+
+
+def calibration_journal(args: CalibrateArgs) -> Journal:
+    """The journal of ``args.out_dir`` (created), refusing a rerun with other arguments; under ``torchrun`` also
+    checks that every process has calibration and audit prompts."""
+    config = asdict(args)
+    journaled = {k: v for k, v in config.items() if k != "out_dir"}
+    if args.prompts is not None:  # an edited file under the same name is another config
+        journaled["prompts_digest"] = fingerprint({"questions": args.questions()})
+    journal = Journal(Path(args.out_dir) / "journal", journaled, "heal calibrate")
+    for n, what in ((args.n_calib, "calibration prompts (n_calib)"), (args.n_audit, "audit prompts (n_audit)")):
+        shards.block(n, what)
+    return journal
+
+
+def calibrate_on(
+    args: CalibrateArgs, lm: nn.Module, tokenizer: PreTrainedTokenizerBase, journal: Journal | None = None
+) -> Calibrated:
+    """:func:`run_calibration` on a model already loaded (``heal survival`` calibrates on its own copy): the same
+    steps, files and journal (:func:`calibration_journal` when ``journal`` is not given)."""
+    journal = calibration_journal(args) if journal is None else journal
     config = asdict(args)  # the arguments, for calib.json
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     qs = args.questions()
-    journaled = {k: v for k, v in config.items() if k != "out_dir"}
-    if args.prompts is not None:  # an edited file under the same name is another config
-        journaled["prompts_digest"] = fingerprint({"questions": qs})
-    journal = Journal(out / "journal", journaled, "heal calibrate")
-    lm = load_on(args.model, args.device, args.dtype)
-    tokenizer = load_tokenizer(args.model)
     n_fit, n_calib = args.n_fit, args.n_calib
     fit_q, calib_q, audit_q = qs[:n_fit], qs[n_fit : n_fit + n_calib], qs[n_fit + n_calib :]
     if args.method == "adapter":
@@ -75,19 +108,20 @@ def run_calibration(args: CalibrateArgs) -> dict[str, IsoKLResult]:
         else:
             steering = SteeringVector.fit(lm, tokenizer, pos, neg, method=args.method, layers=args.layers,
                                           model_name=args.model)  # fmt: skip
-            with atomic_path(out / "vector.safetensors") as tmp:
-                steering.save(tmp)
+            if shards.is_writer():
+                with atomic_path(out / "vector.safetensors") as tmp:
+                    steering.save(tmp)
             journal.record("vector", {"file": "vector.safetensors"})
         target_model = lm
     calib_prompts = [chat_prompt(tokenizer, q, None) for q in calib_q]
     audit_prompts = [chat_prompt(tokenizer, q, None) for q in audit_q]
 
-    writer = SummaryWriter(str(out))
+    writer = shards.on_writer(SummaryWriter, str(out))
     stat = args.stat
     results: dict[str, IsoKLResult] = {}
     for sign in args.signs:
         name = sign_name(sign)
-        bar = progress(total=args.max_iters, desc=f"calibrate {name}", unit="eval")
+        bar = progress(total=args.max_iters, desc=f"calibrate {name}", unit="eval", disable=not shards.is_writer())
 
         def on_eval(entry: dict[str, Any], bar: Progress = bar, name: str = name) -> None:
             bar.set_postfix(c=f"{entry['c']:.3g}", **{stat: f"{entry[stat]:.3f}"})  # before update: on its line
@@ -112,8 +146,9 @@ def run_calibration(args: CalibrateArgs) -> dict[str, IsoKLResult]:
             writer.add_scalar(f"calibrate/{name}/{key}", value, 0)
         results[name] = result
     writer.close()
-    _write_outputs(out, config, results, stat, {"fit": fit_q, "calib": calib_q, "audit": audit_q})
-    return results
+    if shards.is_writer():
+        _write_outputs(out, config, results, stat, {"fit": fit_q, "calib": calib_q, "audit": audit_q})
+    return Calibrated(results, steering, target_model)
 
 
 def _write_outputs(out: Path, config: dict[str, Any], results: dict[str, IsoKLResult], stat: str,

@@ -7,7 +7,8 @@ Steps:
 1. **Each method** of ``methods`` (mean_diff, pca, directional_ablation, adapter) runs ``heal survival``
    (:func:`heal_pl.survival.run.run_survival`) into ``out_dir/<method>/``: calibrated to the same ``target`` /
    ``stat`` / ``layers`` (``out_dir/<method>/calibrate/``), then swept over the same α · c* grid with the same
-   :class:`~heal_pl.survival.config.SweepConfig`, hence the same evaluation prompts and the same forks.
+   :class:`~heal_pl.survival.config.SweepConfig`, hence the same evaluation prompts and the same forks. The first
+   method's probe check stops the comparison, before any calibration, when the probe does not suit the model.
 2. **Prompt baseline** (``prompt_baseline: true``): the KL footprint of the system prompt ``system`` (default the
    calibration's ``pos_system``, the persona the vectors are fitted from) against none, at its one natural dose
    (:mod:`heal_pl.steering.prompt_baseline`): greedy rollouts WITH the system prompt on the same evaluation
@@ -44,6 +45,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedTokenizerBase
 
+from heal_pl import shards
 from heal_pl.checks import command
 from heal_pl.hardware import load_on
 from heal_pl.journal import Journal, journaled
@@ -90,6 +92,7 @@ def prompt_survival(
         ``{"row": table row, "stats": all KL statistics, "table": the survival table, "trajectories": [...]}``.
     """
     method = SystemPrompt(system)
+    config = config.resolved(tokenizer)  # splice "auto": the model's own probe turn
     evals, with_system = eval_prompts(model, tokenizer, config, system)  # checks the (longer) prompts' window
     _, without = eval_prompts(model, tokenizer, config)
     forks = config.fork_points()
@@ -196,12 +199,19 @@ def run_compare(args: CompareArgs) -> dict[str, Any]:
 
     Called with :class:`~heal_pl.survival.args.CompareArgs`' fields as keywords (``adapter_dir``, ``layers``,
     ``target``, ``stat``, ``signs``, ``calibration`` and the sweep's are those of ``heal survival``, the same for
-    every method).
+    every method). Under ``torchrun`` the prompts are shared by the processes and rank 0 writes
+    (:mod:`heal_pl.shards`).
 
     Returns:
         the ``compare.json`` content plus ``summaries`` (each method's ``heal survival`` summary) and ``prompt``.
     """
-    config = args.sweep_config()
+    shards.init()
+    with shards.sharded():
+        return _compare(args)
+
+
+def _compare(args: CompareArgs) -> dict[str, Any]:
+    config = args.sweep_config().resolved(load_tokenizer(args.model))  # splice "auto": the model's own probe turn
     system = args.baseline_system
     out = Path(args.out_dir)
     shared = {k: getattr(args, k) for k in SURVIVAL_ARGS}
@@ -214,7 +224,7 @@ def run_compare(args: CompareArgs) -> dict[str, Any]:
         rows += method_rows(m, summary)
         results = json.loads(Path(summary["calib_json"]).read_text())["results"]
         calib[m] = {s: IsoKLResult.from_dict(results[s]).summary() for s in summary["c_star"]}
-    writer = SummaryWriter(str(out))
+    writer = shards.on_writer(SummaryWriter, str(out))
     prompt = None
     try:
         if args.prompt_baseline:
@@ -222,10 +232,11 @@ def run_compare(args: CompareArgs) -> dict[str, Any]:
                                  writer)  # fmt: skip
             tables[PROMPT] = {PROMPT: prompt["table"]}
             rows.append(prompt["row"])
-        report = {"config": {**asdict(args), "system": system}, "fork_points": config.fork_points().tolist(),
-                  "calibration": calib, "table": rows,
+        report = {"config": {**asdict(args), "splice": config.splice, "system": system},
+                  "fork_points": config.fork_points().tolist(), "calibration": calib, "table": rows,
                   "prompt": None if prompt is None else {"system": system, "stats": prompt["stats"]}}  # fmt: skip
-        write_compare(out, report, tables, float(config.fork_points()[-1]), writer)
+        if shards.is_writer():
+            write_compare(out, report, tables, float(config.fork_points()[-1]), writer)
     finally:
         writer.close()
     log.info("heal compare (threshold %g, w %d)\n%s", config.threshold, config.w, compare_markdown(rows))
@@ -245,6 +256,8 @@ def _run_prompt(
     answer_ids = answer_token_ids(tokenizer, config.answer_sets())
     lm = load_on(model_name, device, dtype)
     result = prompt_survival(lm, tokenizer, system, config, answer_ids, journal)
+    if not shards.is_writer():
+        return result
     trs = result["trajectories"]
     strict = [{**t, "pmass": nan_to_none(t["pmass"]), "p_true": nan_to_none(t["p_true"])} for t in trs]
     (out / "prompt.json").write_text(json.dumps({"system": system, "row": result["row"], "stats": result["stats"],

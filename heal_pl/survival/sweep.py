@@ -43,6 +43,7 @@ import numpy as np
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from heal_pl import shards
 from heal_pl.data.prompts import chat_prompt
 from heal_pl.journal import Journal, journaled
 from heal_pl.models.generate import eos_ids
@@ -50,6 +51,7 @@ from heal_pl.progress import progress
 from heal_pl.steering.hooks import SteeringMethod
 from heal_pl.steering.trajectory import measure_kl
 from heal_pl.survival.analyses import write_analyses
+from heal_pl.survival.batch_forks import batch_fork_reader
 from heal_pl.survival.config import SweepConfig
 from heal_pl.survival.forks import check_window, fork_probe, probe_forks
 from heal_pl.survival.plotting import save_figure, spaghetti_figure, survival_figure
@@ -73,19 +75,32 @@ def file_slug(label: str) -> str:
 
 
 def probe_check(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, method: SteeringMethod, prompts: Sequence[str],
-    answers: Sequence[bool], config: SweepConfig, answer_ids: Mapping[str, Sequence[int]],
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, method: SteeringMethod, config: SweepConfig,
+    answer_ids: Mapping[str, Sequence[int]], strict: bool = False,
 ) -> dict[str, float]:
-    """Unsteered probe at fork 0 on ``prompts``: ``mean_pmass``, ``share_alive`` (pmass ≥ threshold), ``accuracy``."""
+    """The probe at fork 0 (``method`` at coefficient 0) on the probe check questions (``config.question_sets()[0]``,
+    chat-formatted): ``n``, ``mean_pmass``, ``share_alive`` (pmass ≥ threshold), ``accuracy`` (``p_true > 0.5``).
+
+    When fewer than :data:`~heal_pl.survival.config.MIN_SHARE_ALIVE` of them are alive it raises the ``ValueError`` of
+    :meth:`~heal_pl.survival.config.SweepConfig.probe_check_problem` if ``strict`` (``heal survival``), else logs it.
+    """
+    questions = config.question_sets()[0]
     pm, pt = [], []
-    for prompt in prompts:
-        r = fork_probe(model, tokenizer, prompt, method, 0.0, 1, [0], config.splice, answer_ids)
+    for q in questions:
+        r = fork_probe(model, tokenizer, chat_prompt(tokenizer, q["prompt"], None), method, 0.0, 1, [0],
+                       config.splice, answer_ids)  # fmt: skip
         pm.append(r.pmass[0])
         pt.append(r.p_true[0])
-    pm_a, pt_a = np.asarray(pm), np.asarray(pt)
-    return {"n": len(prompts), "mean_pmass": float(pm_a.mean()),
-            "share_alive": float(np.mean(pm_a >= config.threshold)),
-            "accuracy": float(np.mean((pt_a > 0.5) == np.asarray(answers, dtype=bool)))}  # fmt: skip
+    pm_a, pt_a, answers = np.asarray(pm), np.asarray(pt), np.asarray([q["answer"] for q in questions], dtype=bool)
+    check = {"n": len(questions), "mean_pmass": float(pm_a.mean()),
+             "share_alive": float(np.mean(pm_a >= config.threshold)),
+             "accuracy": float(np.mean((pt_a > 0.5) == answers))}  # fmt: skip
+    problem = config.probe_check_problem(check)
+    if problem is not None and strict:
+        raise ValueError(problem)
+    if problem is not None:
+        log.warning("survival: %s", problem)
+    return check
 
 
 def eval_prompts(
@@ -137,12 +152,10 @@ def sweep_survival(
     if bad:
         raise ValueError(f"c_stars {bad} must be finite and > 0")
     evals, prompts = eval_prompts(model, tokenizer, config)
-    calib = config.question_sets()[0]
+    config = config.resolved(tokenizer)  # splice "auto": the model's own probe turn, also in summary.json
     forks = config.fork_points()
     eos = set(eos_ids(tokenizer, model, None).tolist())
-    check = journaled(journal, "probe_check", {}, lambda: probe_check(
-        model, tokenizer, method, [chat_prompt(tokenizer, q["prompt"], None) for q in calib],
-        [q["answer"] for q in calib], config, answer_ids))  # fmt: skip
+    check = journaled(journal, "probe_check", {}, lambda: probe_check(model, tokenizer, method, config, answer_ids))
     runs = [("+" if "+" in c_stars else "-", 0.0)]
     runs += [(s, a) for s in ("+", "-") if s in c_stars for a in config.alphas if a != 0]
     rows, trajectories, tables = [], [], {}
@@ -171,7 +184,8 @@ def sweep_survival(
             })  # fmt: skip
     summary = {"fork_points": forks.tolist(), "c_star": dict(c_stars), "kl_target": kl_target,
                "config": asdict(config), "probe_check": check, "table": rows}  # fmt: skip
-    write_outputs(Path(out_dir), summary, trajectories, tables, kl_target, config, writer, tag_prefix, step)
+    if shards.is_writer():  # one writer in a sharded job (every process holds the same summary)
+        write_outputs(Path(out_dir), summary, trajectories, tables, kl_target, config, writer, tag_prefix, step)
     return {**summary, "trajectories": trajectories}
 
 
@@ -182,12 +196,20 @@ def measure_alpha(
 ) -> dict[str, Any]:
     """One α: the rollouts and the probes at their forks, as JSON-ready lists (one entry per prompt); the KL's base
     reads ``base_prompts`` when given (:func:`heal_pl.steering.trajectory.measure_kl`)."""
+    batched = batch_fork_reader(model, tokenizer, prompts, method, coeff, config.w, forks, config.splice, answer_ids,
+                                config.fork_batch)  # the forks read on the KL's own cache (attention-only models)
+    cache, on_rollout, results = batched if batched is not None else (None, None, [])
     traj = measure_kl(model, tokenizer, prompts, method, coeff, config.w, config.batch_size,
-                      eos_token_id=None if config.stop_at_eos else [], base_prompts=base_prompts)  # fmt: skip
-    results = [probe_forks(model, tokenizer, p, toks, method, coeff, config.w, forks, config.splice, answer_ids,
-                           fork_batch=config.fork_batch)
-               for p, toks in progress(list(zip(prompts, traj.tokens, strict=True)), desc=f"forks {label}",
-                                   unit="prompt", leave=False)]  # fmt: skip
+                      eos_token_id=None if config.stop_at_eos else [], base_prompts=base_prompts, cache=cache,
+                      on_rollout=on_rollout)  # fmt: skip
+    own = shards.block(len(prompts))  # this process's prompts (all of them outside a sharded job)
+    if batched is None:  # recurrent layers, or no exact fork plan: one prompt at a time
+        results = [probe_forks(model, tokenizer, prompts[i], traj.tokens[i], method, coeff, config.w, forks,
+                               config.splice, answer_ids, fork_batch=config.fork_batch)
+                   for i in progress(own, desc=f"forks {label}", unit="prompt", leave=False)]  # fmt: skip
+    else:
+        results = [results[i] for i in own]
+    results = shards.gather(results)
     return {"coeff": coeff, "stats": traj.stats, "kl": [kl.tolist() for kl in traj.kl],
             "tokens": [r.tokens.tolist() for r in results], "gen_len": [int(r.gen_len) for r in results],
             "pmass": [r.pmass.tolist() for r in results], "p_true": [r.p_true.tolist() for r in results]}

@@ -170,10 +170,10 @@ def test_survival_config_runs_with_a_tiny_model(tmp_path: Path, caplog: pytest.L
 )
 def test_bad_input_fails_before_any_calibration(args: list[str], message: str, tmp_path: Path, monkeypatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    def no_calibration(**kwargs: object) -> None:
+    def no_calibration(*args: object) -> None:
         raise AssertionError("calibration ran before the bad input was reported")
 
-    monkeypatch.setattr(heal_pl.survival.run, "run_calibration", no_calibration)
+    monkeypatch.setattr(heal_pl.survival.run, "calibrate_on", no_calibration)
     assert re.search(message, heal_error(["survival", "--config", str(CONFIG), *TINY, "--out_dir", str(tmp_path),
                                           *args], capsys))  # fmt: skip
 
