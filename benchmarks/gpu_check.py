@@ -18,7 +18,11 @@ Checks, in order (each in its own process, with a time limit, so one failure doe
 5. ``barrier cost`` / ``barrier memory``: ``benchmarks/barrier_cost.py`` and ``barrier_memory.py`` on the GPU.
 6. ``8B bf16`` / ``8B nf4``: ``benchmarks/scale_step.py`` at Llama-3-8B's shape (random, built here), batch 8 x 2048,
    checkpointing on: one step of SFT and of SFT + rmse barrier, peak memory and step time (``--only scale`` runs
-   just these; ``--only base`` all the others).
+   just these; ``--only base`` steps 1-5).
+7. ``survival 4B``: ``benchmarks/survival_scale.py``, one survival α on a Gemma-3-4B-shaped random model, 64 prompts x
+   512 tokens in bf16: time and peak memory, batched forks against the per-prompt forks (``--only survival``).
+8. ``survival 2 GPU``, where the machine has two or more: step 3's ``heal survival`` under ``torchrun
+   --nproc_per_node 2`` (prompts shared, one writer), its table against step 3's one-GPU table.
 
 Each row is printed as its step finishes (a step cut by the time budget still leaves the rows before it), and the
 whole table again at the end. ``--budget`` (seconds, default 540) bounds the whole check: a step's time limit is
@@ -165,7 +169,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="run on the CPU with tiny sizes (no 16-mixed, no FSDP)")
     p.add_argument("--work", default=os.environ.get("GPU_CHECK_WORK", "/tmp/heal_gpu_check"))
-    p.add_argument("--only", choices=["all", "base", "scale"], default="all", help="which steps (module docstring)")
+    p.add_argument("--only", choices=["all", "base", "scale", "survival"], default="all",
+                   help="which steps (module docstring)")
     p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole check")
     p.add_argument("--step", help=argparse.SUPPRESS)
     p.add_argument("--precision", help=argparse.SUPPRESS)
@@ -195,7 +200,10 @@ def main() -> None:
     py, me, results = sys.executable, str(Path(__file__).resolve()), []
     if a.only in ("all", "scale"):
         scale(py, work, dry, results, logs)
-    if a.only != "scale":
+    if a.only in ("all", "survival"):
+        run_step("survival 4B", [py, "benchmarks/survival_scale.py", *(["--dry-run"] if dry else [])], 300, results,
+                 logs)  # fmt: skip
+    if a.only in ("all", "base"):
         base_steps(py, me, work, model, device, dry, results, logs)
     report(gpu, torch.__version__, time.perf_counter() - t_all, results, logs)
 
@@ -239,13 +247,18 @@ def base_steps(py: str, me: str, work: Path, model: str, device: str, dry: bool,
     run_step("calibrate bf16", [*cli, "calibrate", "--config", "heal_pl/configs/calibrate.yaml", *hw, "--n_fit", "8",
                                 "--n_calib", "4", "--n_audit", "4", "--max_iters", "4", "--out_dir",
                                 str(work / "calibrate")], 240, results, logs)  # fmt: skip
-    run_step("survival bf16", [*cli, "survival", "--config", "heal_pl/configs/survival.yaml", *hw, "--calib_json",
-                               str(work / "calibrate" / "calib.json"), "--n_eval", "8", "--w", "64", "--alphas",
-                               "[0, 1, 4]", "--out_dir", str(work / "survival")], 240, results, logs)  # fmt: skip
+    survival = ["survival", "--config", "heal_pl/configs/survival.yaml", *hw, "--calib_json",
+                str(work / "calibrate" / "calib.json"), "--n_eval", "8", "--w", "64", "--alphas", "[0, 1, 4]"]
+    run_step("survival bf16", [*cli, *survival, "--out_dir", str(work / "survival")], 240, results, logs)
     if not dry:
         import torch
 
         n = min(torch.cuda.device_count(), 8)
+        if n >= 2:  # the sharded run: its table against the one-GPU table above
+            run_step("survival 2 GPU", [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                                        "heal_pl.cli", *survival, "--out_dir", str(work / "survival_2gpu")], 240,
+                     results, logs)  # fmt: skip
+            results[-1]["detail"] = same_tables(work / "survival", work / "survival_2gpu")
         run_step(f"fsdp {n} GPU", [*cli, "fit", "--config", "heal_pl/configs/gpu/fsdp.yaml", "--trainer.devices",
                                    str(n), "--model.model", model, "--trainer.max_steps", "6",
                                    "--trainer.val_check_interval", "6", "--trainer.logger.init_args.save_dir",
@@ -257,6 +270,17 @@ def base_steps(py: str, me: str, work: Path, model: str, device: str, dry: bool,
     mem = ["--batch", "2", "--seq", "64", "--vocab", "4096", "--hidden", "64"] if dry else \
         ["--batch", "4", "--seq", "1024", "--vocab", "262144", "--hidden", "2560"]  # fmt: skip
     run_step("barrier memory", [py, "benchmarks/barrier_memory.py", "--device", device, *mem], 180, results, logs)
+
+
+def same_tables(one: Path, two: Path) -> str:
+    """How the 2-GPU survival table compares with the one-GPU table (deaths per α, kl_p95)."""
+    try:
+        a, b = (json.loads((d / "summary.json").read_text())["table"] for d in (one, two))
+    except (OSError, KeyError, ValueError) as err:
+        return f"no table to compare ({err})"
+    died = [(r["label"], r["died"], s["died"]) for r, s in zip(a, b, strict=True)]
+    kl = max(abs(r["kl_p95"] - s["kl_p95"]) / max(abs(r["kl_p95"]), 1e-12) for r, s in zip(a, b, strict=True))
+    return f"deaths (1 GPU, 2 GPU) per α: {died}; max relative Δ kl_p95 {kl:.1e}"
 
 
 def report(gpu: str, torch_version: str, seconds: float, results: list, logs: Path) -> None:

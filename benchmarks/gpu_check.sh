@@ -2,8 +2,10 @@
 # heal_pl's GPU check: heal fit (bf16-mixed and 16-mixed with routing; routing must see unscaled gradients),
 # fast forks == recompute on CUDA, heal calibrate and heal survival on CUDA in bf16, FSDP on every GPU
 # (heal_pl/configs/gpu/fsdp.yaml), the barrier cost / memory benchmarks, and a Llama-3-8B-shaped step (bf16 and nf4,
-# checkpointing, batch 8 x 2048: benchmarks/scale_step.py); rows printed as they finish, one table at the end.
-#   --only scale: the 8B steps alone (~4 min); --only base: the others; --budget SECONDS (default 540).
+# checkpointing, batch 8 x 2048: benchmarks/scale_step.py), survival at Gemma-3-4B's shape (64 prompts x 512 tokens:
+# benchmarks/survival_scale.py) and, with two GPUs, heal survival under torchrun; rows printed as they finish.
+#   --only scale: the 8B steps alone (~4 min); --only survival: the 4B survival (~3 min); --only base: the others;
+#   --budget SECONDS (default 540).
 #
 #   bash benchmarks/gpu_check.sh --prepare   # HERE (any machine with heal_pl's venv): copy the pure-Python packages
 #                                            # a bare CUDA image may lack into .gpu_site/ (git-ignored)

@@ -52,11 +52,12 @@ def run_arm(source: Path, out: Path, config: str, extra: list[str]) -> float:
 def compare(before: Path, after: Path) -> list[str]:
     """Differences between two runs' tables that a pmass within the tolerance of the threshold does not explain."""
     a, b = (json.loads((p / "summary.json").read_text()) for p in (before, after))
+    trs_a, trs_b = (json.loads((p / "trajectories.json").read_text())["trajectories"] for p in (before, after))
     threshold = b["config"]["threshold"]
     problems = []
-    pairs = {(t["label"], t["prompt_index"]): t for t in a["trajectories"]}
+    pairs = {(t["label"], t["prompt_index"]): t for t in trs_a}
     pm_diff, flips = 0.0, 0
-    for t in b["trajectories"]:
+    for t in trs_b:
         old = pairs[(t["label"], t["prompt_index"])]
         x, y = (np.array([np.nan if v is None else v for v in s["pmass"]]) for s in (old, t))
         both = ~np.isnan(x) & ~np.isnan(y)
