@@ -201,7 +201,7 @@ def main() -> None:
     if a.only in ("all", "scale"):
         scale(py, work, dry, results, logs)
     if a.only in ("all", "survival"):
-        run_step("survival 4B", [py, "benchmarks/survival_scale.py", *(["--dry-run"] if dry else [])], 300, results,
+        run_step("survival 4B", [py, "benchmarks/survival_scale.py", *(["--dry-run"] if dry else [])], 480, results,
                  logs)  # fmt: skip
     if a.only in ("all", "base"):
         base_steps(py, me, work, model, device, dry, results, logs)

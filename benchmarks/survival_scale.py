@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--fork-batch", type=int, default=64)
     p.add_argument("--coeff", type=float, default=4.0)
     p.add_argument("--sharpen", type=float, default=4.0)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     device, dtype = ("cpu", torch.float32) if a.dry_run else ("cuda", torch.bfloat16)
     if a.dry_run:

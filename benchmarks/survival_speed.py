@@ -1,7 +1,7 @@
 """``heal survival`` end to end, this checkout against an earlier commit: wall time and whether the tables agree.
 
-    OMP_NUM_THREADS=2 python benchmarks/survival_speed.py --before 63bafbd                 # the shipped config, once
-    OMP_NUM_THREADS=2 python benchmarks/survival_speed.py --before 63bafbd --quick --repeats 5
+    OMP_NUM_THREADS=2 python benchmarks/survival_speed.py --before 63bafbd --quick            # 5 repeats per arm
+    OMP_NUM_THREADS=2 python benchmarks/survival_speed.py --before 63bafbd --repeats 1        # the shipped config, once
 
 Each arm is the ``heal survival`` command of one checkout (the ``--before`` commit, checked out with ``git worktree``
 into a temporary folder, or this one), run in a fresh subprocess with its own ``PYTHONPATH`` and ``out_dir`` and the
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="the commit to compare with (e.g. 63bafbd)")
     parser.add_argument("--config", default="survival")
     parser.add_argument("--quick", action="store_true", help="a smaller sweep (module docstring)")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--flip-tol", type=float, default=1e-5)
     args, extra = parser.parse_known_args()
     FLIP_TOL = args.flip_tol

@@ -36,7 +36,7 @@ from heal_pl.steering.hooks import SteeringMethod
 from heal_pl.steering.trajectory import Rollout
 from heal_pl.survival.fork_cache import ForkCache, cached_positions, fork_plan, new_cache
 from heal_pl.survival.fork_mask import packed_fork_mask
-from heal_pl.survival.fork_setup import ForkResult, fork_keeps, fork_result, fork_setup, splice_ids
+from heal_pl.survival.fork_setup import ForkResult, ForkSetup, fork_keeps, fork_result, fork_setup, splice_ids
 from heal_pl.survival.probes import probe_from_logits
 
 
@@ -66,7 +66,7 @@ def batch_fork_reader(
 
 
 def read_batch(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch: Rollout, setups: Sequence[Any],
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch: Rollout, setups: Sequence[ForkSetup],
     prompts: Sequence[str], gens: Sequence[list[int]], splice: str, answer_ids: Mapping[str, Sequence[int]],
     fork_batch: int,
 ) -> list[tuple[list[float], list[float]]]:

@@ -170,6 +170,10 @@ class SweepConfig(Checked):
             raise ValueError(problem)
         return check, evals
 
+    def eval_questions(self) -> list[dict[str, Any]]:
+        """The questions the sweep rolls out: the first ``n_eval`` evaluation questions (all when ``None``)."""
+        return self.question_sets()[1][: self.n_eval]
+
     def prompts_digest(self) -> dict[str, str]:
         """``{"prompts_digest": SHA-256 of both question sets}`` when your own prompts are read, else ``{}``: for a
         journal's config, where an edited file under the same name is another config."""

@@ -102,7 +102,7 @@ def _survive(args: SurvivalArgs) -> dict[str, Any]:
     calibrate = None if args.calib_json is not None else CalibrateArgs(
         **args.calibrate_kwargs(args.method, args.adapter_dir, str(out / "calibrate")))  # fmt: skip
     calib_journal = None if calibrate is None else calibration_journal(calibrate)  # (checked before the model loads)
-    shards.block(len(config.question_sets()[1][: config.n_eval]), "evaluation prompts (n_eval)")
+    shards.block(len(config.eval_questions()), "evaluation prompts (n_eval)")
     tokenizer = load_tokenizer(args.model)
     config = config.resolved(tokenizer)  # splice "auto": the model's own probe turn
     answer_ids = answer_token_ids(tokenizer, config.answer_sets())  # names variants missing from the vocabulary

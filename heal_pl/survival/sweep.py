@@ -108,9 +108,10 @@ def eval_prompts(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The evaluation questions and their chat prompts (under ``system``, if given); ``ValueError`` (naming ``w``)
     when prompt + ``w`` + splice do not fit the model's context."""
-    evals = config.question_sets()[1][: config.n_eval]
+    evals = config.eval_questions()
     prompts = [chat_prompt(tokenizer, q["prompt"], system) for q in evals]
-    splice = splice_text(THINK_OPEN, config.splice) if has_thinking_tokens(tokenizer) else config.splice
+    splice = config.resolved(tokenizer).splice  # the probe turn's own length, also for splice: auto
+    splice = splice_text(THINK_OPEN, splice) if has_thinking_tokens(tokenizer) else splice
     n_splice = len(tokenizer(splice, add_special_tokens=False)["input_ids"])
     n_prompt = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
     check_window(model, n_prompt, config.w, n_splice)
@@ -151,8 +152,8 @@ def sweep_survival(
     bad = {k: v for k, v in c_stars.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)}
     if bad:
         raise ValueError(f"c_stars {bad} must be finite and > 0")
-    evals, prompts = eval_prompts(model, tokenizer, config)
     config = config.resolved(tokenizer)  # splice "auto": the model's own probe turn, also in summary.json
+    evals, prompts = eval_prompts(model, tokenizer, config)
     forks = config.fork_points()
     eos = set(eos_ids(tokenizer, model, None).tolist())
     check = journaled(journal, "probe_check", {}, lambda: probe_check(model, tokenizer, method, config, answer_ids))
