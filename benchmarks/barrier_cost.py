@@ -5,20 +5,24 @@
 
 Every arm runs HealModule's own loss (forward, backward, AdamW step) on the same random-token batch
 (completion = the last 3/4 of each row); the arms alternate step by step so machine noise hits all of them,
-and each is timed ``--steps`` times after one warm-up step (min / median / max):
+and each is timed ``--steps`` times after one warm-up step (min / median / max). The barrier's path
+(:mod:`heal_pl.barrier.lazy_head`) is set per arm:
 
-- ``sft``: no barrier (``reg: nll``), the adapter on every block;
-- ``barrier``: SFT + the rmse barrier: one no-grad forward of the base (adapter off) and the exact KL through the
-  LM head;
-- ``barrier + ref_cache (epoch ≥ 2)``: the same with :mod:`heal_pl.barrier.ref_cache` filled by the warm-up step, as in
-  every epoch after the first: the ref's rows are read, not computed;
-- ``sft [lo, hi]`` / ``barrier [lo, hi]``: the adapter on blocks ``[lo·L, hi·L)`` only (``--layers``, the seeds'
-  ``[0.2, 0.8]``), the barrier with the shared prefix (:mod:`heal_pl.barrier.shared_prefix`: the ref starts at the first
-  adapted block) and, for comparison, without it.
+- ``today``: the eager path (the KL's row gradients taken in every forward, ``KLGradPlan(lazy=False)``);
+- ``lazy``: the default plan. ``closed`` arms run with ``tau`` above any KL (0 % fired), ``fired`` arms with
+  ``tau = 0``: ``lazy, fired`` is the steady state of a run firing on every step (the plan takes the eager path
+  after a fired step), ``lazy, fired after a closed step`` the step where the hinge opens unforeseen (a fresh plan
+  each step: the KL's gradient recomputed in the backward pass);
+- each for epoch 1 (the ref's forward run) and epoch ≥ 2 (``ref_cache`` filled by the warm-up step), with the
+  adapter on every block, and on blocks ``[lo·L, hi·L)`` (``--layers``) with the shared prefix;
+- ``floor``: SFT's own step plus the ref's no-grad forward through the head at the counted rows (what an exact KL
+  needs at least once per example), timed as one arm: 1 + floor ÷ SFT is the least a barrier step can cost in
+  epoch 1; ``floor, cached rows``: the ref's head pass alone from cached rows, for epoch ≥ 2.
 
-The last row times the ref's no-grad backbone forward alone: ``1 + ref ÷ sft`` is the floor of the barrier's
-ratio when the ref is recomputed. ``--head-only`` times just the loss from fixed hidden rows (the head,
-log-softmaxes, KL and row gradients, forward + backward) on the same counted rows.
+The 10 % line composes the measured steps of a run whose hinge opens on one step in ten, each time unforeseen:
+``(fired after a closed step + today closed (the next step, eager) + 8 × lazy closed) / 10``.
+``--two-arms`` times only sft and the default barrier (the scaling table); ``--head-only`` times just the loss
+from fixed hidden rows (head, log-softmaxes, KL and row gradients, forward + backward).
 """
 
 from __future__ import annotations
@@ -32,15 +36,17 @@ import torch
 
 from heal_pl.adapters.lora import LoRASpec
 from heal_pl.adapters.switch import ref_rows
-from heal_pl.barrier.kl import KLBarrier, counted_positions, token_stats
-from heal_pl.barrier.ref_cache import RefRowCache
-from heal_pl.barrier.shared_prefix import SharedPrefix
+from heal_pl.barrier.kl import Counted, KLBarrier, counted_positions, token_stats
+from heal_pl.barrier.lazy_head import KLGradPlan
 from heal_pl.hardware import resolve_device
 from heal_pl.module import HealModule
 
 
-def _step(module: HealModule, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> Callable[[], None]:
+def _step(module: HealModule, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+          fresh_plan: bool = False) -> Callable[[], None]:  # fmt: skip
     def run() -> None:
+        if fresh_plan:  # the step after a closed one: the plan takes the lazy path
+            module.kl_grad_plan = KLGradPlan()
         loss, _, _ = module.loss_terms(batch)
         loss.backward()
         opt.step()
@@ -57,6 +63,39 @@ def _sync(device: torch.device) -> None:
 
 def _optimizer(module: HealModule) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+
+
+def _lazy_arms(a: argparse.Namespace, make: Callable[..., HealModule], batch: dict[str, torch.Tensor],
+               counted: Counted, device: torch.device) -> dict[str, Callable[[], None]]:  # fmt: skip
+    """The arms of the module docstring, in the order they alternate."""
+    closed, fired, sft_only = KLBarrier(agg=a.agg, tau=1e9), KLBarrier(agg=a.agg, tau=0.0), KLBarrier(reg="nll")
+    span = f"[{a.layers[0]}, {a.layers[1]}]"
+    kinds = (("today, closed", closed, "eager"), ("lazy, closed", closed, "lazy"), ("today, fired", fired, "eager"),
+             ("lazy, fired", fired, "lazy"), ("lazy, fired after a closed step", fired, "fresh"))  # fmt: skip
+    arms: dict[str, Callable[[], None]] = {}
+    for suffix, lora in (("", LoRASpec()), (f" {span}", LoRASpec(layers=tuple(a.layers)))):
+        sft = make(barrier=sft_only, lora=lora)
+        arms[f"sft{suffix}"] = _step(sft, batch, _optimizer(sft))
+        for epoch, cache in (("epoch 1", False), ("epoch ≥ 2", True)):
+            for kind, barrier, plan in kinds:
+                if suffix and kind in ("today, fired", "lazy, fired"):
+                    continue  # the partial adapter: the closed steps and the unforeseen fired one
+                m = make(barrier=barrier, lora=lora, ref_cache=cache)
+                m.kl_grad_plan = KLGradPlan(lazy=plan != "eager")
+                arms[f"{kind}, {epoch}{suffix}"] = _step(m, batch, _optimizer(m), fresh_plan=plan == "fresh")
+    ref = make(barrier=closed)
+    mask, chunk = batch["attention_mask"], ref.chunk_rows()
+    cached_rows = ref_rows(ref.student, batch["input_ids"], mask, counted)
+
+    def ref_head(rows: torch.Tensor) -> None:  # the ref's logits and log-softmax at the counted rows, no grad
+        with torch.no_grad():
+            token_stats(rows, None, counted.targets, head=ref.head, reg="nll", chunk_size=chunk)
+        _sync(device)
+
+    arms["floor: the ref's no-grad forward through the head"] = lambda: ref_head(
+        ref_rows(ref.student, batch["input_ids"], mask, counted))
+    arms["floor, cached rows: the ref's head alone"] = lambda: ref_head(cached_rows)
+    return arms
 
 
 def main() -> None:
@@ -98,7 +137,7 @@ def main() -> None:
         def head_pass(b: KLBarrier) -> Callable[[], None]:
             def run() -> None:
                 stats = token_stats(student_rows, rows if b.active else None, counted.targets, head=full.head,
-                                    reg=b.reg, chunk_size=full.hparams.chunk_size)  # fmt: skip
+                                    reg=b.reg, chunk_size=full.chunk_rows())  # fmt: skip
                 (stats.nll.mean() + b(stats.kl).value).backward()
                 student_rows.grad = None
                 _sync(device)
@@ -110,27 +149,7 @@ def main() -> None:
         sft_full = make(barrier=sft_only)
         arms = {name: _step(m, batch, _optimizer(m)) for name, m in {"sft": sft_full, "barrier": full}.items()}
     else:
-        sft_full = make(barrier=sft_only)
-        cached = make(barrier=barrier)
-        cached.ref_cache = RefRowCache()
-        layers = tuple(a.layers)
-        sft_part = make(barrier=sft_only, lora=LoRASpec(layers=layers))
-        shared = make(barrier=barrier, lora=LoRASpec(layers=layers))
-        unshared = make(barrier=barrier, lora=LoRASpec(layers=layers))
-        unshared.shared_prefix = SharedPrefix(unshared.student, 0)
-        span = f"[{layers[0]}, {layers[1]}]"
-        modules = {
-            "sft": sft_full, "barrier": full, "barrier + ref_cache (epoch ≥ 2)": cached,
-            f"sft {span}": sft_part, f"barrier {span}, shared prefix (from block {shared.shared_prefix.lo})": shared,
-            f"barrier {span}, no sharing": unshared,
-        }  # fmt: skip
-        arms = {name: _step(m, batch, _optimizer(m)) for name, m in modules.items()}
-
-        def ref_only() -> None:
-            ref_rows(full.student, ids, batch["attention_mask"], counted)
-            _sync(device)
-
-        arms["ref forward only (no grad, adapter off)"] = ref_only
+        arms = _lazy_arms(a, make, batch, counted, device)
 
     times: dict[str, list[float]] = {name: [] for name in arms}
     for step in range(a.steps + 1):  # step 0 warms up (and fills the ref cache)
@@ -144,13 +163,23 @@ def main() -> None:
           f"counted rows={counted.targets.numel()} threads={torch.get_num_threads()} "
           f"timed steps per arm={a.steps} after 1 warm-up")  # fmt: skip
     print("| arm | min (s) | median (s) | max (s) | median ÷ its sft |\n|---|---|---|---|---|")
-    base = {"": statistics.median(times[next(iter(arms))])}
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    base = {"": med[next(iter(arms))]}
     for name, ts in times.items():
         if name.startswith("sft ["):
-            base[name.removeprefix("sft ")] = statistics.median(ts)
+            base[name.removeprefix("sft ")] = med[name]
         span = next((s for s in base if s and s in name), "")
-        ratio = statistics.median(ts) / base[span]
-        print(f"| {name} | {min(ts):.2f} | {statistics.median(ts):.2f} | {max(ts):.2f} | {ratio:.2f} |")
+        print(f"| {name} | {min(ts):.2f} | {med[name]:.2f} | {max(ts):.2f} | {med[name] / base[span]:.2f} |")
+    for span in base if not (a.two_arms or a.head_only) else ():
+        for epoch in ("epoch 1", "epoch ≥ 2"):
+            miss, eager, lazy = (med.get(f"{kind}, {epoch}{' ' + span if span else ''}")
+                                 for kind in ("lazy, fired after a closed step", "today, closed", "lazy, closed"))
+            if None not in (miss, eager, lazy):
+                ten = (miss + eager + 8 * lazy) / 10
+                print(f"| 10 % fired, {epoch}{' ' + span if span else ''} (composed) | | {ten:.2f} | | "
+                      f"{ten / base[span]:.2f} |")
+    for name in (n for n in med if n.startswith("floor")):
+        print(f"| 1 + {name.split(':')[0]} ÷ sft | | | | {1 + med[name] / base['']:.2f} |")
 
 
 if __name__ == "__main__":

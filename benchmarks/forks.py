@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--w", type=int, default=256)
     p.add_argument("--step", type=int, default=5)
     p.add_argument("--coeff", type=float, default=20.0)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="alternating runs of every arm (median)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one cached run instead")
     a = p.parse_args()
     tok, model = shaped_model(a.shape) if a.shape else (load_tokenizer(a.model), load_model(a.model).eval())
@@ -156,6 +156,7 @@ def main() -> None:
     print(f"model={name} w={a.w} step={a.step} forks={len(forks)} splice={len(tok(SPLICE)['input_ids'])} tokens "
           f"prompt={len(prompt_ids)} tokens threads={torch.get_num_threads()} repeats={a.repeats}")
     print("| what | cached (s) | recomputed (s) | recomputed ÷ cached |\n|---|---|---|---|")
+    spread = {k: f"{min(v):.2f}–{max(v):.2f}" for k, v in times.items()}
     plan = fork_plan(model)
     reads = "packed reads" if plan.mode == "packed" else "one row per fork from snapshots"
     print(f"| end to end (rollout + forks) | {med['e2e cached']:.2f} | {med['e2e recomputed']:.2f} | "
@@ -170,6 +171,7 @@ def main() -> None:
     print(f"| rollout alone (shared floor) | {med['rollout']:.2f} | | |")
     bound = (med["rollout"] + med["forks recomputed"]) / med["rollout"]
     print(f"end-to-end ceiling with free forks: (rollout + recomputed forks) ÷ rollout = {bound:.2f}×")
+    print("min–max of each arm over the repeats: " + ", ".join(f"{k} {v} s" for k, v in spread.items()))
     print("max |pmass − e2e recomputed|: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
 
 

@@ -49,6 +49,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from heal_pl.barrier.tau import read_scalars, suggest_taus
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from loop_report import AGGS, VAL  # noqa: E402 (stdlib only at import; the table half of this experiment)
@@ -65,23 +67,14 @@ NLL_KEYS = ("arm", "share", "seed", "steps", "model", "extra")  # what a derived
 
 
 def matched_taus(rows: list[dict], steps: int, m: float = M) -> dict[str, float]:
-    """``tau_agg = m · mean(train/kl_agg over the last quarter of the clean seed-0 run of as many steps)``."""
+    """``tau_agg = m · mean(train/kl_agg over the last quarter of the clean seed-0 run of as many steps)``
+    (:func:`heal_pl.barrier.tau.suggest_taus`, the rule of ``heal tau``)."""
     clean = [r for r in rows if r["arm"] == "clean" and r["seed"] == 0 and r.get("steps", 36) == steps]
     if not clean:
         raise SystemExit(f"no clean run of {steps} steps yet: run "
                          f"`python benchmarks/loop_experiment.py --arm clean --seed 0 --steps {steps}` first")
-    train = clean[-1]["train"]
-    return {a: m * statistics.fmean(train[f"kl_{a}"][-(steps // 4) :]) for a in AGGS}
-
-
-def read_scalars(log_dir: str) -> dict[str, list[float]]:
-    """Per-step ``train/*`` scalars from the run's TensorBoard event file, in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = [t for t in acc.Tags()["scalars"] if t.startswith("train/")]
-    return {t.removeprefix("train/"): [e.value for e in sorted(acc.Scalars(t), key=lambda e: e.step)] for t in tags}
+    suggested = suggest_taus(clean[-1]["train"], ms=(m,))
+    return {a: suggested[a].tau[m] for a in AGGS}
 
 
 @torch.no_grad()

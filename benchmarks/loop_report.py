@@ -138,13 +138,15 @@ def tail_by_batch(rows: list[dict], max_length: int) -> str:
 def would_fire(rows: list[dict], taus: dict[tuple[int, float], dict[str, float]]) -> str:
     """On the lam-0 runs' own trajectories, the share of steps whose train aggregate exceeds each matched tau:
     on loop data (nll: how often a barrier would start pushing) and on clean data (clean: false alarms)."""
+    from heal_pl.barrier.tau import fired_share  # noqa: PLC0415 (this module imports the stdlib only at import)
+
     lines = ["| run | m | " + " | ".join(AGGS) + " |", "|" + "---|" * (2 + len(AGGS))]
     for r in rows:
         if r["arm"] not in ("nll", "clean") or "train" not in r:
             continue
         for (steps, m), tau in sorted(taus.items()):
             if r.get("steps", 36) == steps:
-                cells = [f"{statistics.fmean(k > tau[a] for k in r['train'][f'kl_{a}']):.2f}" for a in AGGS]
+                cells = [f"{fired_share(r['train'][f'kl_{a}'], tau[a]):.2f}" for a in AGGS]
                 where = f"{r['share']} %" if r["share"] else "clean data"
                 lines.append(f"| {r['arm']}, {where}, seed {r['seed']}, {steps} steps | {m:g} | {' | '.join(cells)} |")
     return "\n".join(lines)

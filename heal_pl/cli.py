@@ -1,5 +1,5 @@
 """The ``heal`` command: ``heal fit|validate|test --config rmse`` (LightningCLI), and
-``heal calibrate|survival|thresholds|compare|rounds`` (jsonargparse, from each command's typed function).
+``heal calibrate|survival|thresholds|compare|rounds|tau`` (jsonargparse, from each command's typed function).
 
 ``heal`` or ``heal --help`` lists every command with one line each (:data:`DESCRIPTIONS`);
 ``heal <command> --help`` gives that command's options; ``heal --version`` the version. ``--config`` takes a file or
@@ -109,6 +109,7 @@ COMMANDS = {  # parsed by jsonargparse from the function's signature: its argume
     "compare": "heal_pl.survival.compare:run_compare",
     "rounds": "heal_pl.rounds.run:run_rounds",
     "configs": "heal_pl.configs:run_configs",
+    "tau": "heal_pl.barrier.run:run_tau",
 }
 DESCRIPTIONS = {  # one line per command, for `heal --help`
     "fit": "train a LoRA student with SFT + the KL barrier (HealModule on HealDataModule)",
@@ -120,6 +121,7 @@ DESCRIPTIONS = {  # one line per command, for `heal --help`
     "compare": "several steering methods at the same KL dose, beside a system-prompt baseline",
     "rounds": "steer -> heal rounds: sample under steering, filter, heal with the barrier, bake, repeat",
     "configs": "list the bundled configs; --copy NAME writes one into the current folder for editing",
+    "tau": "a tau per aggregate: m × a barrier-free run's last-quarter train/kl_<agg> (--config runs one first)",
 }
 
 
@@ -145,11 +147,21 @@ def run_command(name: str, function: Callable[..., Any], argv: list[str]) -> Any
     (``function.args_type``, e.g. :class:`heal_pl.steering.args.CalibrateArgs`): the parser is built from that class
     at the top level, so the flags and YAML keys are the bare field names (``--stat``, never ``--args.stat``),
     whichever groups the class inherits them from; the function then builds and checks it (one ``ValueError``
-    naming every bad field). Any other function is read from its signature (jsonargparse ``CLI``)."""
+    naming every bad field). Any other function is read from its signature (jsonargparse ``CLI``), except one with
+    a ``config`` argument of its own (``heal tau --config rmse``: a ``heal fit`` config to run), which jsonargparse's
+    ``CLI`` would take for its config-file option: its parser is built here, ``--print_config`` included."""
     args_type = getattr(function, "args_type", None)
+    summary = (inspect.getdoc(function) or "").split("\n\n")[0]
+    if args_type is None and "config" in inspect.signature(function).parameters:
+        parser = ArgumentParser(prog=f"heal {name}", description=summary, default_env=False, exit_on_error=False)
+        parser.add_function_arguments(function, as_group=False, fail_untyped=True, sub_configs=True)
+        values = parser.parse_args([a for a in argv if a != "--print_config"])
+        if "--print_config" in argv:
+            print(parser.dump(values), end="")
+            raise SystemExit(0)
+        return function(**values.as_dict())
     if args_type is None:
         return CLI(function, args=argv, as_positional=False, prog=f"heal {name}", exit_on_error=False)
-    summary = (inspect.getdoc(function) or "").split("\n\n")[0]
     parser = ArgumentParser(prog=f"heal {name}", description=summary, default_env=False, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(args_type, fail_untyped=True, sub_configs=True)  # no nested_key: flat

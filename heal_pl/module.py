@@ -30,6 +30,7 @@ from heal_pl.adapters.lora import LoRASpec, save_lora, spectral_norms, wrap_lora
 from heal_pl.adapters.routed import RoutedSpec, hack_decay_groups, wrap_routed
 from heal_pl.adapters.switch import base_dropout_off
 from heal_pl.barrier.distributed import gather_tokens
+from heal_pl.barrier.fused_head import auto_chunk_size
 from heal_pl.barrier.kl import (
     KLBarrier,
     TokenStats,
@@ -40,6 +41,7 @@ from heal_pl.barrier.kl import (
     gather_rows,
     token_stats,
 )
+from heal_pl.barrier.lazy_head import KLGradPlan
 from heal_pl.barrier.metrics import TokenKLStats
 from heal_pl.barrier.panels import DriftPanels, logged_step
 from heal_pl.barrier.ref_cache import RefRowCache
@@ -83,7 +85,9 @@ class HealModule(RefSource, AdapterCheckpoint, L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps before the cosine decay.
         min_lr_ratio: final LR as a fraction of ``lr``.
-        chunk_size: rows of ``[chunk, vocab]`` log-probabilities alive at once in the loss.
+        chunk_size: rows of ``[chunk, vocab]`` log-probabilities alive at once in the loss; ``auto`` sizes the chunk
+            from the vocabulary and the free memory (:func:`heal_pl.barrier.fused_head.auto_chunk_size`: 256 rows at
+            SmolLM2's vocabulary on a CPU, an eighth of the free memory up to 4 GiB on a GPU).
         adapter_dir: where the final peft adapter is saved (default ``<log_dir>/adapter``).
         adapter: ``lora`` (peft) or ``routed`` (``delta`` / ``delta_hack``, docs/maths.md §2; the routing itself is
             done by :class:`heal_pl.callbacks.RouteAblateEvalCallback`, which ``fit`` requires in the Trainer).
@@ -129,7 +133,7 @@ class HealModule(RefSource, AdapterCheckpoint, L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
-        chunk_size: int = 256,
+        chunk_size: int | Literal["auto"] = "auto",
         adapter_dir: str | None = None,
         adapter: Literal["lora", "routed"] = "lora",
         routed: RoutedSpec = RoutedSpec(),  # noqa: B008 (frozen dataclass)
@@ -152,7 +156,8 @@ class HealModule(RefSource, AdapterCheckpoint, L.LightningModule):
                 ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
                 ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
                 ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
-                ("chunk_size", chunk_size, chunk_size >= 1, ">= 1"),
+                ("chunk_size", chunk_size, chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size >= 1),
+                 ">= 1 or 'auto'"),
                 ("ref_cache_memory_mb", ref_cache_memory_mb, ref_cache_memory_mb >= 0, ">= 0"),
             ]
             if not ok
@@ -194,6 +199,7 @@ class HealModule(RefSource, AdapterCheckpoint, L.LightningModule):
         self.drift = DriftPanels()  # the val/kl_hist and val/kl_top TensorBoard panels (heal_pl.barrier.panels)
         self.final_validation: dict[str, float | int] | None = None
         self.ref_cache = RefRowCache(ref_cache_memory_mb * 2**20) if ref_cache else None
+        self.kl_grad_plan = KLGradPlan()  # the KL's gradient only on steps where the hinge opens (barrier.lazy_head)
         self.shared_prefix = self._shared_prefix()
         self.record_adapter_shapes()  # the shapes a resumed checkpoint must have (heal_pl.resume.AdapterCheckpoint)
 
@@ -240,12 +246,16 @@ class HealModule(RefSource, AdapterCheckpoint, L.LightningModule):
         counted = counted_positions(batch["labels"], mask)
         with self.shared_prefix.capture():
             hidden = last_hidden(self.student, batch["input_ids"], mask)
-        ref = self._ref_rows(batch, counted) if self.barrier.active else None
+        ref, keys = self._ref_rows(batch, counted) if self.barrier.active else (None, None)
         self.shared_prefix.drop()
+        ref_lse = None if keys is None else self.ref_cache.lse(keys, hidden.device)  # cached: no ref head product
         stats = token_stats(
-            gather_rows(hidden, counted), ref, counted.targets,
-            head=self.head, reg=self.barrier.reg, chunk_size=self.hparams.chunk_size,
+            gather_rows(hidden, counted), ref, counted.targets, head=self.head, reg=self.barrier.reg,
+            chunk_size=self.chunk_rows(), plan=self.kl_grad_plan, ref_lse=ref_lse,
+            want_lse=keys is not None and ref_lse is None,
         )  # fmt: skip
+        if keys is not None and ref_lse is None and stats.ref_lse is not None:
+            self.ref_cache.put_lse(keys, counted, stats.ref_lse)
         check_finite(stats, where)
         local_kl = stats.kl
         stats = TokenStats(gather_tokens(stats.kl), gather_tokens(stats.nll))  # the global batch under DDP
@@ -263,6 +273,12 @@ class HealModule(RefSource, AdapterCheckpoint, L.LightningModule):
             scalars["spectral"] = spectral.detach()
         scalars["loss"] = loss.detach()
         return loss, scalars, local_kl
+
+    def chunk_rows(self) -> int:
+        """``chunk_size``, with ``auto`` resolved for the head's vocabulary and device now."""
+        chunk = self.hparams.chunk_size
+        weight = self.head.proj.weight
+        return auto_chunk_size(weight.shape[0], weight.device) if chunk == "auto" else chunk
 
     def setup(self, stage: str) -> None:
         prepare_strategy(self.hparams.load_on, self.trainer.strategy, self.trainer.world_size)

@@ -230,7 +230,7 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize("command", ["fit", "validate", "test", "calibrate", "survival", "thresholds", "compare",
-                                     "rounds"])  # fmt: skip
+                                     "rounds", "tau"])  # fmt: skip
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])

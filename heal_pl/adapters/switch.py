@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from heal_pl.adapters.routed import RoutedLinear, routed_modules
 from heal_pl.adapters.routed import adapter_off as routed_adapter_off
-from heal_pl.barrier.kl import Counted, gather_rows
+from heal_pl.barrier.positions import Counted, gather_rows
 from heal_pl.models.lm import base_lm, eval_mode, last_hidden
 
 _ADAPTER_LAYERS = (BaseTunerLayer, ModulesToSaveWrapper, RoutedLinear)

@@ -46,7 +46,7 @@ row gradients ``dz W`` are accumulated over the same vocabulary blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,23 @@ def workspace(rows: int, vocab: int, device: torch.device, with_ref: bool = True
     return torch.empty(blocks * rows * vocab, dtype=torch.float32, device=device)
 
 
+CPU_BUDGET = 4 * 256 * 49_152 * 4  # bytes of workspace without CUDA: 256 rows of 4 blocks at SmolLM2's vocabulary
+CUDA_BUDGET_CAP = 4 * 2**30
+
+
+def auto_chunk_size(vocab: int, device: torch.device, blocks: int = 4) -> int:
+    """Rows per chunk (``chunk_size: auto``) whose ``[blocks · rows, V]`` float32 workspace fits the budget: on a
+    CUDA device an eighth of its free memory at the time of the call, at most 4 GiB (Llama-3's 128k vocabulary with
+    a few GiB free: ~1,000-2,000 rows, so the head runs few, large products); elsewhere 192 MiB (256 rows at SmolLM2's
+    49,152 vocabulary, 48 at Gemma's 262k). A multiple of 64 when over 64, at least 8."""
+    budget = CPU_BUDGET
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(free // 8, CUDA_BUDGET_CAP)
+    rows = max(8, budget // (blocks * vocab * 4))
+    return rows - rows % 64 if rows > 64 else rows
+
+
 def _vocab_blocks(weight: Tensor) -> range:
     """Vocabulary row starts of the upcast blocks of a non-float32 ``[V, H]`` weight."""
     return range(0, weight.shape[0], max(1, _BLOCK_BYTES // (4 * weight.shape[1])))
@@ -120,7 +137,7 @@ def linear_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return out if bias is None else out + bias.float()
 
 
-def _rows_times_weight(dz: Tensor, weight: Tensor) -> Tensor:
+def rows_times_weight(dz: Tensor, weight: Tensor) -> Tensor:
     """``dz W`` in float32 (``[n, V] @ [V, H]``), autocast off, a non-float32 ``W`` upcast block by block."""
     with torch.autocast(dz.device.type, enabled=False):
         if weight.dtype == torch.float32:
@@ -138,26 +155,22 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
         return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _kl_rows(w: Tensor, diff: Tensor, keep_diff: bool) -> Tensor:
-    """``KL_t = Σ_v w[t, v] · diff[t, v]``; only when a row's sum is not finite are the ``w = 0`` terms set to 0
-    (``0 · log 0 = 0``). With ``keep_diff`` (the gradient passes read ``diff`` after) batched dot products, no
-    ``[c, V]`` temporary; without, ``diff`` is overwritten by the products and summed by torch's pairwise
-    reduction, as accurate as :func:`heal_pl.barrier.kl.per_token_kl` (the dot products accumulate in float32
-    along ``V``: largest relative error against float64 2.2e-4 instead of 2.9e-5 on 256 rows at V = 131,072)."""
+def _kl_rows(w: Tensor, diff: Tensor, keep_diff: bool, safe: bool = False) -> Tensor:
+    """``KL_t = Σ_v w[t, v] · diff[t, v]``. With ``safe`` the ``w = 0`` terms are set to 0 first (``0 · log 0 =
+    0``; the caller reruns a chunk with ``safe`` when a KL came out non-finite, so the check costs no host sync per
+    chunk); when the sum is finite both give the same numbers. With ``keep_diff`` (the gradient passes read ``diff``
+    after) batched dot products, no ``[c, V]`` temporary; without, ``diff`` is overwritten by the products and summed
+    by torch's pairwise reduction, as accurate as :func:`heal_pl.barrier.kl.per_token_kl` (the dot products
+    accumulate in float32 along ``V``: largest relative error against float64 2.2e-4 instead of 2.9e-5 on 256 rows
+    at V = 131,072)."""
+    if safe:
+        diff.masked_fill_(w == 0, 0.0)
     if keep_diff:
-        kl = _rowdot(w, diff)
-        if not torch.isfinite(kl).all():
-            diff.masked_fill_(w == 0, 0.0)
-            kl = _rowdot(w, diff)
-        return kl
-    prod = diff.mul_(w)
-    kl = prod.sum(-1)
-    if not torch.isfinite(kl).all():
-        kl = prod.masked_fill_(w == 0, 0.0).sum(-1)
-    return kl
+        return _rowdot(w, diff)
+    return diff.mul_(w).sum(-1)
 
 
-def _logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, transform: HeadTransform) -> None:
+def logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, transform: HeadTransform) -> None:
     """``out ← transform(x Wᵀ + b)`` in float32, autocast off; a non-float32 ``W`` is upcast block by block."""
     with torch.autocast(x.device.type, enabled=False):
         x = x.float()
@@ -172,6 +185,9 @@ def _logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, tr
     transform.apply_(out)
 
 
+Grads = Literal["none", "nll", "both"]
+
+
 def head_stats(
     h: Tensor,
     weight: Tensor,
@@ -180,17 +196,21 @@ def head_stats(
     targets: Tensor,
     reverse: bool,
     ws: Tensor,
-    grads: bool = True,
+    grads: Grads = "both",
     transform: HeadTransform = IDENTITY,
+    safe: bool = False,
+    ref_lse: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(kl [c], nll [c], dz)`` for one chunk, in the workspace ``ws`` (see the module docstring).
 
-    ``dz`` is the workspace view ``[∂KL/∂u; ∂NLL/∂u]`` (``[2c, V]``; ``[c, V]`` of ``∂NLL/∂u`` without a
-    ref) with respect to the raw product ``u = h Wᵀ + b`` *divided by* ``transform.scale`` (the caller
-    multiplies the row gradients by it), valid until ``ws`` is reused; ``None`` when ``grads=False``.
+    ``dz`` is the workspace view of the logit gradients with respect to the raw product ``u = h Wᵀ + b``
+    *divided by* ``transform.scale`` (the caller multiplies the row gradients by it), valid until ``ws`` is reused:
+    ``[∂KL/∂u; ∂NLL/∂u]`` (``[2c, V]``) with ``grads="both"``, ``∂NLL/∂u`` (``[c, V]``) with ``grads="nll"`` or
+    without a ref, ``None`` with ``grads="none"``. ``safe``: see :func:`_kl_rows`. ``ref_lse``: a list the ref
+    rows' ``LSE(z_q)`` (``[c]`` float32) is appended to (what :mod:`heal_pl.barrier.lazy_head` caches).
     """
     c, vocab = h.shape[0], weight.shape[0]
-    capped = bool(transform.softcap) and grads
+    capped = bool(transform.softcap) and grads != "none"
     blocks = 2 if ref is None else 3 + capped
     if ws.numel() < blocks * c * vocab or ws.dtype != torch.float32:
         raise ValueError(f"workspace holds {ws.numel()} {ws.dtype} values; need {blocks * c * vocab} float32")
@@ -199,42 +219,46 @@ def head_stats(
     minus_one = torch.full_like(idx, -1, dtype=torch.float32)
     if ref is None:  # rows [0, c): z, then the soft-cap factor; [c, 2c): log p → ∂NLL
         z, logp = g[:c], g[c:]
-        _logits_into(z, h, weight, bias, transform)
+        logits_into(z, h, weight, bias, transform)
         torch.log_softmax(z, dim=-1, out=logp)
         nll = -logp.gather(-1, idx).squeeze(-1)
         kl = torch.zeros_like(nll)
-        if not grads:
+        if grads == "none":
             return kl, nll, None
         dz = logp.exp_().scatter_add_(-1, idx, minus_one)  # p − e_y
         if capped:
             dz.mul_(_cap_factor_(z, transform.softcap))
         return kl, nll, dz
     zq, mid, logp = g[:c], g[c : 2 * c], g[2 * c : 3 * c]
-    _logits_into(g[: 2 * c], torch.cat([ref, h]), weight, bias, transform)  # [z_q; z]: one matmul
+    logits_into(g[: 2 * c], torch.cat([ref, h]), weight, bias, transform)  # [z_q; z]: one matmul
     if capped:  # rows [3c, 4c): 1 − (z/c)² of the student rows
         _cap_factor_(g[3 * c :].copy_(mid), transform.softcap)
     torch.log_softmax(mid, dim=-1, out=logp)
     torch.log_softmax(zq, dim=-1, out=mid)  # mid = log q
+    if ref_lse is not None:
+        ref_lse.append(torch.logsumexp(zq, dim=-1))
     nll = -logp.gather(-1, idx).squeeze(-1)
+    both = grads == "both"
     if reverse:
         diff = torch.sub(logp, mid, out=mid)  # log p − log q
         p = logp.exp_()
-        kl = _kl_rows(p, diff, keep_diff=grads)
-        if grads:
+        kl = _kl_rows(p, diff, keep_diff=both, safe=safe)
+        if both:
             diff.sub_(kl.unsqueeze(-1)).mul_(p)  # ∂KL/∂z = p ⊙ (log p − log q − KL), in place
     else:
         q = torch.exp(mid, out=zq)
         diff = mid.sub_(logp)  # log q − log p
-        kl = _kl_rows(q, diff, keep_diff=grads)
-        if grads:
+        kl = _kl_rows(q, diff, keep_diff=both, safe=safe)
+        if grads != "none":
             p = logp.exp_()
+        if both:
             torch.sub(p, q, out=mid)  # ∂KL/∂z = p − q
-    if not grads:
+    if grads == "none":
         return kl, nll, None
     p.scatter_add_(-1, idx, minus_one)  # ∂NLL/∂z = p − e_y (p no longer needed)
-    dz = g[c : 3 * c]  # [∂KL/∂z; ∂NLL/∂z], contiguous rows [c, 3c)
+    dz = g[c : 3 * c] if both else g[2 * c : 3 * c]  # [∂KL/∂z; ∂NLL/∂z] are contiguous rows [c, 3c)
     if capped:
-        dz.view(2, c, vocab).mul_(g[3 * c :])
+        dz.view(-1, c, vocab).mul_(g[3 * c :])
     return kl, nll, dz
 
 
@@ -244,11 +268,13 @@ def _cap_factor_(z: Tensor, cap: float) -> Tensor:
 
 
 class FusedHeadStats(torch.autograd.Function):
-    """``(kl [c], nll [c]) = FusedHeadStats.apply(h, weight, bias, ref, targets, reverse, ws, transform)``.
+    """``(kl [c], nll [c]) = FusedHeadStats.apply(h, weight, bias, ref, targets, reverse, ws, transform, safe, seen)``.
 
     ``ref`` is the ``[c, H]`` ref hidden rows, or ``None`` for plain SFT (``kl`` is then zeros).
     ``weight``/``bias`` must not need gradients. ``ws`` is a :func:`workspace` with room for ``c`` rows.
     The forward pass is :func:`head_stats` plus one matrix product ``s · dz W`` (the row gradients).
+    ``seen`` (optional): a :class:`heal_pl.barrier.lazy_head.KLGradPlan`, told in the backward pass whether the KL
+    received a gradient (as a device tensor: no host sync).
     """
 
     @staticmethod
@@ -262,13 +288,14 @@ class FusedHeadStats(torch.autograd.Function):
         reverse: bool,
         ws: Tensor,
         transform: HeadTransform = IDENTITY,
+        safe: bool = False,
+        seen: Any = None,
     ) -> tuple[Tensor, Tensor]:
-        kl, nll, dz = head_stats(h, weight, bias, ref, targets, reverse, ws, transform=transform)
-        row_grads = _rows_times_weight(dz, weight)  # [c or 2c, H] float32
+        kl, nll, dz = head_stats(h, weight, bias, ref, targets, reverse, ws, transform=transform, safe=safe)
+        row_grads = rows_times_weight(dz, weight)  # [c or 2c, H] float32
         if transform.scale != 1.0:
             row_grads.mul_(transform.scale)
-        ctx.has_kl = ref is not None
-        ctx.h_dtype = h.dtype
+        ctx.has_kl, ctx.h_dtype, ctx.seen = ref is not None, h.dtype, seen
         ctx.save_for_backward(row_grads)
         return kl, nll
 
@@ -278,6 +305,8 @@ class FusedHeadStats(torch.autograd.Function):
         if ctx.has_kl:
             c = g_nll.shape[0]
             grad_h = g_kl.unsqueeze(-1) * row_grads[:c] + g_nll.unsqueeze(-1) * row_grads[c:]
+            if ctx.seen is not None:
+                ctx.seen.saw(g_kl)
         else:
             grad_h = g_nll.unsqueeze(-1) * row_grads
-        return grad_h.to(ctx.h_dtype), None, None, None, None, None, None, None
+        return grad_h.to(ctx.h_dtype), None, None, None, None, None, None, None, None, None

@@ -8,9 +8,9 @@ Everything here is pure torch on tensors; the Lightning glue lives in ``module.p
     barrier     = lam · (1 + round)^lam_round_pow · relu(D − tau)
 
 A position ``t`` *counts* when the token it predicts (``t + 1``) is a completion token, i.e.
-``labels[t + 1] != -100`` in Hugging Face's label convention. Log-softmax is taken only at counted
-positions and ``chunk_size`` rows at a time, each chunk under activation checkpointing, so neither
-the student nor the ref ever materialises a ``[B, T, V]`` float32 tensor.
+``labels[t + 1] != -100`` in Hugging Face's label convention (:mod:`heal_pl.barrier.positions`). Log-softmax
+is taken only at counted positions and ``chunk_size`` rows at a time, so neither the student nor the ref ever
+materialises a ``[B, T, V]`` float32 tensor.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from heal_pl.barrier.fused_head import IDENTITY, FusedHeadStats, HeadTransform, head_stats, linear_f32, workspace
+from heal_pl.barrier.lazy_head import KLGradPlan, LazyHeadStats
+from heal_pl.barrier.positions import IGNORE_INDEX, Counted, counted_positions, gather_rows  # noqa: F401 (public here too)
 from heal_pl.checks import check_choice
 
 Agg = Literal["mean", "rmse", "p95", "max"]
 Reg = Literal["kl_rev", "kl_fwd", "nll"]
-IGNORE_INDEX = -100
 
 
 def per_token_kl(logp_p: Tensor, logp_q: Tensor) -> Tensor:
@@ -189,45 +190,13 @@ def accumulation_note(accumulate_grad_batches: int, agg: Agg) -> str | None:
             f"and averaged over the {accumulate_grad_batches} micro-batches of a step, not over their pooled tokens")
 
 
-# ----------------------------------------------------------------------------- token selection
-
-
-class Counted(NamedTuple):
-    """The counted positions of a batch: ``rows`` index ``[B, T-1]`` hidden/logit rows."""
-
-    batch_idx: Tensor  # [N]
-    pos_idx: Tensor  # [N] position t whose logits predict token t + 1
-    targets: Tensor  # [N] the token at t + 1
-
-
-def counted_positions(labels: Tensor, attention_mask: Tensor | None = None) -> Counted:
-    """Positions ``t`` whose next token ``t + 1`` is a completion token (``labels[t+1] != -100``).
-
-    ``labels`` is ``[B, T]`` in Hugging Face's convention (aligned with ``input_ids``; the model
-    shifts). Where ``attention_mask`` is given, a label under a 0 mask is an error, never ignored
-    silently: the mask and the labels disagree about what is real text.
-    """
-    if labels.dim() != 2:
-        raise ValueError(f"labels must be [batch, seq], got shape {tuple(labels.shape)}")
-    nxt = labels[:, 1:]
-    mask = nxt != IGNORE_INDEX
-    if attention_mask is not None:
-        if attention_mask.shape != labels.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != labels shape {tuple(labels.shape)}"
-            )
-        if (mask & (attention_mask[:, 1:] == 0)).any():
-            raise ValueError("labels count a position whose attention_mask is 0 (padding labelled as completion)")
-    b, t = mask.nonzero(as_tuple=True)
-    return Counted(b, t, nxt[b, t])
-
-
 # ----------------------------------------------------------------------------- chunked statistics
 
 
 class TokenStats(NamedTuple):
     kl: Tensor  # [N] float32 per-token KL (zeros when reg = nll)
     nll: Tensor  # [N] float32 per-token next-token NLL of the student
+    ref_lse: Tensor | None = None  # [N] LSE of the ref's logits, when asked for (what the ref cache keeps)
 
 
 Head = Callable[[Tensor], Tensor]
@@ -275,6 +244,9 @@ def token_stats(
     ref_head: Head | None = None,
     reg: Reg = "kl_rev",
     chunk_size: int = 256,
+    plan: KLGradPlan | None = None,
+    ref_lse: Tensor | None = None,
+    want_lse: bool = False,
 ) -> TokenStats:
     """Per-token KL(student, ref) and student NLL at ``N`` counted rows, ``chunk_size`` rows at a time.
 
@@ -297,6 +269,11 @@ def token_stats(
             rollout's KL, the same kernel skips the gradient passes, and under ``torch.no_grad`` a
             trainable linear head is fused too); otherwise each chunk runs under activation
             checkpointing.
+        plan: with a frozen linear head, rows that need a gradient and a ref, the path of the KL's gradient
+            (:mod:`heal_pl.barrier.lazy_head`: paid for only when the barrier's hinge opens); ``None`` = eager.
+        ref_lse: ``[N]`` ``LSE`` of the ref's logits at these rows (a ref cache's); on the lazy path of a ``kl_rev``
+            barrier without soft-cap the KL values then come without the ref's head product.
+        want_lse: on the lazy path, return the ref's ``LSE`` in ``TokenStats.ref_lse`` (to be cached).
 
     Returns:
         ``TokenStats(kl, nll)``, both float32 ``[N]``.
@@ -315,38 +292,44 @@ def token_stats(
         return TokenStats(empty, empty)
     grad_on = torch.is_grad_enabled()  # the student rows or a trainable head may need gradients
     fusable = _fusable(head, grad_on) if ref is None or ref_head is head else None
-    fused = fusable is not None
+    differentiable = grad_on and student.requires_grad
+    if fusable is not None and differentiable and ref is not None and plan is not None and not plan.eager():
+        proj, transform = fusable
+        kl, nll, lse = LazyHeadStats.apply(student, proj.weight, proj.bias, ref, targets, reg == "kl_rev", chunk_size,
+                                           transform, plan, ref_lse, want_lse)  # fmt: skip
+        return TokenStats(kl, nll, lse if lse.numel() else None)
     if fusable is not None:
         proj, transform = fusable
         ws = workspace(min(chunk_size, n), proj.weight.shape[0], student.device, with_ref=ref is not None,
-                       capped=bool(transform.softcap) and grad_on and student.requires_grad)  # fmt: skip
-    kls, nlls = [], []
-    for i in range(0, n, chunk_size):
-        sl = slice(i, i + chunk_size)
-        args = (student[sl], None if ref is None else ref[sl], targets[sl], head, ref_head, reg)
-        if fused and grad_on and student.requires_grad:
-            kl, nll = FusedHeadStats.apply(
-                student[sl], proj.weight, proj.bias, args[1], targets[sl], reg == "kl_rev", ws, transform
-            )
-        elif fused:  # a frozen head and rows without gradient: nothing to differentiate
-            with torch.no_grad():
-                kl, nll, _ = head_stats(
-                    student[sl], proj.weight, proj.bias, args[1], targets[sl], reg == "kl_rev", ws, grads=False,
-                    transform=transform,
-                )
-        elif grad_on:
-            kl, nll = checkpoint(_chunk_stats, *args, use_reentrant=False)
-        else:
-            kl, nll = _chunk_stats(*args)
-        kls.append(kl)
-        nlls.append(nll)
-    return TokenStats(torch.cat(kls), torch.cat(nlls))
+                       capped=bool(transform.softcap) and differentiable)  # fmt: skip
+    for safe in (False, True):  # a non-finite KL: once more with the p = 0 terms masked (one host sync per call)
+        kls, nlls = [], []
+        for i in range(0, n, chunk_size):
+            sl = slice(i, i + chunk_size)
+            args = (student[sl], None if ref is None else ref[sl], targets[sl], head, ref_head, reg)
+            if fusable is not None and differentiable:
+                kl, nll = FusedHeadStats.apply(student[sl], proj.weight, proj.bias, args[1], targets[sl],
+                                               reg == "kl_rev", ws, transform, safe, plan)  # fmt: skip
+            elif fusable is not None:  # a frozen head and rows without gradient: nothing to differentiate
+                with torch.no_grad():
+                    kl, nll, _ = head_stats(student[sl], proj.weight, proj.bias, args[1], targets[sl],
+                                            reg == "kl_rev", ws, grads="none", transform=transform, safe=safe)
+            elif grad_on:
+                kl, nll = checkpoint(_chunk_stats, *args, use_reentrant=False)
+            else:
+                kl, nll = _chunk_stats(*args)
+            kls.append(kl)
+            nlls.append(nll)
+        kl = torch.cat(kls)
+        if fusable is None or ref is None or safe or bool(torch.isfinite(kl).all()):
+            break
+    return TokenStats(kl, torch.cat(nlls))
 
 
 def check_finite(stats: TokenStats, where: str) -> None:
     """Raise ``FloatingPointError`` naming ``where`` (e.g. the step) if any KL or NLL is NaN/inf."""
     for name, x in stats._asdict().items():
-        if x.numel() and not torch.isfinite(x).all():
+        if x is not None and x.numel() and not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).sum())
             raise FloatingPointError(f"non-finite logits at {where}: {bad} of {x.numel()} per-token {name} are NaN/inf")
 
@@ -380,8 +363,3 @@ def naive_token_stats(
         logp_ref = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
         kl = per_token_kl(logp, logp_ref) if reg == "kl_rev" else per_token_kl(logp_ref, logp)
     return TokenStats(kl[mask], nll[mask])
-
-
-def gather_rows(x: Tensor, counted: Counted) -> Tensor:
-    """Rows ``x[b, t]`` at the counted positions: ``[B, T, D] -> [N, D]``."""
-    return x[counted.batch_idx, counted.pos_idx]

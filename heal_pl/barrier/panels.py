@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from heal_pl.adapters.switch import adapter_off
 from heal_pl.barrier.distributed import gather_tokens, world_size
-from heal_pl.barrier.kl import counted_positions
+from heal_pl.barrier.positions import counted_positions
 
 
 def logged_step(trainer: L.Trainer) -> int:

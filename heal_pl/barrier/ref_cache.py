@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from heal_pl.barrier.kl import IGNORE_INDEX, Counted
+from heal_pl.barrier.positions import IGNORE_INDEX, Counted
 
 log = logging.getLogger("heal_pl")
 
@@ -85,6 +85,7 @@ class RefRowCache:
         self._reset()
 
     def _reset(self) -> None:
+        self._lse: dict[bytes, Tensor] = {}  # key -> [n] float32 LSE of the ref's logits at its rows (in memory)
         self._memory: dict[bytes, Tensor] = {}
         self._spilled: dict[bytes, tuple[int, int, int, torch.dtype]] = {}  # key -> (offset, rows, cols, dtype)
         self._memory_bytes = self._file_bytes = 0
@@ -158,3 +159,18 @@ class RefRowCache:
             if k not in self._memory and k not in self._spilled:
                 self._put(k, part)
         return rows
+
+    # ------------------------------------------------------------------ the ref logits' LSE (heal_pl.barrier.lazy_head)
+
+    def lse(self, keys: list[bytes], device: torch.device) -> Tensor | None:
+        """The ``[N]`` ``LSE(z_q)`` of a batch's ref rows in counted order, when every example has it, else None."""
+        if not keys or any(k not in self._lse for k in keys):
+            return None
+        return torch.cat([self._lse[k] for k in keys]).to(device, non_blocking=True)
+
+    def put_lse(self, keys: list[bytes], counted: Counted, lse: Tensor) -> None:
+        """Keep each example's part of ``lse`` (``[N]``, counted order) beside its rows: 4 bytes a row."""
+        per_row = torch.bincount(counted.batch_idx.cpu(), minlength=len(keys)).tolist()
+        for k, part in zip(keys, lse.detach().float().cpu().split(per_row), strict=True):
+            if k in self._memory or k in self._spilled:
+                self._lse.setdefault(k, part.clone())

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from heal_pl.adapters.switch import ref_rows
-from heal_pl.barrier.kl import gather_rows
+from heal_pl.barrier.positions import gather_rows
 from heal_pl.barrier.ref_cache import example_keys, ref_fingerprint
 from heal_pl.barrier.shared_prefix import SharedPrefix, first_adapted_block, prefix_dropout
 from heal_pl.models.lm import base_lm, last_hidden
@@ -42,7 +42,9 @@ class RefSource:
             self.ref_cache.clear("set_ref_model changed the ref")
             self.ref_cache.fingerprint = None
 
-    def _ref_rows(self, batch: dict[str, Tensor], counted: Any) -> Tensor:
+    def _ref_rows(self, batch: dict[str, Tensor], counted: Any) -> tuple[Tensor, list[bytes] | None]:
+        """The ref's hidden rows at the counted positions, and the batch's ref-cache keys (``None`` without a cache:
+        the module then reads and keeps the ref logits' LSE under them, :mod:`heal_pl.barrier.lazy_head`)."""
         input_ids, mask = batch["input_ids"], batch.get("attention_mask")
         ref_model = self.__dict__.get("_ref_model")
 
@@ -54,8 +56,9 @@ class RefSource:
                 return gather_rows(last_hidden(ref_model, input_ids, mask), counted)
 
         if self.ref_cache is None:
-            return compute()
-        return self.ref_cache.rows(example_keys(input_ids, mask, batch["labels"]), counted, compute)
+            return compute(), None
+        keys = example_keys(input_ids, mask, batch["labels"])
+        return self.ref_cache.rows(keys, counted, compute), keys
 
     def _shared_prefix(self) -> SharedPrefix:
         """The blocks below the first adapted one, run once for student and ref

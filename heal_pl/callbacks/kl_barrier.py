@@ -28,16 +28,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from heal_pl.adapters.switch import adapter_off, find_peft_model, head_has_adapter
 from heal_pl.barrier.distributed import gather_tokens
+from heal_pl.barrier.fused_head import auto_chunk_size
 from heal_pl.barrier.kl import (
+    BarrierOutput,
     KLBarrier,
     TokenStats,
     accumulation_note,
@@ -47,6 +50,7 @@ from heal_pl.barrier.kl import (
     gather_rows,
     token_stats,
 )
+from heal_pl.barrier.lazy_head import KLGradPlan
 from heal_pl.barrier.metrics import TokenKLStats
 from heal_pl.barrier.panels import DriftPanels
 from heal_pl.barrier.ref_cache import RefRowCache, example_keys, ref_fingerprint
@@ -63,7 +67,8 @@ class KLBarrierCallback(Callback):
     Args:
         barrier: the barrier (reg, agg, tau, lam, lam_round_pow); ``reg='nll'`` only logs nothing.
         round: steer → heal round, scaling ``lam`` by ``(1 + round)^lam_round_pow``.
-        chunk_size: rows of ``[chunk, vocab]`` log-probabilities alive at once.
+        chunk_size: rows of ``[chunk, vocab]`` log-probabilities alive at once; ``auto``: from the vocabulary and the
+            free memory (:func:`heal_pl.barrier.fused_head.auto_chunk_size`).
         prefix: logged names are ``{prefix}train/barrier``, ``{prefix}val/kl_p95``, ...
         ref_cache: keep the base's hidden rows of every example seen (:mod:`heal_pl.barrier.ref_cache`, exact; keyed by
             the example's tokens, labels and every other per-row argument of the replayed call), so later epochs
@@ -84,7 +89,7 @@ class KLBarrierCallback(Callback):
         self,
         barrier: KLBarrier = KLBarrier(),  # noqa: B008 (frozen dataclass)
         round: int = 0,
-        chunk_size: int = 256,
+        chunk_size: int | Literal["auto"] = "auto",
         prefix: str = "",
         ref_cache: bool = False,
     ) -> None:
@@ -92,12 +97,13 @@ class KLBarrierCallback(Callback):
             barrier = KLBarrier(**barrier)
         if round < 0:
             raise ValueError(f"round={round} must be >= 0")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+        if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1 or 'auto'")
         self.barrier, self.round, self.chunk_size, self.prefix = barrier, round, chunk_size, prefix
         self.val_kl = TokenKLStats()
         self.drift = DriftPanels()  # {prefix}val/kl_hist and {prefix}val/kl_top (heal_pl.barrier.panels)
         self.ref_cache = RefRowCache() if ref_cache else None
+        self.kl_grad_plan = KLGradPlan()  # the KL's graph only on steps where the hinge opens (barrier.lazy_head)
         self._captured: list[Forward] = []
         self._capturing = False
         self._hooks: list[RemovableHandle] = []
@@ -183,14 +189,27 @@ class KLBarrierCallback(Callback):
                 ref = self.ref_cache.rows(example_keys(batch["input_ids"], mask, batch["labels"], extra), counted,
                                           ref_rows)  # fmt: skip
         ref_head = self._ref_head if head_has_adapter(self.peft) else self.head
-        stats = token_stats(
-            gather_rows(logits, counted), ref, counted.targets,
-            head=None, ref_head=ref_head, reg=self.barrier.reg, chunk_size=self.chunk_size,
-        )  # fmt: skip
-        check_finite(stats, where)
-        pooled = TokenStats(gather_tokens(stats.kl), gather_tokens(stats.nll))  # the global batch under DDP
-        out = self.barrier(pooled.kl, self.round)
-        return out.value, {**barrier_metrics(pooled, out), "_kl": stats.kl}
+        rows = gather_rows(logits, counted)
+        chunk = auto_chunk_size(logits.shape[-1], logits.device) if self.chunk_size == "auto" else self.chunk_size
+
+        def barrier() -> tuple[TokenStats, TokenStats, BarrierOutput]:
+            stats = token_stats(rows, ref, counted.targets, head=None, ref_head=ref_head, reg=self.barrier.reg,
+                                chunk_size=chunk)  # fmt: skip
+            check_finite(stats, where)
+            pooled = TokenStats(gather_tokens(stats.kl), gather_tokens(stats.nll))  # the global batch under DDP
+            return stats, pooled, self.barrier(pooled.kl, self.round)
+
+        training = ref is not None and torch.is_grad_enabled() and rows.requires_grad
+        if training and not self.kl_grad_plan.eager():  # the KL's values first; its graph only if the hinge opens
+            with torch.no_grad():
+                stats, pooled, out = barrier()
+            if bool(out.fired):  # D is pooled over the ranks: every rank takes the same branch
+                stats, pooled, out = barrier()
+        else:
+            stats, pooled, out = barrier()
+        if training:
+            self.kl_grad_plan.note(out.fired)
+        return out.value, {**barrier_metrics(pooled, out), "_kl": stats.kl.detach()}
 
     def _student(self, batch: Any, captured: list[Forward], where: str, loss: Tensor | None = None) -> Forward:
         if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:

@@ -48,7 +48,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from heal_pl.barrier.kl import IGNORE_INDEX
+from heal_pl.barrier.positions import IGNORE_INDEX
 from heal_pl.data.formats import (  # noqa: F401 (re-exported)
     ASSETS,
     DEFAULT_TRAIN_FILE,

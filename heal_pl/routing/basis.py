@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from heal_pl.adapters.routed import RoutedAdapter
-from heal_pl.barrier.kl import IGNORE_INDEX
+from heal_pl.barrier.positions import IGNORE_INDEX
 from heal_pl.data.datamodule import Example, collate, encode_example, jsonl_rows
 from heal_pl.routing.project import check_basis
 

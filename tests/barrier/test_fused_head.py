@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from heal_pl.barrier.fused_head import HeadTransform
 from heal_pl.barrier.kl import naive_token_stats, token_stats
+from heal_pl.barrier.lazy_head import KLGradPlan
 
 
 def reference(h: torch.Tensor, ref: torch.Tensor, W: torch.Tensor, b: torch.Tensor, y: torch.Tensor, reg: str):
@@ -195,12 +196,14 @@ class _FloatCopies(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("reg", ["kl_rev", "kl_fwd"])
-def test_masked_vocabulary_zero_log_zero(reg: str) -> None:
+def test_masked_vocabulary_zero_log_zero(reg: str, lazy: bool) -> None:
     """A bias of −inf on some tokens (p = q = 0 there): 0 · log 0 = 0, finite KL and gradients.
 
     The fast path's ``p · (log p − log q)`` is NaN there; the fused kernel must fall back to masking,
-    and agree with the naive full-tensor reference (which masks by ``p == 0``; float64 logits).
+    and agree with the naive full-tensor reference (which masks by ``p == 0``; float64 logits); on the lazy path
+    (heal_pl.barrier.lazy_head) too, whose backward recomputes the chunks.
     """
     g = torch.Generator().manual_seed(2)
     N, H, V = 9, 6, 25
@@ -211,7 +214,7 @@ def test_masked_vocabulary_zero_log_zero(reg: str) -> None:
         head.bias[[3, 11, 20]] = -float("inf")
     h = torch.randn(N, H, generator=g, requires_grad=True)
     ref, y = torch.randn(N, H, generator=g), torch.randint(0, 3, (N,), generator=g)
-    stats = token_stats(h, ref, y, head=head, reg=reg, chunk_size=4)
+    stats = token_stats(h, ref, y, head=head, reg=reg, chunk_size=4, plan=KLGradPlan(lazy))
     (stats.kl.sum() + stats.nll.sum()).backward()
 
     h64 = h.detach().double().requires_grad_()
@@ -253,7 +256,7 @@ def test_no_grad_path_uses_the_fused_kernel_and_matches_float64(reg: str, monkey
     """Under no_grad (validation) a frozen head runs the same kernel without its gradient passes."""
     from heal_pl.barrier import kl as kl_module
 
-    flags: list[bool] = []
+    flags: list[str] = []
     original = kl_module.head_stats
     monkeypatch.setattr(kl_module, "head_stats", lambda *a, **k: flags.append(k["grads"]) or original(*a, **k))
     g = torch.Generator().manual_seed(4)
@@ -266,7 +269,7 @@ def test_no_grad_path_uses_the_fused_kernel_and_matches_float64(reg: str, monkey
     y = torch.randint(0, V, (N,), generator=g)
     with torch.no_grad():
         stats = token_stats(h, ref, y, head=head, reg=reg, chunk_size=4)
-    assert flags == [False, False, False]  # 3 chunks, no gradient passes
+    assert flags == ["none", "none", "none"]  # 3 chunks, no gradient passes
     _, kl64, nll64 = reference(h, ref, head.weight, head.bias, y, reg)
     torch.testing.assert_close(stats.kl.double(), kl64.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats.nll.double(), nll64.detach(), rtol=1e-5, atol=1e-6)
@@ -293,3 +296,15 @@ def test_no_grad_kl_sums_like_per_token_kl(reg: str) -> None:
     want = per_token_kl(logp, logq) if reg == "kl_rev" else per_token_kl(logq, logp)
     assert torch.isfinite(stats.kl).all()
     torch.testing.assert_close(stats.kl, want, rtol=2e-6, atol=0)
+
+
+def test_auto_chunk_size_follows_the_vocabulary_and_the_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from heal_pl.barrier.fused_head import CPU_BUDGET, auto_chunk_size
+
+    cpu = torch.device("cpu")
+    assert auto_chunk_size(49_152, cpu) == 256  # the earlier fixed default, at SmolLM2's vocabulary
+    assert auto_chunk_size(262_144, cpu) == CPU_BUDGET // (4 * 262_144 * 4) == 48
+    assert auto_chunk_size(10**9, cpu) == 8  # never fewer than 8 rows
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (16 * 2**30, 80 * 2**30))
+    rows = auto_chunk_size(128_256, torch.device("cuda"))  # an eighth of 16 GiB free: 2 GiB of workspace
+    assert rows == 1024 and 4 * rows * 128_256 * 4 <= 2 * 2**30 < 4 * (rows + 64) * 128_256 * 4

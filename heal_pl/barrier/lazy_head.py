@@ -1,0 +1,163 @@
+"""The barrier's gradient paid for only on the steps where the hinge opens (docs/maths.md §1.12).
+
+``barrier = lam · relu(D − tau)`` with ``D = agg_t KL_t``: whenever ``D ≤ tau`` the barrier and its gradient are
+exactly 0, and the step needs only the per-token KL *values* (for ``D`` and the logged statistics), never their
+gradient. Per chunk of ``c`` counted rows (``u = h Wᵀ + b`` the raw head product of the student rows, ``H`` the
+hidden size, ``V`` the vocabulary; one *unit* = a ``c × H × V`` matrix product)::
+
+                              eager (FusedHeadStats)              lazy (LazyHeadStats)
+    forward                   [r; h] Wᵀ            2 units        [r; h] Wᵀ           2 units
+                              [∂KL; ∂NLL] W        2 units        ∂NLL W              1 unit
+    backward, hinge closed    —                                   —                     (3 units: SFT + the ref's head)
+    backward, hinge open      —                    (4 units)      [r; h] Wᵀ again     2 units
+                                                                  (g_kl ∂KL + g_nll ∂NLL) W   1 unit   (6 units)
+
+The lazy backward tells the two cases apart by the gradient it receives: the barrier's ``relu`` sends an exactly
+zero ``∂L/∂KL`` when closed, and any nonzero entry (the hinge open, or any other use of the KL in the loss) takes
+the exact path, so the gradient is right whatever the plan guessed. Where it opens, the SFT's and the KL's logit
+gradients are summed before the one product with ``W`` (the weights ``∂L/∂KL_t`` and ``∂L/∂NLL_t`` are known by
+then). :class:`KLGradPlan` picks the path of each step from the previous one: eager after a step whose barrier
+fired (a run that fires on every step pays today's 4 units), lazy otherwise; under DDP each rank reads its own
+gradient (for ``p95`` / ``max`` only the rank holding the tail token recomputes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from heal_pl.barrier.fused_head import HeadTransform, head_stats, logits_into, rows_times_weight, workspace
+
+
+class KLGradPlan:
+    """Which path the next training step's head takes: ``eager`` after a step whose KL received a gradient.
+
+    ``lazy=False`` always takes the eager path (the benchmarks' "today" arm). :meth:`saw` records a backward
+    pass's ``∂L/∂KL`` as a device tensor (no host sync); :meth:`eager` reads it once per step.
+    """
+
+    def __init__(self, lazy: bool = True) -> None:
+        self.lazy = lazy
+        self._fired: Tensor | bool = False
+
+    def saw(self, g_kl: Tensor) -> None:
+        """A backward pass's ``∂L/∂KL``: the step fired if any entry is nonzero."""
+        self.note(g_kl.ne(0).any())
+
+    def note(self, fired: Tensor | bool) -> None:
+        """This step's barrier fired (a tensor is kept as a device tensor: no host sync)."""
+        self._fired = fired.bool() | self._fired if isinstance(fired, Tensor) else bool(fired) or self._fired
+
+    def eager(self) -> bool:
+        """The path of this step (read at the head's forward): eager unless lazy and the last backward saw no
+        KL gradient. Resets the record for this step's backward."""
+        fired, self._fired = bool(self._fired), False
+        return not self.lazy or fired
+
+
+def cached_ref_chunk(h: Tensor, weight: Tensor, bias: Tensor | None, ref: Tensor, ref_lse: Tensor, targets: Tensor,
+                     ws: Tensor, transform: HeadTransform) -> tuple[Tensor, Tensor, Tensor]:
+    """``(kl_rev [c], nll [c], G [c, H])`` of one chunk from the student's logits alone, the ref's rows ``r`` and
+    their cached ``LSE(z_q)``. Without a soft-cap the two logit vectors differ by a linear map of the rows,
+    ``z_q − z = s (r − h) Wᵀ`` (the bias cancels), so with ``log p = z − LSE(z)``::
+
+        KL_t = Σ_v p (log p − log q) = LSE(z_q) − LSE(z) − s · (r − h) · Wᵀp,     Wᵀp = G + W_y
+        G = (p − e_y) W   (the NLL's row gradient ÷ s, which SFT computes anyway)
+
+    One ``[c, H] × [H, V]`` and one ``[c, V] × [V, H]`` product, SFT's two. The float32 error of ``Wᵀp`` is
+    multiplied by ``r − h``, not by ``r``: it vanishes with the drift (``h = r`` gives 0 exactly, the two LSEs
+    being the same computation), unlike ``r · Wᵀp − Σ p z``, which cancels two ~``|z|``-sized numbers."""
+    c, vocab = h.shape[0], weight.shape[0]
+    z, logp = ws[: 2 * c * vocab].view(2, c, vocab)
+    logits_into(z, h, weight, bias, transform)
+    lse = torch.logsumexp(z, dim=-1)  # as the ref's cached LSE was computed
+    torch.log_softmax(z, dim=-1, out=logp)
+    idx = targets.unsqueeze(-1)
+    nll = -logp.gather(-1, idx).squeeze(-1)
+    dz = torch.exp(logp, out=z).scatter_add_(-1, idx, torch.full_like(idx, -1, dtype=torch.float32))  # p − e_y
+    G = rows_times_weight(dz, weight)
+    with torch.autocast(h.device.type, enabled=False):
+        wtp = (G + weight[targets].float()).double()
+        drift = ((ref.double() - h.double()) * wtp).sum(-1)
+    kl = ref_lse.double() - lse.double() - transform.scale * drift
+    return kl.float(), nll, G
+
+
+class LazyHeadStats(torch.autograd.Function):
+    """``(kl [N], nll [N]) = LazyHeadStats.apply(h, weight, bias, ref, targets, reverse, chunk_size, transform,
+    plan)`` over all ``N`` counted rows, ``chunk_size`` at a time (module docstring).
+
+    The forward pass keeps ``∂NLL/∂h`` (``[N, H]`` float32), ``h`` and ``ref``; the backward pass scales the first
+    by ``∂L/∂NLL`` when ``∂L/∂KL`` is zero, else recomputes each chunk's logits and runs one product. ``weight`` and
+    ``bias`` must not need gradients.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        ref: Tensor,
+        targets: Tensor,
+        reverse: bool,
+        chunk_size: int,
+        transform: HeadTransform,
+        plan: KLGradPlan | None = None,
+        ref_lse: Tensor | None = None,
+        want_lse: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n = h.shape[0]
+        capped = bool(transform.softcap)
+        ws = workspace(min(chunk_size, n), weight.shape[0], h.device, with_ref=True, capped=capped)
+        nll_grads = torch.empty(n, weight.shape[1], dtype=torch.float32, device=h.device)
+        identity = ref_lse is not None and reverse and not capped
+        safe = False
+        for attempt in range(2):  # a non-finite KL: once more with the p = 0 terms masked (one host sync per call)
+            kls, nlls, lses = [], [], [] if want_lse and not identity else None
+            for i in range(0, n, chunk_size):
+                sl = slice(i, i + chunk_size)
+                if identity:
+                    kl, nll, nll_grads[sl] = cached_ref_chunk(h[sl], weight, bias, ref[sl], ref_lse[sl], targets[sl],
+                                                              ws, transform)  # fmt: skip
+                else:
+                    kl, nll, dz = head_stats(h[sl], weight, bias, ref[sl], targets[sl], reverse, ws, grads="nll",
+                                             transform=transform, safe=safe, ref_lse=lses)  # fmt: skip
+                    nll_grads[sl] = rows_times_weight(dz, weight)
+                kls.append(kl)
+                nlls.append(nll)
+            kl = torch.cat(kls)
+            if attempt or bool(torch.isfinite(kl).all()):
+                break
+            safe = True
+        if transform.scale != 1.0:
+            nll_grads.mul_(transform.scale)
+        ctx.args = (weight, bias, reverse, chunk_size, transform, safe, plan)
+        ctx.save_for_backward(h, ref, targets, nll_grads)
+        lse = torch.cat(lses) if lses else ref_lse if want_lse and ref_lse is not None else kl.new_empty(0)
+        ctx.mark_non_differentiable(lse)
+        return kl, torch.cat(nlls), lse
+
+    @staticmethod
+    def backward(ctx: Any, g_kl: Tensor, g_nll: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        h, ref, targets, nll_grads = ctx.saved_tensors
+        weight, bias, reverse, chunk_size, transform, safe, plan = ctx.args
+        if plan is not None:
+            plan.saw(g_kl)
+        if not bool(g_kl.ne(0).any()):  # the hinge is closed: SFT's gradient alone (one host sync per step)
+            return (g_nll.unsqueeze(-1) * nll_grads).to(h.dtype), *([None] * 10)
+        n, c = h.shape[0], min(chunk_size, h.shape[0])
+        ws = workspace(c, weight.shape[0], h.device, with_ref=True, capped=bool(transform.softcap))
+        grad_h = torch.empty(n, weight.shape[1], dtype=torch.float32, device=h.device)
+        for i in range(0, n, chunk_size):
+            sl = slice(i, i + chunk_size)
+            _, _, dz = head_stats(h[sl], weight, bias, ref[sl], targets[sl], reverse, ws, grads="both",
+                                  transform=transform, safe=safe)  # fmt: skip
+            k = dz.shape[0] // 2
+            combined = dz[:k].mul_(g_kl[sl].unsqueeze(-1)).addcmul_(dz[k:], g_nll[sl].unsqueeze(-1))
+            grad_h[sl] = rows_times_weight(combined, weight)
+        if transform.scale != 1.0:
+            grad_h.mul_(transform.scale)
+        return grad_h.to(h.dtype), *([None] * 10)
