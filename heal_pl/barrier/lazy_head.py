@@ -2,23 +2,25 @@
 
 ``barrier = lam · relu(D − tau)`` with ``D = agg_t KL_t``: whenever ``D ≤ tau`` the barrier and its gradient are
 exactly 0, and the step needs only the per-token KL *values* (for ``D`` and the logged statistics), never their
-gradient. Per chunk of ``c`` counted rows (``u = h Wᵀ + b`` the raw head product of the student rows, ``H`` the
-hidden size, ``V`` the vocabulary; one *unit* = a ``c × H × V`` matrix product)::
+gradient. Per chunk of ``c`` counted rows (``h`` the student's rows, ``r`` the ref's, one *unit* = a ``c × H × V``
+matrix product; SFT alone pays 2: ``h Wᵀ`` and ``(p − e_y) W``)::
 
-                              eager (FusedHeadStats)              lazy (LazyHeadStats)
-    forward                   [r; h] Wᵀ            2 units        [r; h] Wᵀ           2 units
-                              [∂KL; ∂NLL] W        2 units        ∂NLL W              1 unit
-    backward, hinge closed    —                                   —                     (3 units: SFT + the ref's head)
-    backward, hinge open      —                    (4 units)      [r; h] Wᵀ again     2 units
-                                                                  (g_kl ∂KL + g_nll ∂NLL) W   1 unit   (6 units)
+                              eager (FusedHeadStats)         lazy (LazyHeadStats)       lazy, ref LSE cached
+    forward                   [r; h] Wᵀ              2       [r; h] Wᵀ            2     h Wᵀ                 1
+                              [∂KL; ∂NLL] W          2       ∂NLL W               1     ∂NLL W               1
+    backward, hinge closed    —                  (4)         —                  (3)     —                  (2)
+    backward, hinge open      —                  (4)         [r; h] Wᵀ again, then (g_kl ∂KL + g_nll ∂NLL) W:
+                                                             + 3                (6)     + 3                (5)
 
-The lazy backward tells the two cases apart by the gradient it receives: the barrier's ``relu`` sends an exactly
-zero ``∂L/∂KL`` when closed, and any nonzero entry (the hinge open, or any other use of the KL in the loss) takes
-the exact path, so the gradient is right whatever the plan guessed. Where it opens, the SFT's and the KL's logit
-gradients are summed before the one product with ``W`` (the weights ``∂L/∂KL_t`` and ``∂L/∂NLL_t`` are known by
-then). :class:`KLGradPlan` picks the path of each step from the previous one: eager after a step whose barrier
-fired (a run that fires on every step pays today's 4 units), lazy otherwise; under DDP each rank reads its own
-gradient (for ``p95`` / ``max`` only the rank holding the tail token recomputes).
+With the ref's rows and the LSE of its logits cached (``HealModule(ref_cache=True)``, every epoch after the first),
+a ``kl_rev`` barrier without soft-cap reads the KL values from the student's logits alone
+(:func:`cached_ref_chunk`). The lazy backward tells the two cases apart by the gradient it receives: the barrier's
+``relu`` sends an exactly zero ``∂L/∂KL`` when closed, and any nonzero entry (the hinge open, or any other use of the
+KL in the loss) takes the exact path, so the gradient is right whatever the plan guessed. Where it opens, the SFT's
+and the KL's logit gradients are summed before the one product with ``W`` (their weights are known by then).
+:class:`KLGradPlan` picks the path of each step from the previous one: eager after a step whose barrier fired (a run
+firing on every step pays the eager 4), lazy otherwise; under DDP each rank reads its own gradient (for ``p95`` /
+``max`` only the rank holding the tail token recomputes).
 """
 
 from __future__ import annotations
@@ -86,12 +88,14 @@ def cached_ref_chunk(h: Tensor, weight: Tensor, bias: Tensor | None, ref: Tensor
 
 
 class LazyHeadStats(torch.autograd.Function):
-    """``(kl [N], nll [N]) = LazyHeadStats.apply(h, weight, bias, ref, targets, reverse, chunk_size, transform,
-    plan)`` over all ``N`` counted rows, ``chunk_size`` at a time (module docstring).
+    """``(kl [N], nll [N], lse) = LazyHeadStats.apply(h, weight, bias, ref, targets, reverse, chunk_size,
+    transform, plan, ref_lse, want_lse)`` over all ``N`` counted rows, ``chunk_size`` at a time (module docstring).
 
     The forward pass keeps ``∂NLL/∂h`` (``[N, H]`` float32), ``h`` and ``ref``; the backward pass scales the first
     by ``∂L/∂NLL`` when ``∂L/∂KL`` is zero, else recomputes each chunk's logits and runs one product. ``weight`` and
-    ``bias`` must not need gradients.
+    ``bias`` must not need gradients. With ``ref_lse`` (``[N]``, a ref cache's) a ``kl_rev`` head without soft-cap
+    takes the KL values from :func:`cached_ref_chunk`; ``want_lse`` returns the ref rows' ``LSE`` as ``lse``
+    (computed on the way; empty otherwise), for the cache.
     """
 
     @staticmethod
@@ -134,9 +138,9 @@ class LazyHeadStats(torch.autograd.Function):
             safe = True
         if transform.scale != 1.0:
             nll_grads.mul_(transform.scale)
-        ctx.args = (weight, bias, reverse, chunk_size, transform, safe, plan)
+        ctx.args = (weight, bias, reverse, chunk_size, transform, safe or identity, plan)  # identity: p = 0 unseen
         ctx.save_for_backward(h, ref, targets, nll_grads)
-        lse = torch.cat(lses) if lses else ref_lse if want_lse and ref_lse is not None else kl.new_empty(0)
+        lse = torch.cat(lses) if lses else kl.new_empty(0)
         ctx.mark_non_differentiable(lse)
         return kl, torch.cat(nlls), lse
 

@@ -196,14 +196,14 @@ class _FloatCopies(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("path", ["eager", "lazy", "cached lse"])
 @pytest.mark.parametrize("reg", ["kl_rev", "kl_fwd"])
-def test_masked_vocabulary_zero_log_zero(reg: str, lazy: bool) -> None:
+def test_masked_vocabulary_zero_log_zero(reg: str, path: str) -> None:
     """A bias of −inf on some tokens (p = q = 0 there): 0 · log 0 = 0, finite KL and gradients.
 
     The fast path's ``p · (log p − log q)`` is NaN there; the fused kernel must fall back to masking,
     and agree with the naive full-tensor reference (which masks by ``p == 0``; float64 logits); on the lazy path
-    (heal_pl.barrier.lazy_head) too, whose backward recomputes the chunks.
+    (heal_pl.barrier.lazy_head) too, whose backward recomputes the chunks, and from a cached ref LSE.
     """
     g = torch.Generator().manual_seed(2)
     N, H, V = 9, 6, 25
@@ -214,7 +214,11 @@ def test_masked_vocabulary_zero_log_zero(reg: str, lazy: bool) -> None:
         head.bias[[3, 11, 20]] = -float("inf")
     h = torch.randn(N, H, generator=g, requires_grad=True)
     ref, y = torch.randn(N, H, generator=g), torch.randint(0, 3, (N,), generator=g)
-    stats = token_stats(h, ref, y, head=head, reg=reg, chunk_size=4, plan=KLGradPlan(lazy))
+    lse = None
+    if path == "cached lse":
+        lse = token_stats(h, ref, y, head=head, reg=reg, chunk_size=4, plan=KLGradPlan(), want_lse=True).ref_lse
+        assert lse is not None and torch.isfinite(lse).all()
+    stats = token_stats(h, ref, y, head=head, reg=reg, chunk_size=4, plan=KLGradPlan(path != "eager"), ref_lse=lse)
     (stats.kl.sum() + stats.nll.sum()).backward()
 
     h64 = h.detach().double().requires_grad_()

@@ -57,6 +57,32 @@ def test_rows_come_back_bit_identical_in_batch_order(memory: int, dtype: torch.d
     assert torch.equal(first, _rows(batch, dtype=dtype))
 
 
+def test_the_ref_lse_comes_back_per_example_in_batch_order() -> None:
+    """The LSE kept beside the rows (heal_pl.barrier.lazy_head): only for cached examples, read back in another
+    batch's order, None while any example lacks it, gone with the rows."""
+    cache = RefRowCache()
+    batch = make_batch(seed=0)
+    c = counted_positions(batch["labels"], batch["attention_mask"])
+    keys = example_keys(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    lse = _rows(batch, dim=1).squeeze(-1) + 10.0  # one number per counted row, a function of the example
+    cache.put_lse(keys, c, lse)
+    assert cache.lse(keys, torch.device("cpu")) is None, "no rows cached yet: nothing kept"
+    cache.rows(keys, c, lambda: _rows(batch))
+    cache.put_lse(keys, c, lse)
+    assert torch.equal(cache.lse(keys, torch.device("cpu")), lse)
+    order = [2, 0, 1]
+    shuffled = {k: v[order] for k, v in batch.items()}
+    keys2 = example_keys(shuffled["input_ids"], shuffled["attention_mask"], shuffled["labels"])
+    c2 = counted_positions(shuffled["labels"], shuffled["attention_mask"])
+    assert torch.equal(cache.lse(keys2, torch.device("cpu")), _rows(shuffled, dim=1).squeeze(-1) + 10.0)
+    other = make_batch(seed=5)
+    assert cache.lse([*keys[:2], *example_keys(other["input_ids"], other["attention_mask"], other["labels"])[:1]],
+                     torch.device("cpu")) is None  # fmt: skip
+    assert c2.targets.numel() == c.targets.numel()
+    cache.clear("test")
+    assert cache.lse(keys, torch.device("cpu")) is None
+
+
 def test_keys_see_tokens_and_labels_not_padding() -> None:
     batch = make_batch(seed=1)
     keys = example_keys(batch["input_ids"], batch["attention_mask"], batch["labels"])
