@@ -119,7 +119,7 @@ DESCRIPTIONS = {  # one line per command, for `heal --help`
     "survival": "calibrate, then survival of the answer format over steered rollouts (Kaplan-Meier)",
     "thresholds": "a saved survival run's table at other pmass thresholds (no model needed)",
     "compare": "several steering methods at the same KL dose, beside a system-prompt baseline",
-    "rounds": "steer -> heal rounds: sample under steering, filter, heal with the barrier, bake, repeat",
+    "rounds": "steer -> heal rounds: sample under steering, filter, heal with the barrier, stack, repeat",
     "configs": "list the bundled configs; --copy NAME writes one into the current folder for editing",
     "tau": "a tau per aggregate: m × a barrier-free run's last-quarter train/kl_<agg> (--config runs one first)",
 }

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedModel
@@ -27,7 +28,8 @@ from heal_pl.adapters.targets import (
     resolve_targets,
 )
 
-__all__ = ["DEFAULT_TARGETS", "LoRASpec", "depth_range", "refuse_head", "spectral_norms", "wrap_lora"]
+FRESH = "default"  # the name of the adapter wrap_lora adds (peft's default name)
+__all__ = ["DEFAULT_TARGETS", "FRESH", "LoRASpec", "depth_range", "refuse_head", "spectral_norms", "wrap_lora"]
 
 
 @dataclass(frozen=True)
@@ -66,25 +68,48 @@ class LoRASpec:
         return depth_range(self.layers, num_layers)
 
 
-def wrap_lora(model: PreTrainedModel, spec: LoRASpec) -> PeftModel:
+def wrap_lora(model: PreTrainedModel | PeftModel, spec: LoRASpec) -> PeftModel:
     """Wrap ``model`` in a fresh peft LoRA adapter on the layers ``spec`` selects; base weights are frozen by peft.
+
+    ``model`` may already be a ``PeftModel`` holding earlier adapters (a stack, e.g. the steer → heal rounds'
+    student): the fresh adapter is then added to it as ``"default"`` and made active *together* with the
+    adapters active before (every layer computes ``W x + Σ_k s_k B_k A_k x``), and only the fresh adapter is
+    trainable (peft's ``set_adapter`` would unfreeze them all; they are frozen again here).
 
     The LM head is refused as a target (the ref reads the base's rows through it).
 
     Raises:
-        ValueError: a target that matches no linear layer (listing the model's linear layers), or a depth
-            range that selects nothing (see :func:`heal_pl.adapters.targets.resolve_targets`).
+        ValueError: a target that matches no linear layer (listing the model's linear layers), a depth
+            range that selects nothing (see :func:`heal_pl.adapters.targets.resolve_targets`), or a stack that
+            already has an adapter named ``"default"``.
     """
-    chosen = resolve_targets(model, spec.target_modules, spec.layers, "lora")
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    chosen = resolve_targets(base, spec.target_modules, spec.layers, "lora")
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=chosen,  # qualified names: exactly the resolved layers, depth range applied
-        fan_in_fan_out=all(isinstance(model.get_submodule(n), Conv1D) for n in chosen),  # GPT-2's [in, out] weights
+        fan_in_fan_out=all(isinstance(_unwrapped(base.get_submodule(n)), Conv1D) for n in chosen),  # GPT-2's [in, out]
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    if not isinstance(model, PeftModel):
+        return get_peft_model(model, config)
+    if FRESH in model.peft_config:
+        raise ValueError(f"wrap_lora: the stack already has an adapter named {FRESH!r} ({list(model.peft_config)})")
+    frozen = [a for a in model.active_adapters if a != FRESH]
+    model.add_adapter(FRESH, config)
+    model.base_model.set_adapter([*frozen, FRESH])
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            for attr in layer.adapter_layer_names:
+                for name, part in getattr(layer, attr).items():
+                    part.requires_grad_(name == FRESH)
+    return model
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
 def spectral_norms(model: PeftModel, n_iter: int = 8) -> Tensor:
@@ -124,7 +149,8 @@ def save_lora(model: PeftModel, tensors: dict[str, Tensor], folder: str | os.Pat
     adapter there) and its weights sharded; the caller gathers ``tensors``
     (:func:`heal_pl.models.fsdp.adapter_tensors`).
     """
-    name = model.active_adapter
+    active = model.active_adapters  # a stack: the adapter whose tensors these are (the trained one)
+    name = active[0] if len(active) == 1 else next(a for a in active if any(f".{a}." in k for k in tensors))
     weights = {k.replace(f".{name}.", "."): v.detach().cpu().contiguous() for k, v in tensors.items()}
     os.makedirs(folder, exist_ok=True)
     model.peft_config[name].save_pretrained(folder)

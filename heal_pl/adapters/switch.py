@@ -31,13 +31,25 @@ _ADAPTER_LAYERS = (BaseTunerLayer, ModulesToSaveWrapper, RoutedLinear)
 def adapter_off(model: nn.Module) -> Iterator[None]:
     """Run the frozen base: every peft (or routed) adapter in ``model`` switched off, restored on exit."""
     if isinstance(model, PeftModel):
-        with model.disable_adapter():
+        with keep_trainable(model), model.disable_adapter():
             yield
     elif routed_modules(model):
         with routed_adapter_off(model):
             yield
     else:
         raise TypeError(f"ref = base needs a peft-wrapped or routed model, got {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def keep_trainable(model: nn.Module) -> Iterator[None]:
+    """Every parameter's ``requires_grad`` as it was, on exit. peft's adapter switches (``disable_adapter``,
+    ``set_adapter``) mark every *active* adapter trainable on the way back, frozen ones of a stack included."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def ref_rows(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, counted: Counted) -> Tensor:

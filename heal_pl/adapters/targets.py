@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Sequence
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -55,8 +56,19 @@ def block_index(name: str) -> int | None:
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Linear`` and transformers ``Conv1D`` of ``model`` by qualified name, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+    """Every ``nn.Linear`` and transformers ``Conv1D`` of ``model`` by qualified name, in module order. A peft adapter
+    layer already there (a stack of adapters, e.g. the steer → heal rounds' student) stands for the layer it wraps,
+    under that layer's own name; its ``base_layer`` and its adapters' ``lora_A`` / ``lora_B`` are not targets."""
+    found: dict[str, nn.Module] = {}
+    inside = None  # the adapter layer whose submodules are being skipped (named_modules is pre-order)
+    for n, m in model.named_modules():
+        if inside is not None and n.startswith(inside):
+            continue
+        if isinstance(m, BaseTunerLayer):
+            found[n], inside = m.get_base_layer(), f"{n}."
+        elif isinstance(m, LINEAR_TYPES):
+            found[n] = m
+    return found
 
 
 def _decoder_prefix(model: nn.Module) -> str:

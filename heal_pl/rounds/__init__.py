@@ -1,8 +1,9 @@
 """Steer → heal rounds (docs/maths.md §5): steer the current student toward a trait, keep the coherent samples, heal a
-fresh adapter on them with the KL barrier, bake it in, repeat.
+fresh adapter on them with the KL barrier, stack it on the earlier ones, repeat.
 
-``loop`` runs one round and the loop, ``dose`` is the dose controller, ``filters`` the coherence filter, ``bake``
-merges adapters into the history, ``dilemmas`` the trait and coherence probes, ``state`` the resumable on-disk
+``loop`` runs one round and the loop, ``dose`` is the dose controller, ``filters`` the coherence filter, ``stack``
+keeps the history as frozen adapters on one copy of the base weights, ``bake`` merges adapters into the weights
+(an export), ``dilemmas`` the trait and coherence probes, ``state`` the resumable on-disk
 state, ``report`` the table and figure, and ``run`` is ``heal rounds``.
 """
 
@@ -13,6 +14,7 @@ from heal_pl.rounds.filters import filter_samples, repetition_share, tail_perple
 from heal_pl.rounds.loop import Dose, Filter, Heal, RoundsContext, Sampling, run_loop, run_round
 from heal_pl.rounds.report import markdown_report, rounds_table, trajectory_figure
 from heal_pl.rounds.run import run_rounds
+from heal_pl.rounds.stack import load_stack, push_adapter
 from heal_pl.rounds.state import RoundsState
 
 __all__ = [
@@ -29,8 +31,10 @@ __all__ = [
     "filter_samples",
     "load_dilemmas",
     "load_persona_pair",
+    "load_stack",
     "markdown_report",
     "probe_model",
+    "push_adapter",
     "repetition_share",
     "rounds_table",
     "run_loop",

@@ -1,4 +1,6 @@
-"""Baking LoRA adapters into a model's weights: the history of the steer → heal rounds (docs/maths.md §5.5).
+"""Baking LoRA adapters into a model's weights: the history of the steer → heal rounds as a plain model
+(docs/maths.md §5.5). The rounds themselves keep the history unmerged, on one copy of the base weights
+(:mod:`heal_pl.rounds.stack`); baking is the export, and the reference the stack is tested against.
 
 For every adapted linear layer, baking round r's adapter is
 

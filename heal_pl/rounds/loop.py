@@ -1,16 +1,20 @@
-"""The steer → heal loop (docs/maths.md §5). Round r, with the student S_r = original + adapters 0 … r−1 baked in:
+"""The steer → heal loop (docs/maths.md §5). Round r, with the student S_r = original + adapters 0 … r−1, kept as a
+stack of frozen peft adapters on the one copy of the base weights (``heal_pl.rounds.stack``):
 
 1. probe S_r: coherence and trait at the **base** stage (``heal_pl.rounds.dilemmas``);
 2. fit a steering vector on S_r from the persona pair (pos vs neg system prompt, same questions);
 3. sample completions of S_r steered by ``coeff · κ``; ``heal_pl.rounds.dose.search_dose`` picks κ so that a
    ``target_share`` of them pass the filter (``heal_pl.rounds.filters``: tail perplexity under the *original*
-   model, repetition share, non-empty); probe S_r under that steering: the **steered** stage;
-4. heal: a fresh LoRA adapter on S_r trained by :class:`~heal_pl.module.HealModule` and a Lightning
-   ``Trainer`` on the kept completions (prompt = the question with no system prompt), with the barrier's
-   ``lam`` scaled by ``(1 + r)^lam_round_pow``; the barrier leashes to ``ref``:
-   ``prev`` = S_r (the adapter off), ``base`` = the original model;
+   model, i.e. S_r with every adapter off, repetition share, non-empty); probe S_r under that steering: the
+   **steered** stage;
+4. heal: a fresh LoRA adapter added to the stack, trained alone by :class:`~heal_pl.module.HealModule` and a
+   Lightning ``Trainer`` on the kept completions (prompt = the question with no system prompt), with the barrier's
+   ``lam`` scaled by ``(1 + r)^lam_round_pow``; the barrier leashes to ``ref``: ``base`` = the original model
+   (every adapter off, HealModule's own ref), ``prev`` = S_r (only the fresh adapter off,
+   :class:`~heal_pl.rounds.stack.AdaptersView`);
 5. probe the healed student: the **healed** stage; greedy answers to the fixed prompts;
-6. bake the adapter: S_{r+1} = S_r + ΔW_r (``heal_pl.rounds.bake``). Stop when coherence(healed) < ``coh_floor``.
+6. stack the adapter: S_{r+1} = S_r + ΔW_r, round r's adapter loaded frozen from the folder it was saved to, as a
+   resumed run loads it (``heal_pl.rounds.stack.push_adapter``). Stop when coherence(healed) < ``coh_floor``.
 
 A dose search that keeps no completion at all stops the run at that round, with a message; everything
 written so far stays (the round's samples included). Files: ``heal_pl.rounds.state``.
@@ -28,6 +32,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from peft import PeftModel
 from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedModel
 
@@ -39,10 +44,10 @@ from heal_pl.data.prompts import chat_prompt
 from heal_pl.hardware import resolve_device, trainer_settings
 from heal_pl.module import HealModule
 from heal_pl.progress import interactive, progress
-from heal_pl.rounds.bake import bake_adapter
 from heal_pl.rounds.dilemmas import DilemmaSet, PersonaPair, probe_model
 from heal_pl.rounds.dose import DoseAttempt, search_dose
 from heal_pl.rounds.filters import filter_samples, tail_perplexity
+from heal_pl.rounds.stack import AdaptersView, history, original, push_adapter
 from heal_pl.rounds.state import RoundsState, round_dir, write_json, write_jsonl
 from heal_pl.steering.hooks import LayerSpec
 from heal_pl.steering.vectors import SteeringVector
@@ -105,11 +110,11 @@ class Heal:
 
 @dataclass
 class RoundsContext:
-    """Everything a round needs that does not change between rounds."""
+    """Everything a round needs that does not change between rounds (the model itself is the student: the
+    original model is the student with every adapter off, ``heal_pl.rounds.stack.original``)."""
 
     model_name: str
     tokenizer: Any
-    original: PreTrainedModel
     persona: PersonaPair
     dilemmas: DilemmaSet
     fit_questions: list[str]
@@ -167,14 +172,15 @@ def _log_scalars(ctx: RoundsContext, r: int, metrics: dict[str, Any]) -> None:
     ctx.writer.flush()
 
 
-def _sample_at(ctx: RoundsContext, student: PreTrainedModel, vector: SteeringVector, r: int, kappa: float,
+def _sample_at(ctx: RoundsContext, student: PreTrainedModel | PeftModel, vector: SteeringVector, r: int, kappa: float,
                attempt: int) -> DoseAttempt:
     prompts = [chat_prompt(ctx.tokenizer, q, None) for q in ctx.sample_questions]
     s = ctx.sampling
     with vector.steering(student, ctx.dose.coeff * kappa):
         texts = generate_texts(student, ctx.tokenizer, prompts, s.max_new_tokens, s.temperature, s.top_p,
                                seed=ctx.seed + 1000 * r + attempt, batch_size=s.batch_size)  # fmt: skip
-    ppl = tail_perplexity(ctx.original, ctx.tokenizer, prompts, texts, ctx.filter.tail, s.batch_size)
+    with original(student):
+        ppl = tail_perplexity(student, ctx.tokenizer, prompts, texts, ctx.filter.tail, s.batch_size)
     scores = filter_samples(texts, ppl, ctx.filter.ppl_tau, ctx.filter.rep_tau)
     kept = sum(x.keep for x in scores)
     ctx.state.event("dose_attempt", round=r, attempt=attempt, kappa=kappa, coeff=ctx.dose.coeff * kappa,
@@ -184,11 +190,11 @@ def _sample_at(ctx: RoundsContext, student: PreTrainedModel, vector: SteeringVec
 
 
 def _heal(
-    ctx: RoundsContext, student: PreTrainedModel, rows: list[dict[str, str]], r: int
-) -> tuple[PreTrainedModel, dict[str, float]]:
-    """Fit a fresh adapter on ``student`` itself (:meth:`HealModule.around`: adapted in place, in its own dtype and
-    on its own device, no copy) on ``rows``, save it to ``round_r/adapter`` and take it out again; returns the
-    healed student (the adapter on, for the healed probes) and the trainer's last logged metrics."""
+    ctx: RoundsContext, student: PreTrainedModel | PeftModel, rows: list[dict[str, str]], r: int
+) -> tuple[PeftModel, dict[str, float]]:
+    """Fit a fresh adapter on ``student`` itself (:meth:`HealModule.around`: added to the stack in place, in its own
+    dtype and on its own device, no copy) on ``rows`` and save it to ``round_r/adapter``; returns the healed student
+    (the stack with the fresh adapter on, for the healed probes) and the trainer's last logged metrics."""
     rdir = round_dir(ctx.state.out, r)
     write_jsonl(rdir / "train.jsonl", rows)
     h = ctx.heal
@@ -198,8 +204,9 @@ def _heal(
     L.seed_everything(ctx.seed + r, verbose=False)  # the fresh adapter's random A, then the fit
     module = HealModule.around(student, model=ctx.model_name, lora=ctx.lora, barrier=ctx.barrier, round=r,
                                lr=h.lr, warmup_steps=h.warmup_steps, adapter_dir=str(rdir / "adapter"))  # fmt: skip
-    if h.ref == "base" and r > 0:
-        module.set_ref_model(ctx.original)
+    frozen = history(student)
+    if h.ref == "prev" and frozen:  # HealModule's own ref is every adapter off: the original model = ref base
+        module.set_ref_model(AdaptersView(module.student, frozen))
     trainer = L.Trainer(
         **trainer_settings(ctx.device, ctx.dtype, h.accelerator, h.devices, h.precision), max_steps=h.steps,
         logger=TensorBoardLogger(str(ctx.state.out / "tb"), name=f"round_{r:02d}", version=""),
@@ -214,8 +221,11 @@ def _heal(
     return healed, {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()}
 
 
-def run_round(ctx: RoundsContext, student: PreTrainedModel, r: int) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """One round on ``student`` (S_r). Returns (S_{r+1}, metrics); ``metrics["stop"]`` says why the run stops."""
+def run_round(
+    ctx: RoundsContext, student: PreTrainedModel | PeftModel, r: int
+) -> tuple[PreTrainedModel | PeftModel, dict[str, Any]]:
+    """One round on ``student`` (S_r: the original model, or the stack of rounds 0 … r−1's frozen adapters on it,
+    :mod:`heal_pl.rounds.stack`). Returns (S_{r+1}, metrics); ``metrics["stop"]`` says why the run stops."""
     rdir = round_dir(ctx.state.out, r)
     rdir.mkdir(parents=True, exist_ok=True)
     tok, d = ctx.tokenizer, ctx.dilemmas
@@ -257,10 +267,10 @@ def run_round(ctx: RoundsContext, student: PreTrainedModel, r: int) -> tuple[Pre
     write_json(rdir / "greedy.json", greedy)
     metrics |= {"coherence_healed": healed["coherence"], "trait_healed": healed["trait"],
                 **{f"fit_{k}": v for k, v in fit.items()}}  # fmt: skip
-    student = adapted.unload()  # the adapter's layers out, S_r's weights untouched
+    # the trained adapter replaced by its saved copy, frozen: from the file, as a resumed run stacks it
+    student = push_adapter(adapted, rdir / "adapter", r)
     del adapted
     gc.collect()
-    student = bake_adapter(student, rdir / "adapter")  # from the saved file, as a resumed run re-bakes it
     if healed["coherence"] < ctx.coh_floor:
         metrics["stop"] = (f"round {r}: coherence {healed['coherence']:.4f} < coh_floor={ctx.coh_floor}; "
                            "early stop")  # fmt: skip
@@ -268,7 +278,7 @@ def run_round(ctx: RoundsContext, student: PreTrainedModel, r: int) -> tuple[Pre
     return student, metrics
 
 
-def run_loop(ctx: RoundsContext, student: PreTrainedModel, rounds: int) -> RoundsState:
+def run_loop(ctx: RoundsContext, student: PreTrainedModel | PeftModel, rounds: int) -> RoundsState:
     """Rounds ``state.next_round … rounds − 1`` (stopping early), persisting after each one."""
     state = ctx.state
     for r in progress(range(state.next_round, rounds), desc="rounds", unit="round", disable=not ctx.progress):

@@ -25,11 +25,11 @@ from heal_pl.barrier.kl import KLBarrier
 from heal_pl.data.prompts import questions
 from heal_pl.hardware import RunDtype, load_on, resolve_dtype
 from heal_pl.models.load import load_tokenizer
-from heal_pl.rounds.bake import bake_history
 from heal_pl.rounds.dilemmas import DEFAULT_DILEMMA_FILE, DEFAULT_PERSONA_FILE, load_dilemmas, load_persona_pair
 from heal_pl.rounds.dose import check_dose
 from heal_pl.rounds.loop import Dose, Filter, Heal, RoundsContext, Sampling, run_loop
 from heal_pl.rounds.report import markdown_report, rounds_table, trajectory_figure
+from heal_pl.rounds.stack import load_stack
 from heal_pl.rounds.state import RoundsState, read_jsonl, round_dir, write_json
 from heal_pl.survival.plotting import save_figure
 
@@ -89,7 +89,7 @@ def run_rounds(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Steer toward the persona's trait, sample, filter, heal with the KL barrier, bake; repeat ``rounds`` times.
+    """Steer toward the persona's trait, sample, filter, heal with the KL barrier, stack; repeat ``rounds`` times.
 
     Args:
         model: model alias, folder or Hugging Face id.
@@ -131,13 +131,13 @@ def run_rounds(
     out = Path(out_dir)
     state = RoundsState.open(out, config, resume)
     if state.stopped is None and state.next_round < rounds:
-        original = load_on(model, device, dtype)
-        student = bake_history(load_on(model, device, dtype), state.adapter_dirs())
+        # one copy of the base weights: the finished rounds' adapters stacked on it, frozen (heal_pl.rounds.stack)
+        student = load_stack(load_on(model, device, dtype), state.adapter_dirs())
         if state.next_round:
-            log.info("heal rounds: resuming at round %d (%d adapters baked)", state.next_round, state.next_round)
+            log.info("heal rounds: resuming at round %d (%d adapters stacked)", state.next_round, state.next_round)
         writer = SummaryWriter(str(out / "tb"))
         ctx = RoundsContext(
-            model_name=model, tokenizer=tokenizer, original=original, persona=persona, dilemmas=dilemmas,
+            model_name=model, tokenizer=tokenizer, persona=persona, dilemmas=dilemmas,
             fit_questions=qs[:n_fit], sample_questions=qs[n_fit:], greedy_prompts=list(greedy_prompts),
             method=method, layers=layers, sampling=sampling, dose=dose, filter=filter, heal=heal, barrier=barrier,
             lora=lora, coh_floor=coh_floor, seed=seed, state=state, writer=writer, progress=progress, device=device,

@@ -9,8 +9,9 @@
                             greedy.json (greedy answers to the fixed prompts), metrics.json
       trajectory.png, report.md
 
-A round is finished when its metrics are in ``state.json`` (written atomically, last). Resuming bakes
-the adapters of the finished rounds into the original model, in order, and starts at the next round.
+A round is finished when its metrics are in ``state.json`` (written atomically, last). Resuming stacks
+the adapters of the finished rounds on the original model, in order (``heal_pl.rounds.stack.load_stack``), and
+starts at the next round.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class RoundsState:
         return len(self.finished)
 
     def adapter_dirs(self) -> list[Path]:
-        """The adapters of the finished rounds, in order (what is baked into the student)."""
+        """The adapters of the finished rounds, in order (the student's stack)."""
         return [round_dir(self.out, r) / "adapter" for r in range(self.next_round)]
 
     def save(self) -> None:

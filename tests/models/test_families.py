@@ -78,35 +78,42 @@ def adapter_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_barrier_kl_and_nll_equal_the_models_own_logits(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """HealModule.loss_terms (hidden rows → fused LM head) == float64 KL/NLL of model(...).logits, with grads."""
+    """HealModule.loss_terms (hidden rows → fused LM head) == float64 KL/NLL of model(...).logits, with grads, on the
+    eager path and on the lazy one (heal_pl.barrier.lazy_head: the hinge is open, so its backward recomputes)."""
     from heal_pl.barrier import kl as kl_module
+    from heal_pl.barrier.lazy_head import KLGradPlan
 
-    fused: list[int] = []
-    original = kl_module.FusedHeadStats.apply
-    monkeypatch.setattr(kl_module.FusedHeadStats, "apply", lambda *a: fused.append(1) or original(*a))
-    module = HealModule(model=f"tiny-{family}", lora=LoRASpec(target_modules=targets(family)),
-                        barrier=KLBarrier(agg="mean", tau=0.0))  # fmt: skip
+    paths: list[str] = []
+    for name in ("FusedHeadStats", "LazyHeadStats"):
+        original = getattr(kl_module, name).apply
+        monkeypatch.setattr(getattr(kl_module, name), "apply",
+                            lambda *a, _n=name, _o=original: paths.append(_n) or _o(*a))  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the adapter's A: the same float32 rounding on every run
+        module = HealModule(model=f"tiny-{family}", lora=LoRASpec(target_modules=targets(family)),
+                            barrier=KLBarrier(agg="mean", tau=0.0))  # fmt: skip
     perturb(module.student, seed=1, scale=4.0)
     batch = make_batch(vocab=VOCAB)
-    module.zero_grad()
-    loss, scalars, kl = module.loss_terms(batch)
-    loss.backward()
-    got = adapter_grads(module)
-
-    module.zero_grad()
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    module.zero_grad()
     student_logits = module.student(**inputs).logits
     with torch.no_grad(), module.student.disable_adapter():
         ref_logits = module.student(**inputs).logits
     kl64, nll64 = own_stats(student_logits, ref_logits, batch["labels"])
     (nll64.mean() + kl64.mean()).backward()
     expected = adapter_grads(module)
-
-    assert fused, "the frozen head (its logit transform included) must take the fused path"
     assert kl64.mean() > 5e-5, "the adapter must move the model (KL not trivially 0)"
-    torch.testing.assert_close(kl.double(), kl64.detach(), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(scalars["sft"].double(), nll64.mean().detach(), rtol=1e-6, atol=1e-6)
-    assert_grads_close(got, expected)
+
+    for lazy, path in ((False, "FusedHeadStats"), (True, "LazyHeadStats")):
+        module.kl_grad_plan = KLGradPlan(lazy)
+        module.zero_grad()
+        paths.clear()
+        loss, scalars, kl = module.loss_terms(batch)
+        loss.backward()
+        assert paths and set(paths) == {path}, f"the frozen head (its logit transform included) takes {path}"
+        torch.testing.assert_close(kl.double(), kl64.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(scalars["sft"].double(), nll64.mean().detach(), rtol=1e-6, atol=1e-6)
+        assert_grads_close(adapter_grads(module), expected)
 
 
 def _foreign(family: str, seed: int | None) -> tuple[ForeignModule, KLBarrierCallback]:

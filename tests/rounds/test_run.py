@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from heal_pl.cli import main
 from heal_pl.configs import FOLDER
+from heal_pl.models.lm import base_lm
 from heal_pl.models.load import load_model, tiny_tokenizer
 from heal_pl.rounds.bake import bake_adapter
 from heal_pl.rounds.dilemmas import DEFAULT_DILEMMA_FILE, load_dilemmas, next_token_logits
@@ -176,18 +177,32 @@ def test_ref_base_leashes_to_the_original_and_prev_to_the_baked_student(ref: str
 def test_bf16_rounds_heal_the_student_itself_in_its_dtype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import heal_pl.hardware
     import heal_pl.module
+    import heal_pl.rounds.loop
 
     loads: list[tuple[str, str]] = []
+    storages: dict[str, list[set[int]]] = {"original": [], "student": []}  # where each model's base weights live
 
     def counting_load_model(name: str, dtype: str = "float32", **kwargs):
         loads.append((name, dtype))
         return load_model(name, dtype=dtype, **kwargs)
 
+    def recording(fn, who: str):
+        def wrapped(model, *args, **kwargs):
+            storages[who].append({p.data_ptr() for n, p in base_lm(model).named_parameters() if "lora_" not in n})
+            return fn(model, *args, **kwargs)
+
+        return wrapped
+
     for where in (heal_pl.hardware, heal_pl.module):
         monkeypatch.setattr(where, "load_model", counting_load_model)
+    monkeypatch.setattr(heal_pl.rounds.loop, "tail_perplexity", recording(heal_pl.rounds.loop.tail_perplexity,
+                                                                          "original"))  # fmt: skip
+    monkeypatch.setattr(heal_pl.rounds.loop, "probe_model", recording(heal_pl.rounds.loop.probe_model, "student"))
     state = _run(tmp_path, "--rounds", "2", "--dtype", "bfloat16")
     assert [m["round"] for m in state["finished"]] == [0, 1]
-    assert loads == [("tiny-llama", "bfloat16")] * 2, "the original and the student, once each: no copy per round"
+    assert loads == [("tiny-llama", "bfloat16")], "one copy of the base weights: the original is the student, off"
+    seen = storages["original"] + storages["student"]
+    assert len(storages["student"]) == 6 and all(s == seen[0] for s in seen), "every round on the same base weights"
     for r in (0, 1):
         card = json.loads((tmp_path / f"round_{r:02d}" / "adapter" / "heal_pl.json").read_text())
         assert card["hparams"]["dtype"] == "bfloat16" and card["base_model"] == "tiny-llama"
