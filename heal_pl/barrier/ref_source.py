@@ -28,9 +28,9 @@ class RefSource:
 
     def set_ref_model(self, ref_model: torch.nn.Module | None) -> None:
         """Leash the barrier to ``ref_model`` (frozen, kept out of the submodules and checkpoints) instead of the
-        adapter-off student; ``None`` restores the default. Steer → heal rounds use it for ``ref = base`` when
-        earlier rounds are baked into the student's weights. Its hidden rows go through the student's LM head,
-        so the adapter must not touch the head."""
+        adapter-off student; ``None`` restores the default. Steer → heal rounds use it for ``ref = prev``: a view of
+        the student's own adapter stack with only the earlier rounds on (:class:`heal_pl.rounds.stack.AdaptersView`).
+        Its hidden rows go through the student's LM head, so the adapter must not touch the head."""
         if ref_model is not None:
             head = base_lm(ref_model).get_output_embeddings()
             mine = self.head.proj.weight  # compared where the ref's head is (the ref may sit on the GPU already)
