@@ -235,8 +235,8 @@ def head_stats(
         _cap_factor_(g[3 * c :].copy_(mid), transform.softcap)
     torch.log_softmax(mid, dim=-1, out=logp)
     torch.log_softmax(zq, dim=-1, out=mid)  # mid = log q
-    if ref_lse is not None:
-        ref_lse.append(torch.logsumexp(zq, dim=-1))
+    if ref_lse is not None:  # LSE(z_q) = z_q,y − log q_y (heal_pl.barrier.lazy_head.row_lse reads the student's so)
+        ref_lse.append(zq.gather(-1, idx).squeeze(-1) - mid.gather(-1, idx).squeeze(-1))
     nll = -logp.gather(-1, idx).squeeze(-1)
     both = grads == "both"
     if reverse:

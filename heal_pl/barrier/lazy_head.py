@@ -59,6 +59,12 @@ class KLGradPlan:
         return not self.lazy or fired
 
 
+def row_lse(z: Tensor, nll: Tensor, idx: Tensor) -> Tensor:
+    """``LSE(z)`` per row read off the log-softmax at the target column, ``z_y − log p_y = z_y + NLL``: no pass over
+    ``V`` (the ref's, cached, and the student's are read the same way, so ``h = r`` gives equal numbers)."""
+    return z.gather(-1, idx).squeeze(-1) + nll
+
+
 def cached_ref_chunk(h: Tensor, weight: Tensor, bias: Tensor | None, ref: Tensor, ref_lse: Tensor, targets: Tensor,
                      ws: Tensor, transform: HeadTransform) -> tuple[Tensor, Tensor, Tensor]:
     """``(kl_rev [c], nll [c], G [c, H])`` of one chunk from the student's logits alone, the ref's rows ``r`` and
@@ -74,10 +80,10 @@ def cached_ref_chunk(h: Tensor, weight: Tensor, bias: Tensor | None, ref: Tensor
     c, vocab = h.shape[0], weight.shape[0]
     z, logp = ws[: 2 * c * vocab].view(2, c, vocab)
     logits_into(z, h, weight, bias, transform)
-    lse = torch.logsumexp(z, dim=-1)  # as the ref's cached LSE was computed
     torch.log_softmax(z, dim=-1, out=logp)
     idx = targets.unsqueeze(-1)
     nll = -logp.gather(-1, idx).squeeze(-1)
+    lse = row_lse(z, nll, idx)  # as the ref's cached LSE was read
     dz = torch.exp(logp, out=z).scatter_add_(-1, idx, torch.full_like(idx, -1, dtype=torch.float32))  # p − e_y
     G = rows_times_weight(dz, weight)
     with torch.autocast(h.device.type, enabled=False):
@@ -115,9 +121,9 @@ class LazyHeadStats(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         n = h.shape[0]
         capped = bool(transform.softcap)
-        ws = workspace(min(chunk_size, n), weight.shape[0], h.device, with_ref=True, capped=capped)
-        nll_grads = torch.empty(n, weight.shape[1], dtype=torch.float32, device=h.device)
         identity = ref_lse is not None and reverse and not capped
+        ws = workspace(min(chunk_size, n), weight.shape[0], h.device, with_ref=not identity, capped=capped)
+        nll_grads = torch.empty(n, weight.shape[1], dtype=torch.float32, device=h.device)
         safe = False
         for attempt in range(2):  # a non-finite KL: once more with the p = 0 terms masked (one host sync per call)
             kls, nlls, lses = [], [], [] if want_lse and not identity else None

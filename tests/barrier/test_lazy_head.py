@@ -172,6 +172,7 @@ def _tau_between(model: str, agg: str, reg: str) -> float:
     return (D[2] + D[3]) / 2
 
 
+@pytest.mark.slow  # 32 runs of 6 steps (~1 min)
 @pytest.mark.parametrize("ref_cache", [False, True])
 @pytest.mark.parametrize("agg", ["mean", "rmse", "p95", "max"])
 @pytest.mark.parametrize("reg", ["kl_rev", "kl_fwd"])
@@ -191,6 +192,7 @@ def test_heal_module_runs_equal_the_eager_path(
     _assert_same_run(lazy, eager)
 
 
+@pytest.mark.slow  # 8 runs of 6 steps
 @pytest.mark.parametrize("agg", ["mean", "rmse", "p95", "max"])
 @pytest.mark.parametrize("reg", ["kl_rev", "kl_fwd"])
 def test_callback_runs_equal_the_eager_path(reg: str, agg: str) -> None:
