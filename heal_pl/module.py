@@ -56,6 +56,7 @@ from heal_pl.models.rank_zero import LoadOn, is_launch_rank_zero, prepare_strate
 from heal_pl.resume import AdapterCheckpoint
 
 log = logging.getLogger("heal_pl")
+PLAN_KEY = "heal_pl_kl_grad_plan"  # the next step's head path, in a checkpoint (heal_pl.barrier.lazy_head)
 _AROUND: ContextVar[PreTrainedModel | None] = ContextVar("heal_pl_around", default=None)  # HealModule.around
 
 
@@ -294,6 +295,14 @@ class HealModule(RefSource, AdapterCheckpoint, L.LightningModule):
             from heal_pl.callbacks.route_ablate import require_router
 
             require_router(self.trainer.callbacks)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # the adapter and the RNG (heal_pl.resume)
+        checkpoint[PLAN_KEY] = self.kl_grad_plan.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.kl_grad_plan.load_state_dict(checkpoint.get(PLAN_KEY, {}))
 
     def on_fit_start(self) -> None:
         note = accumulation_note(self.trainer.accumulate_grad_batches, self.barrier.agg)

@@ -52,6 +52,13 @@ class KLGradPlan:
         """This step's barrier fired (a tensor is kept as a device tensor: no host sync)."""
         self._fired = fired.bool() | self._fired if isinstance(fired, Tensor) else bool(fired) or self._fired
 
+    def state_dict(self) -> dict[str, bool]:
+        """What a checkpoint keeps: a resumed run takes the path the uninterrupted one would (bit for bit)."""
+        return {"lazy": self.lazy, "fired": bool(self._fired)}
+
+    def load_state_dict(self, state: dict[str, bool]) -> None:
+        self.lazy, self._fired = state.get("lazy", self.lazy), state.get("fired", False)
+
     def eager(self) -> bool:
         """The path of this step (read at the head's forward): eager unless lazy and the last backward saw no
         KL gradient. Resets the record for this step's backward."""

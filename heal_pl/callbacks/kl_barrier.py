@@ -279,10 +279,11 @@ class KLBarrierCallback(Callback):
         return self._generate_state_key(prefix=self.prefix, reg=self.barrier.reg, agg=self.barrier.agg)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"round": self.round}
+        return {"round": self.round, "kl_grad_plan": self.kl_grad_plan.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.round = state_dict.get("round", self.round)
+        self.kl_grad_plan.load_state_dict(state_dict.get("kl_grad_plan", {}))
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         load_legacy_state(self, checkpoint)  # a checkpoint from before the state_key: under the class name

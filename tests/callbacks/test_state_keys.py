@@ -68,7 +68,9 @@ def test_two_kl_barriers_keep_their_own_round(tmp_path: Path) -> None:
     t = fit(tmp_path, foreign(), [a, b, ckpt], loader(), max_steps=2)
     assert {"a/train/barrier", "b/train/barrier"} <= set(t.callback_metrics)  # both were in the loss
     path, states = saved(tmp_path, "*step=2*.ckpt")
-    assert states[a.state_key] == {"round": 1} and states[b.state_key] == {"round": 2}
+    plan = {"lazy": True, "fired": True}  # tau 0: the last step fired, so the next one takes the eager path
+    assert states[a.state_key] == {"round": 1, "kl_grad_plan": plan} and states[b.state_key] == {"round": 2,
+                                                                                              "kl_grad_plan": plan}
 
     a2, b2 = KLBarrierCallback(barrier, prefix="a/"), KLBarrierCallback(barrier, prefix="b/")  # round 0 until restored
     probe = Probe([a2, b2], lambda cb: cb.round)
