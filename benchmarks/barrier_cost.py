@@ -74,8 +74,9 @@ def _head_arms(a: argparse.Namespace, full: HealModule, counted: Counted, batch:
     rows = ref_rows(full.student, batch["input_ids"], batch["attention_mask"], counted)
     student_rows = (rows + 0.05 * torch.randn_like(rows)).requires_grad_()
     chunk, targets = full.chunk_rows(), counted.targets
-    lse = token_stats(student_rows, rows, targets, head=full.head, chunk_size=chunk, plan=KLGradPlan(),
-                      want_lse=True).ref_lse  # fmt: skip
+    out: list[torch.Tensor] = []
+    token_stats(student_rows, rows, targets, head=full.head, chunk_size=chunk, plan=KLGradPlan(), lse_out=out)
+    lse = out[0]
 
     def head_pass(b: KLBarrier, lazy: bool = True, cached: bool = False) -> Callable[[], None]:
         def run() -> None:

@@ -250,13 +250,13 @@ class HealModule(RefSource, AdapterCheckpoint, L.LightningModule):
         ref, keys = self._ref_rows(batch, counted) if self.barrier.active else (None, None)
         self.shared_prefix.drop()
         ref_lse = None if keys is None else self.ref_cache.lse(keys, hidden.device)  # cached: no ref head product
+        lse_out: list[Tensor] | None = [] if keys is not None and ref_lse is None else None  # to cache it
         stats = token_stats(
             gather_rows(hidden, counted), ref, counted.targets, head=self.head, reg=self.barrier.reg,
-            chunk_size=self.chunk_rows(), plan=self.kl_grad_plan, ref_lse=ref_lse,
-            want_lse=keys is not None and ref_lse is None,
+            chunk_size=self.chunk_rows(), plan=self.kl_grad_plan, ref_lse=ref_lse, lse_out=lse_out,
         )  # fmt: skip
-        if keys is not None and ref_lse is None and stats.ref_lse is not None:
-            self.ref_cache.put_lse(keys, counted, stats.ref_lse)
+        if lse_out:
+            self.ref_cache.put_lse(keys, counted, lse_out[0])
         check_finite(stats, where)
         local_kl = stats.kl
         stats = TokenStats(gather_tokens(stats.kl), gather_tokens(stats.nll))  # the global batch under DDP

@@ -196,7 +196,6 @@ def accumulation_note(accumulate_grad_batches: int, agg: Agg) -> str | None:
 class TokenStats(NamedTuple):
     kl: Tensor  # [N] float32 per-token KL (zeros when reg = nll)
     nll: Tensor  # [N] float32 per-token next-token NLL of the student
-    ref_lse: Tensor | None = None  # [N] LSE of the ref's logits, when asked for (what the ref cache keeps)
 
 
 Head = Callable[[Tensor], Tensor]
@@ -246,7 +245,7 @@ def token_stats(
     chunk_size: int = 256,
     plan: KLGradPlan | None = None,
     ref_lse: Tensor | None = None,
-    want_lse: bool = False,
+    lse_out: list[Tensor] | None = None,
 ) -> TokenStats:
     """Per-token KL(student, ref) and student NLL at ``N`` counted rows, ``chunk_size`` rows at a time.
 
@@ -273,7 +272,7 @@ def token_stats(
             (:mod:`heal_pl.barrier.lazy_head`: paid for only when the barrier's hinge opens); ``None`` = eager.
         ref_lse: ``[N]`` ``LSE`` of the ref's logits at these rows (a ref cache's); on the lazy path of a ``kl_rev``
             barrier without soft-cap the KL values then come without the ref's head product.
-        want_lse: on the lazy path, return the ref's ``LSE`` in ``TokenStats.ref_lse`` (to be cached).
+        lse_out: on the lazy path, a list the ref rows' ``[N]`` ``LSE`` is appended to (for a ref cache to keep).
 
     Returns:
         ``TokenStats(kl, nll)``, both float32 ``[N]``.
@@ -296,8 +295,10 @@ def token_stats(
     if fusable is not None and differentiable and ref is not None and plan is not None and not plan.eager():
         proj, transform = fusable
         kl, nll, lse = LazyHeadStats.apply(student, proj.weight, proj.bias, ref, targets, reg == "kl_rev", chunk_size,
-                                           transform, plan, ref_lse, want_lse)  # fmt: skip
-        return TokenStats(kl, nll, lse if lse.numel() else None)
+                                           transform, plan, ref_lse, lse_out is not None)  # fmt: skip
+        if lse_out is not None and lse.numel():
+            lse_out.append(lse)
+        return TokenStats(kl, nll)
     if fusable is not None:
         proj, transform = fusable
         ws = workspace(min(chunk_size, n), proj.weight.shape[0], student.device, with_ref=ref is not None,
@@ -329,7 +330,7 @@ def token_stats(
 def check_finite(stats: TokenStats, where: str) -> None:
     """Raise ``FloatingPointError`` naming ``where`` (e.g. the step) if any KL or NLL is NaN/inf."""
     for name, x in stats._asdict().items():
-        if x is not None and x.numel() and not torch.isfinite(x).all():
+        if x.numel() and not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).sum())
             raise FloatingPointError(f"non-finite logits at {where}: {bad} of {x.numel()} per-token {name} are NaN/inf")
 
