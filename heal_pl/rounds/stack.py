@@ -68,7 +68,7 @@ def push_adapter(model: PreTrainedModel | PeftModel, adapter_dir: str | os.PathL
         raise ValueError(f"push_adapter: {name!r} is already in the stack ({history(model)})")
     if isinstance(model, PeftModel):
         model.load_adapter(os.fspath(adapter_dir), adapter_name=name)
-        model.base_model.set_adapter(history(model))
+        model.set_adapter(name)  # the PeftModel's own active adapter too (peft 0.15 keeps a deleted one there)
         if FRESH in model.peft_config:
             model.delete_adapter(FRESH)
     else:
