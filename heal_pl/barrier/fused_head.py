@@ -45,6 +45,7 @@ row gradients ``dz W`` are accumulated over the same vocabulary blocks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -168,6 +169,16 @@ def _kl_rows(w: Tensor, diff: Tensor, keep_diff: bool, safe: bool = False) -> Te
     if keep_diff:
         return _rowdot(w, diff)
     return diff.mul_(w).sum(-1)
+
+
+def first_finite(run: Callable[[bool], tuple[Tensor, ...]]) -> tuple[tuple[Tensor, ...], bool]:
+    """``(run(False), False)``, or ``(run(True), True)`` when the first output of ``run(False)`` (the per-token KL of
+    every chunk) is not finite: the ``0 · log 0`` check of :func:`_kl_rows` made once per call, after the chunk loop
+    (one host sync), not once per chunk."""
+    out = run(False)
+    if bool(torch.isfinite(out[0]).all()):
+        return out, False
+    return run(True), True
 
 
 def logits_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, transform: HeadTransform) -> None:

@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from heal_pl.barrier.fused_head import IDENTITY, FusedHeadStats, HeadTransform, head_stats, linear_f32, workspace
+from heal_pl.barrier.fused_head import (
+    IDENTITY,
+    FusedHeadStats,
+    HeadTransform,
+    first_finite,
+    head_stats,
+    linear_f32,
+    workspace,
+)
 from heal_pl.barrier.lazy_head import KLGradPlan, LazyHeadStats
 from heal_pl.barrier.positions import IGNORE_INDEX, Counted, counted_positions, gather_rows  # noqa: F401 (public here too)
 from heal_pl.checks import check_choice
@@ -303,7 +311,8 @@ def token_stats(
         proj, transform = fusable
         ws = workspace(min(chunk_size, n), proj.weight.shape[0], student.device, with_ref=ref is not None,
                        capped=bool(transform.softcap) and differentiable)  # fmt: skip
-    for safe in (False, True):  # a non-finite KL: once more with the p = 0 terms masked (one host sync per call)
+
+    def chunks(safe: bool) -> tuple[Tensor, Tensor]:
         kls, nlls = [], []
         for i in range(0, n, chunk_size):
             sl = slice(i, i + chunk_size)
@@ -321,10 +330,11 @@ def token_stats(
                 kl, nll = _chunk_stats(*args)
             kls.append(kl)
             nlls.append(nll)
-        kl = torch.cat(kls)
-        if fusable is None or ref is None or safe or bool(torch.isfinite(kl).all()):
-            break
-    return TokenStats(kl, torch.cat(nlls))
+        return torch.cat(kls), torch.cat(nlls)
+
+    if fusable is None or ref is None:  # the unfused path masks p = 0 itself (per_token_kl)
+        return TokenStats(*chunks(False))
+    return TokenStats(*first_finite(chunks)[0])
 
 
 def check_finite(stats: TokenStats, where: str) -> None:

@@ -30,7 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from heal_pl.barrier.fused_head import HeadTransform, head_stats, logits_into, rows_times_weight, workspace
+from heal_pl.barrier.fused_head import (
+    HeadTransform,
+    first_finite,
+    head_stats,
+    logits_into,
+    rows_times_weight,
+    workspace,
+)
 
 
 class KLGradPlan:
@@ -131,9 +138,9 @@ class LazyHeadStats(torch.autograd.Function):
         identity = ref_lse is not None and reverse and not capped
         ws = workspace(min(chunk_size, n), weight.shape[0], h.device, with_ref=not identity, capped=capped)
         nll_grads = torch.empty(n, weight.shape[1], dtype=torch.float32, device=h.device)
-        safe = False
-        for attempt in range(2):  # a non-finite KL: once more with the p = 0 terms masked (one host sync per call)
-            kls, nlls, lses = [], [], [] if want_lse and not identity else None
+
+        def chunks(safe: bool) -> tuple[Tensor, Tensor, Tensor]:
+            kls, nlls, lses = [], [], []
             for i in range(0, n, chunk_size):
                 sl = slice(i, i + chunk_size)
                 if identity:
@@ -141,21 +148,19 @@ class LazyHeadStats(torch.autograd.Function):
                                                               ws, transform)  # fmt: skip
                 else:
                     kl, nll, dz = head_stats(h[sl], weight, bias, ref[sl], targets[sl], reverse, ws, grads="nll",
-                                             transform=transform, safe=safe, ref_lse=lses)  # fmt: skip
+                                             transform=transform, safe=safe, ref_lse=lses if want_lse else None)
                     nll_grads[sl] = rows_times_weight(dz, weight)
                 kls.append(kl)
                 nlls.append(nll)
-            kl = torch.cat(kls)
-            if attempt or bool(torch.isfinite(kl).all()):
-                break
-            safe = True
+            return torch.cat(kls), torch.cat(nlls), torch.cat(lses) if lses else h.new_empty(0, dtype=torch.float32)
+
+        (kl, nll, lse), safe = first_finite(chunks)
         if transform.scale != 1.0:
             nll_grads.mul_(transform.scale)
         ctx.args = (weight, bias, reverse, chunk_size, transform, safe or identity, plan)  # identity: p = 0 unseen
         ctx.save_for_backward(h, ref, targets, nll_grads)
-        lse = torch.cat(lses) if lses else kl.new_empty(0)
         ctx.mark_non_differentiable(lse)
-        return kl, torch.cat(nlls), lse
+        return kl, nll, lse
 
     @staticmethod
     def backward(ctx: Any, g_kl: Tensor, g_nll: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
