@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from transformers import PreTrainedModel
 
@@ -29,20 +29,18 @@ from heal_pl.adapters.card import final_validation, write_card
 from heal_pl.adapters.lora import LoRASpec, save_lora, spectral_norms, wrap_lora
 from heal_pl.adapters.routed import RoutedSpec, hack_decay_groups, wrap_routed
 from heal_pl.adapters.switch import base_dropout_off
-from heal_pl.barrier.distributed import gather_tokens
 from heal_pl.barrier.fused_head import auto_chunk_size
 from heal_pl.barrier.kl import (
     KLBarrier,
-    TokenStats,
     accumulation_note,
     barrier_metrics,
-    check_finite,
     counted_positions,
     gather_rows,
     token_stats,
 )
 from heal_pl.barrier.lazy_head import KLGradPlan
 from heal_pl.barrier.metrics import TokenKLStats
+from heal_pl.barrier.objective import pooled_objective
 from heal_pl.barrier.panels import DriftPanels, logged_step
 from heal_pl.barrier.ref_cache import RefRowCache
 from heal_pl.barrier.ref_source import RefSource
@@ -257,23 +255,15 @@ class HealModule(RefSource, AdapterCheckpoint, L.LightningModule):
         )  # fmt: skip
         if lse_out:
             self.ref_cache.put_lse(keys, counted, lse_out[0])
-        check_finite(stats, where)
-        local_kl = stats.kl
-        stats = TokenStats(gather_tokens(stats.kl), gather_tokens(stats.nll))  # the global batch under DDP
-        if stats.nll.numel() == 0:
-            rank_zero_warn(f"{where}: the batch has no completion tokens (padding only); it adds a zero loss")
-            sft = hidden.sum() * 0.0  # keeps every adapter parameter in the graph (DDP needs that)
-        else:
-            sft = stats.nll.mean()
-        out = self.barrier(stats.kl, self.hparams.round)
+        sft, out, pooled = pooled_objective(stats, self.barrier, self.hparams.round, where, hidden)
         loss = sft + out.value
-        scalars: dict[str, Any] = {"sft": sft.detach(), **barrier_metrics(stats, out)}
+        scalars: dict[str, Any] = {"sft": sft.detach(), **barrier_metrics(pooled, out)}
         if self.hparams.spectral_lam > 0:
             spectral = spectral_norms(self.student).mean()
             loss = loss + self.hparams.spectral_lam * spectral
             scalars["spectral"] = spectral.detach()
         scalars["loss"] = loss.detach()
-        return loss, scalars, local_kl
+        return loss, scalars, stats.kl
 
     def chunk_rows(self) -> int:
         """``chunk_size``, with ``auto`` resolved for the head's vocabulary and device now."""
