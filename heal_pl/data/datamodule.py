@@ -80,7 +80,7 @@ def truncation_lengths(n_prompt: int, n_completion: int, max_length: int) -> tup
     return max_length - k, k
 
 
-def _render(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], completion: str) -> tuple[str, str]:
+def render(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], completion: str) -> tuple[str, str]:
     """(prompt text, completion text) with the chat template, or the plain fallback format."""
     if getattr(tok, "chat_template", None) is not None:
         return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), completion
@@ -109,7 +109,7 @@ def encode_example(
     messages = example.prompt_messages
     if system_prompt is not None and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}, *messages]
-    prompt_text, completion_text = _render(tokenizer, messages, example.completion)
+    prompt_text, completion_text = render(tokenizer, messages, example.completion)
     prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     completion = [*tokenizer(completion_text, add_special_tokens=False)["input_ids"], *turn_end_ids(tokenizer)]
     n_prompt, n_completion = truncation_lengths(len(prompt), len(completion), max_length)

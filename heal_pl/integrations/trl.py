@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from transformers import PreTrainedTokenizerBase
 from trl import SFTTrainer
 
+from heal_pl.data.datamodule import render
 from heal_pl.data.formats import DEFAULT_TRAIN_FILE, read_examples
 from heal_pl.integrations.trainer import KLBarrierMixin
 
@@ -47,15 +49,27 @@ class HealSFTTrainer(KLBarrierMixin, SFTTrainer):
         return own + super().refused_options()
 
 
-def prompt_completion(source: str | os.PathLike = DEFAULT_TRAIN_FILE) -> list[dict[str, list[dict[str, str]]]]:
+def prompt_completion(
+    source: str | os.PathLike = DEFAULT_TRAIN_FILE, tokenizer: PreTrainedTokenizerBase | None = None
+) -> list[dict[str, Any]]:
     """The rows of a heal_pl data file (any shape :func:`heal_pl.data.formats.parse_row` reads; default the bundled
-    persona set) in TRL's conversational prompt-completion format, ``{"prompt": [messages], "completion":
-    [{"role": "assistant", "content": ...}]}``: with it ``SFTTrainer`` trains on the completions only
-    (``completion_only_loss``), the tokens ``heal fit`` trains on.
+    persona set) in TRL's prompt-completion format: ``SFTTrainer`` then trains on the completions only
+    (``completion_only_loss``).
+
+    Without ``tokenizer`` the rows are conversational, ``{"prompt": [messages], "completion": [{"role":
+    "assistant", "content": ...}]}``, and TRL renders them with the chat template; its completion then also holds
+    what the template writes after the assistant turn (ChatML: the newline after ``<|im_end|>``). With
+    ``tokenizer`` they are TRL's standard rows, ``{"prompt": text, "completion": text}``, the prompt rendered with
+    the tokenizer's chat template as ``heal fit`` renders it; TRL appends the EOS token, which gives the tokens
+    ``heal fit`` trains on wherever the EOS ends the assistant turn (SmolLM2, Qwen: ``<|im_end|>``).
 
     Example:
         >>> prompt_completion()[0]["completion"][0]["role"]
         'assistant'
     """
-    return [{"prompt": e.prompt_messages, "completion": [{"role": "assistant", "content": e.completion}]}
-            for e in read_examples(source)]  # fmt: skip
+    examples = read_examples(source)
+    if tokenizer is None:
+        return [{"prompt": e.prompt_messages, "completion": [{"role": "assistant", "content": e.completion}]}
+                for e in examples]  # fmt: skip
+    return [dict(zip(("prompt", "completion"), render(tokenizer, e.prompt_messages, e.completion), strict=True))
+            for e in examples]  # fmt: skip

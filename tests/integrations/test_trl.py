@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,11 +31,13 @@ def rows(n: int = 8) -> Dataset:
     return Dataset.from_list(prompt_completion()[:n])
 
 
-def test_counts_the_completion_tokens_trl_trains_on(tmp_path) -> None:
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_counts_the_completion_tokens_trl_trains_on(checkpointing: bool, tmp_path) -> None:
     """The barrier reads exactly the positions TRL's collator labels (its completion_only_loss mask), and each
-    step's KL is the model's own (float64, adapter on and off)."""
+    step's KL is the model's own (float64, adapter on and off), also with TRL's gradient checkpointing."""
     torch.manual_seed(0)
-    trainer = HealSFTTrainer(model=tiny_model("llama"), args=config(tmp_path, max_steps=2, learning_rate=5e-2),
+    trainer = HealSFTTrainer(model=tiny_model("llama"), args=config(tmp_path, max_steps=2, learning_rate=5e-2,
+                                                                    gradient_checkpointing=checkpointing),
                              train_dataset=rows(4), processing_class=tiny_tokenizer(), peft_config=LORA,
                              barrier=KLBarrier(agg="rmse", tau=0.0))  # fmt: skip
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
@@ -110,3 +114,16 @@ def test_sft_trainer_on_smollm2_logs_the_saved_adapters_kl(tmp_path) -> None:
             assert log[k] == pytest.approx(v, rel=1e-3, abs=1e-6), (step, k, log[k], v)
         assert log["barrier"] == pytest.approx(ref["kl_p95"], rel=1e-3)
         saved.unload()
+
+
+@pytest.mark.slow
+def test_readme_example_runs_as_written(tmp_path, monkeypatch) -> None:
+    """The README's SFTTrainer example (after ``<!-- ci: trl -->``), run as written from an empty folder."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"<!-- ci: trl -->\n```python\n(.*?)^```", readme, re.S | re.M).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md (ci: trl)", "exec"), scope)
+    logs = [h for h in scope["trainer"].state.log_history if "kl_rmse" in h]
+    assert len(logs) == 2 and logs[0]["kl_max"] == 0.0 and logs[1]["kl_max"] > 0
+    assert list(Path("runs/trl").rglob("events.out.tfevents.*"))  # report_to="tensorboard" wrote its file
