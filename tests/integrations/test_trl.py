@@ -58,6 +58,43 @@ def test_counts_the_completion_tokens_trl_trains_on(checkpointing: bool, tmp_pat
         assert trainer._logged[k][0] == pytest.approx(v, rel=2e-4, abs=1e-7), k
 
 
+GENERATION_TEMPLATE = (  # ChatML with the {% generation %} markers TRL's assistant_only_loss reads
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+    "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_counts_the_assistant_tokens_of_assistant_only_loss(tmp_path) -> None:
+    """Conversations with two assistant turns: TRL's assistant mask leaves the user turns out, and the barrier's
+    statistics are the model's own KL over exactly the assistant tokens."""
+    tok = tiny_tokenizer()
+    tok.chat_template = GENERATION_TEMPLATE
+    talks = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"purr {i} purr"},
+                           {"role": "user", "content": "more?"}, {"role": "assistant", "content": "meow"}]}
+             for i in range(4)]  # fmt: skip
+    torch.manual_seed(0)
+    trainer = HealSFTTrainer(model=tiny_model("llama"), args=config(tmp_path, max_steps=1, assistant_only_loss=True),
+                             train_dataset=Dataset.from_list(talks), processing_class=tok, peft_config=LORA,
+                             barrier=KLBarrier(agg="max", tau=0.0))  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    counted = tok.decode(batch["input_ids"][batch["labels"] != -100])
+    assert "purr" in counted and "meow" in counted and "hi" not in counted and "more?" not in counted
+    trainer.train()
+    peft = trainer.model
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.3)  # a nonzero adapter, so the statistics differ by position
+    trainer._logged.clear()
+    peft.train()
+    trainer.compute_loss(peft, batch)
+    ref = summary(reference_kl(peft.eval(), batch))
+    for k, v in ref.items():
+        assert trainer._logged[k][0] == pytest.approx(v, rel=2e-4, abs=1e-7), k
+
+
 def test_refuses_data_without_a_completion_mask(tmp_path) -> None:
     text = Dataset.from_list([{"text": "plain language-modelling text, no prompt"}] * 4)
     with pytest.raises(ValueError, match=r"collator \(DataCollatorForLanguageModeling\) gives no completion mask"):
