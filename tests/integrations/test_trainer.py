@@ -172,3 +172,35 @@ def test_refuses_loss_options(tmp_path) -> None:
     peft = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="label_smoothing_factor=0.1 cannot be combined with the KL barrier"):
         HealTrainer(model=peft, args=args(tmp_path, label_smoothing_factor=0.1))
+
+
+def test_gradient_accumulation_averages_the_micro_batch_objectives(tmp_path) -> None:
+    """With 2 accumulation steps the update is that of (L(b1) + L(b2)) / 2, each L HealModule's per-micro-batch
+    objective (SFT mean + barrier of that micro-batch), as under Lightning's accumulate_grad_batches."""
+    torch.manual_seed(0)
+    peft = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                          init_lora_weights=False))  # fmt: skip
+    batch = make_batch(vocab=peft.config.vocab_size, B=4)
+    rows = Rows(batch)
+    barrier = KLBarrier(agg="p95", tau=0.0, lam=3.0)
+
+    class InOrder(HealTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    before = {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad}
+    expected = HealTrainer(model=peft, args=args(tmp_path / "a"), barrier=barrier)
+    peft.train()
+    halves = [collate(rows.rows[:2], 0), collate(rows.rows[2:], 0)]
+    loss = sum(expected.compute_loss(peft, h) for h in halves) / 2
+    loss.backward()
+    step = {n: -p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad}
+    peft.zero_grad()
+    trainer = InOrder(model=peft, args=args(tmp_path / "b", max_steps=1, per_device_train_batch_size=2,
+                                            gradient_accumulation_steps=2, optim="sgd", learning_rate=1.0,
+                                            max_grad_norm=0.0),
+                      train_dataset=rows, data_collator=lambda f: collate(f, 0), barrier=barrier)  # fmt: skip
+    trainer.train()
+    for n, p in peft.named_parameters():
+        if n in step:
+            torch.testing.assert_close(p.detach() - before[n], step[n], rtol=1e-5, atol=1e-7, msg=n)
