@@ -104,7 +104,6 @@ class KLBarrierMixin:
         chunk_size: int | Literal["auto"] = "auto",
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
         name = type(self).__name__
         self.barrier = KLBarrier(**barrier) if isinstance(barrier, dict) else barrier
         if round < 0:
@@ -112,6 +111,7 @@ class KLBarrierMixin:
         if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"{name}: chunk_size={chunk_size!r} must be an integer >= 1 or 'auto'")
         self.round, self.chunk_size = round, chunk_size
+        super().__init__(*args, **kwargs)  # the Trainer's own checks and data preparation
         refused = self.refused_options()
         if refused:
             raise ValueError(f"{name}: " + "; ".join(refused))

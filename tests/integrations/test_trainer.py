@@ -204,3 +204,12 @@ def test_gradient_accumulation_averages_the_micro_batch_objectives(tmp_path) -> 
     for n, p in peft.named_parameters():
         if n in step:
             torch.testing.assert_close(p.detach() - before[n], step[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize(("kw", "match"), [({"round": -1}, "round=-1 must be >= 0"),
+                                           ({"chunk_size": 0}, "chunk_size=0 must be an integer >= 1 or 'auto'"),
+                                           ({"barrier": {"agg": "median"}}, "agg")])  # fmt: skip
+def test_refuses_bad_barrier_arguments(kw, match, tmp_path) -> None:
+    peft = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=match):
+        HealTrainer(model=peft, args=args(tmp_path), **kw)
