@@ -27,6 +27,16 @@ def config(tmp_path, cls: type = SFTConfig, **kw) -> SFTConfig:
     return cls(str(tmp_path), **kw)
 
 
+def assert_logs_own_kl(trainer: HealSFTTrainer, peft: PeftModel, batch: dict) -> None:
+    """One more training-mode loss on ``batch``: its logged statistics are the model's own KL (float64)."""
+    trainer._logged.clear()
+    peft.train()
+    trainer.compute_loss(peft, batch)
+    ref = summary(reference_kl(peft.eval(), batch))
+    for k, v in ref.items():
+        assert trainer._logged[k][0] == pytest.approx(v, rel=2e-4, abs=1e-7), k
+
+
 def rows(n: int = 8) -> Dataset:
     return Dataset.from_list(prompt_completion()[:n])
 
@@ -50,12 +60,7 @@ def test_counts_the_completion_tokens_trl_trains_on(checkpointing: bool, tmp_pat
     peft = trainer.model
     assert isinstance(peft, PeftModel)
     # the adapter after the last step, against a third step's statistics on the same (only) batch
-    trainer._logged.clear()
-    peft.train()
-    trainer.compute_loss(peft, batch)
-    ref = summary(reference_kl(peft.eval(), batch))
-    for k, v in ref.items():
-        assert trainer._logged[k][0] == pytest.approx(v, rel=2e-4, abs=1e-7), k
+    assert_logs_own_kl(trainer, peft, batch)
 
 
 GENERATION_TEMPLATE = (  # ChatML with the {% generation %} markers TRL's assistant_only_loss reads
@@ -87,12 +92,7 @@ def test_counts_the_assistant_tokens_of_assistant_only_loss(tmp_path) -> None:
         for n, p in peft.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn_like(p) * 0.3)  # a nonzero adapter, so the statistics differ by position
-    trainer._logged.clear()
-    peft.train()
-    trainer.compute_loss(peft, batch)
-    ref = summary(reference_kl(peft.eval(), batch))
-    for k, v in ref.items():
-        assert trainer._logged[k][0] == pytest.approx(v, rel=2e-4, abs=1e-7), k
+    assert_logs_own_kl(trainer, peft, batch)
 
 
 def test_refuses_data_without_a_completion_mask(tmp_path) -> None:
