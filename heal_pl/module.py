@@ -29,7 +29,7 @@ from heal_pl.adapters.card import final_validation, write_card
 from heal_pl.adapters.lora import LoRASpec, save_lora, spectral_norms, wrap_lora
 from heal_pl.adapters.routed import RoutedSpec, hack_decay_groups, wrap_routed
 from heal_pl.adapters.switch import base_dropout_off
-from heal_pl.barrier.fused_head import auto_chunk_size
+from heal_pl.barrier.fused_head import chunk_rows
 from heal_pl.barrier.kl import (
     KLBarrier,
     accumulation_note,
@@ -267,9 +267,8 @@ class HealModule(RefSource, AdapterCheckpoint, L.LightningModule):
 
     def chunk_rows(self) -> int:
         """``chunk_size``, with ``auto`` resolved for the head's vocabulary and device now."""
-        chunk = self.hparams.chunk_size
         weight = self.head.proj.weight
-        return auto_chunk_size(weight.shape[0], weight.device) if chunk == "auto" else chunk
+        return chunk_rows(self.hparams.chunk_size, weight.shape[0], weight.device)
 
     def setup(self, stage: str) -> None:
         prepare_strategy(self.hparams.load_on, self.trainer.strategy, self.trainer.world_size)

@@ -4,13 +4,13 @@ heal_pl never keeps a second copy of the model for the ref. :func:`adapter_off` 
 adapter of a model off for the duration of a ``with`` block; :func:`ref_rows` runs the base that way, in eval mode
 (no dropout, whatever mode the caller is in) and without gradient, and keeps the hidden rows at the counted
 positions only. :func:`head_has_adapter` tells whether the LM head itself carries an adapter (then the ref must
-read the head with the adapter off too).
+read the head with the adapter off too: :func:`base_head`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from peft import PeftModel
@@ -75,6 +75,19 @@ def head_has_adapter(model: nn.Module) -> bool:
     """Whether the LM head is (or holds) an adapter layer: peft LoRA / ``modules_to_save`` or a routed layer."""
     head = base_lm(model).get_output_embeddings()
     return head is not None and any(isinstance(m, _ADAPTER_LAYERS) for m in head.modules())
+
+
+def base_head(model: nn.Module, head: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The ref's head: ``head`` itself, or, when ``model``'s LM head carries an adapter (a LoRA or
+    ``modules_to_save`` on ``lm_head``), ``head`` run with every adapter of ``model`` off."""
+    if not head_has_adapter(model):
+        return head
+
+    def off(rows: Tensor) -> Tensor:
+        with adapter_off(model):
+            return head(rows)
+
+    return off
 
 
 def base_dropout_off(model: nn.Module) -> None:

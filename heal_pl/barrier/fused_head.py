@@ -122,6 +122,17 @@ def auto_chunk_size(vocab: int, device: torch.device, blocks: int = 4) -> int:
     return rows - rows % 64 if rows > 64 else rows
 
 
+def check_chunk_size(chunk_size: Any, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``chunk_size`` is an integer >= 1 or ``"auto"``."""
+    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{where}chunk_size={chunk_size!r} must be an integer >= 1 or 'auto'")
+
+
+def chunk_rows(chunk_size: int | Literal["auto"], vocab: int, device: torch.device) -> int:
+    """``chunk_size``, with ``auto`` resolved by :func:`auto_chunk_size` for ``vocab`` on ``device`` now."""
+    return auto_chunk_size(vocab, device) if chunk_size == "auto" else chunk_size
+
+
 def _vocab_blocks(weight: Tensor) -> range:
     """Vocabulary row starts of the upcast blocks of a non-float32 ``[V, H]`` weight."""
     return range(0, weight.shape[0], max(1, _BLOCK_BYTES // (4 * weight.shape[1])))

@@ -36,9 +36,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from heal_pl.adapters.switch import adapter_off, find_peft_model, head_has_adapter
+from heal_pl.adapters.switch import base_head, find_peft_model
 from heal_pl.barrier.distributed import gather_tokens
-from heal_pl.barrier.fused_head import auto_chunk_size
+from heal_pl.barrier.fused_head import check_chunk_size, chunk_rows
 from heal_pl.barrier.kl import (
     BarrierOutput,
     KLBarrier,
@@ -97,8 +97,7 @@ class KLBarrierCallback(Callback):
             barrier = KLBarrier(**barrier)
         if round < 0:
             raise ValueError(f"round={round} must be >= 0")
-        if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1 or 'auto'")
+        check_chunk_size(chunk_size, "")
         self.barrier, self.round, self.chunk_size, self.prefix = barrier, round, chunk_size, prefix
         self.val_kl = TokenKLStats()
         self.drift = DriftPanels()  # {prefix}val/kl_hist and {prefix}val/kl_top (heal_pl.barrier.panels)
@@ -142,10 +141,6 @@ class KLBarrierCallback(Callback):
             if logits is not None and not seen:
                 self._captured.append(Forward(args, kwargs, logits))
 
-    def _ref_head(self, rows: Tensor) -> Tensor:
-        with adapter_off(self.peft):  # a LoRA / modules_to_save on lm_head: the ref reads the base head
-            return self.head(rows)
-
     def _run_captured(self, step: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, list[Forward]]:
         self._captured, self._capturing = [], True
         try:
@@ -188,9 +183,9 @@ class KLBarrierCallback(Callback):
                 extra = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v.dim() and len(v) == rows]
                 ref = self.ref_cache.rows(example_keys(batch["input_ids"], mask, batch["labels"], extra), counted,
                                           ref_rows)  # fmt: skip
-        ref_head = self._ref_head if head_has_adapter(self.peft) else self.head
+        ref_head = base_head(self.peft, self.head)
         rows = gather_rows(logits, counted)
-        chunk = auto_chunk_size(logits.shape[-1], logits.device) if self.chunk_size == "auto" else self.chunk_size
+        chunk = chunk_rows(self.chunk_size, logits.shape[-1], logits.device)
 
         def barrier() -> tuple[TokenStats, TokenStats, BarrierOutput]:
             stats = token_stats(rows, ref, counted.targets, head=None, ref_head=ref_head, reg=self.barrier.reg,

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from heal_pl.adapters.switch import adapter_off, base_dropout_off, find_peft_model, head_has_adapter
-from heal_pl.barrier.fused_head import auto_chunk_size
+from heal_pl.adapters.switch import adapter_off, base_dropout_off, base_head, find_peft_model
+from heal_pl.barrier.fused_head import check_chunk_size, chunk_rows
 from heal_pl.barrier.kl import KLBarrier, barrier_metrics, counted_positions, gather_rows, token_stats
 from heal_pl.barrier.lazy_head import KLGradPlan
 from heal_pl.barrier.metrics import TokenKLStats
@@ -108,8 +108,7 @@ class KLBarrierMixin:
         self.barrier = KLBarrier(**barrier) if isinstance(barrier, dict) else barrier
         if round < 0:
             raise ValueError(f"{name}: round={round} must be >= 0")
-        if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"{name}: chunk_size={chunk_size!r} must be an integer >= 1 or 'auto'")
+        check_chunk_size(chunk_size, f"{name}: ")
         self.round, self.chunk_size = round, chunk_size
         super().__init__(*args, **kwargs)  # the Trainer's own checks and data preparation
         refused = self.refused_options()
@@ -127,23 +126,23 @@ class KLBarrierMixin:
         if train is not None and hasattr(train, "__getitem__") and len(train):
             check_completion_mask(self.data_collator, [train[i] for i in range(min(8, len(train)))], name)
 
-    def refused_options(self) -> list[str]:
-        """The Trainer options that replace or reshape the loss (each named with what to do instead)."""
+    def refusals(self) -> list[tuple[str, bool, str]]:
+        """``(option, set, what to do instead)`` for each Trainer option that replaces or reshapes the loss;
+        a subclass adds its trainer's own (:class:`heal_pl.integrations.trl.HealSFTTrainer`)."""
         a = self.args
-        found = [
+        return [
             (f"label_smoothing_factor={a.label_smoothing_factor}", a.label_smoothing_factor != 0,
              "the SFT term is the plain NLL; set it to 0"),
             ("compute_loss_func", getattr(self, "compute_loss_func", None) is not None, "the barrier owns the loss"),
             ("DeepSpeed", getattr(a, "deepspeed", None) is not None, "use DDP (torchrun) or heal fit with FSDP"),
             ("FSDP", bool(getattr(a, "fsdp", None)), "use DDP (torchrun) or heal fit with FSDP"),
         ]  # fmt: skip
-        return [f"{what} cannot be combined with the KL barrier ({fix})" for what, on, fix in found if on]
+
+    def refused_options(self) -> list[str]:
+        """The options of :meth:`refusals` that are set, each named with what to do instead."""
+        return [f"{what} cannot be combined with the KL barrier ({fix})" for what, on, fix in self.refusals() if on]
 
     # ------------------------------------------------------------------ the loss
-
-    def chunk_rows(self) -> int:
-        weight = self.head.proj.weight
-        return auto_chunk_size(weight.shape[0], weight.device) if self.chunk_size == "auto" else self.chunk_size
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -168,10 +167,12 @@ class KLBarrierMixin:
         if self.barrier.active:  # the same call, adapter off: the same autocast and kernels as the student
             with torch.no_grad(), adapter_off(self.peft), eval_mode(self.peft):
                 ref = gather_rows(self._decoder_rows(model, feed, where), counted)
+        weight = self.head.proj.weight
         stats = token_stats(
-            gather_rows(hidden, counted), ref, counted.targets, head=self.head, reg=self.barrier.reg,
-            chunk_size=self.chunk_rows(), plan=self.kl_grad_plan if training else None,
-            ref_head=self._ref_head if head_has_adapter(self.peft) else None,
+            gather_rows(hidden, counted), ref, counted.targets, head=self.head,
+            ref_head=base_head(self.peft, self.head), reg=self.barrier.reg,
+            chunk_size=chunk_rows(self.chunk_size, weight.shape[0], weight.device),
+            plan=self.kl_grad_plan if training else None,
         )  # fmt: skip
         sft, barrier, pooled = pooled_objective(stats, self.barrier, self.round, where, hidden)
         loss = sft + barrier.value
@@ -197,10 +198,6 @@ class KLBarrierMixin:
         if len(seen) != 1:
             raise ValueError(f"{where}: the model ran its decoder {len(seen)} times in one forward")
         return seen[0]
-
-    def _ref_head(self, rows: Tensor) -> Tensor:
-        with adapter_off(self.peft):  # a LoRA / modules_to_save on lm_head: the ref reads the base head
-            return self.head(rows)
 
     def _one_logit(self) -> dict[str, int]:
         """``logits_to_keep=1`` where the model's forward takes it: the Trainer's forward computes no full logits."""

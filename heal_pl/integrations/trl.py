@@ -35,19 +35,17 @@ class HealSFTTrainer(KLBarrierMixin, SFTTrainer):
         trainer.train()
     """
 
-    def refused_options(self) -> list[str]:
+    def refusals(self) -> list[tuple[str, bool, str]]:
         a: Any = self.args
-        found = [
+        return [
             (f"loss_type={a.loss_type!r}", getattr(a, "loss_type", "nll") != "nll",
              "the SFT term is the plain NLL; use loss_type='nll'"),
             ("packing=True", bool(getattr(a, "packing", False)), "the ref forward needs padded rows; packing=False"),
             ("padding_free=True", bool(getattr(a, "padding_free", False)), "use padding_free=False"),
             *[(f"{k}={getattr(a, k, 0)}", bool(getattr(a, k, 0)), f"the barrier is the KL term; set {k} to 0")
               for k in KL_OPTIONS],
+            *super().refusals(),
         ]  # fmt: skip
-        own = [f"{what} cannot be combined with the KL barrier ({fix})" for what, on, fix in found if on]
-        return own + super().refused_options()
-
 
 def prompt_completion(
     source: str | os.PathLike = DEFAULT_TRAIN_FILE, tokenizer: PreTrainedTokenizerBase | None = None

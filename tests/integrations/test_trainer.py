@@ -213,3 +213,18 @@ def test_refuses_bad_barrier_arguments(kw, match, tmp_path) -> None:
     peft = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=match):
         HealTrainer(model=peft, args=args(tmp_path), **kw)
+
+
+def test_a_head_adapter_is_off_for_the_ref(tmp_path) -> None:
+    """A LoRA on lm_head too: the ref reads the base head (adapter off), as the model's own disable_adapter does."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    peft = get_peft_model(tiny_model("llama"), config)
+    batch = make_batch(vocab=peft.config.vocab_size, B=4)
+    trainer = HealTrainer(model=peft, args=args(tmp_path), barrier=KLBarrier(agg="max", tau=0.0))
+    peft.train()
+    trainer.compute_loss(peft, batch)
+    ref = summary(reference_kl(peft.eval(), batch))
+    assert ref["kl_max"] > 0
+    for k, v in ref.items():
+        assert trainer._logged[k][0] == pytest.approx(v, rel=2e-4, abs=1e-7), k
