@@ -34,7 +34,7 @@ from heal_pl.barrier.fused_head import (
     linear_f32,
     workspace,
 )
-from heal_pl.barrier.lazy_head import KLGradPlan, LazyHeadStats
+from heal_pl.barrier.lazy_head import KLGradPlan, LazyHeadStats, break_even
 from heal_pl.barrier.positions import IGNORE_INDEX, Counted, counted_positions, gather_rows  # noqa: F401 (public here too)
 from heal_pl.checks import check_choice
 
@@ -300,13 +300,15 @@ def token_stats(
     grad_on = torch.is_grad_enabled()  # the student rows or a trainable head may need gradients
     fusable = _fusable(head, grad_on) if ref is None or ref_head is head else None
     differentiable = grad_on and student.requires_grad
-    if fusable is not None and differentiable and ref is not None and plan is not None and not plan.eager():
+    if fusable is not None and differentiable and ref is not None and plan is not None:
         proj, transform = fusable
-        kl, nll, lse = LazyHeadStats.apply(student, proj.weight, proj.bias, ref, targets, reg == "kl_rev", chunk_size,
-                                           transform, plan, ref_lse, lse_out is not None)  # fmt: skip
-        if lse_out is not None and lse.numel():
-            lse_out.append(lse)
-        return TokenStats(kl, nll)
+        cached = ref_lse is not None and reg == "kl_rev" and not transform.softcap  # the KL from cached LSEs
+        if not plan.eager(break_even(cached)):
+            kl, nll, lse = LazyHeadStats.apply(student, proj.weight, proj.bias, ref, targets, reg == "kl_rev",
+                                               chunk_size, transform, plan, ref_lse, lse_out is not None)  # fmt: skip
+            if lse_out is not None and lse.numel():
+                lse_out.append(lse)
+            return TokenStats(kl, nll)
     if fusable is not None:
         proj, transform = fusable
         ws = workspace(min(chunk_size, n), proj.weight.shape[0], student.device, with_ref=ref is not None,

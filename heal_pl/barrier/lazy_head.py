@@ -18,9 +18,9 @@ a ``kl_rev`` barrier without soft-cap reads the KL values from the student's log
 ``relu`` sends an exactly zero ``∂L/∂KL`` when closed, and any nonzero entry (the hinge open, or any other use of the
 KL in the loss) takes the exact path, so the gradient is right whatever the plan guessed. Where it opens, the SFT's
 and the KL's logit gradients are summed before the one product with ``W`` (their weights are known by then).
-:class:`KLGradPlan` picks the path of each step from the previous one: eager after a step whose barrier fired (a run
-firing on every step pays the eager 4), lazy otherwise; under DDP each rank reads its own gradient (for ``p95`` /
-``max`` only the rank holding the tail token recomputes).
+:class:`KLGradPlan` picks the path of each step as the cheaper bet on the run's record: eager after a firing until
+the run shows its openings to be isolated (a run firing on every step pays the eager 4), lazy otherwise. Under DDP
+each rank reads its own gradient (for ``p95`` / ``max`` only the rank holding the tail token recomputes).
 """
 
 from __future__ import annotations
@@ -41,15 +41,25 @@ from heal_pl.barrier.fused_head import (
 
 
 class KLGradPlan:
-    """Which path the next training step's head takes: ``eager`` after a step whose KL received a gradient.
+    """Which path the next training step's head takes, eager or lazy: the cheaper bet on the run's own record.
 
-    ``lazy=False`` always takes the eager path (the benchmarks' "today" arm). :meth:`saw` records a backward
-    pass's ``∂L/∂KL`` as a device tensor (no host sync); :meth:`eager` reads it once per step.
+    The lazy path pays ``L`` units on a closed step and ``O`` on one that opens, the eager path ``E`` either way
+    (module docstring: ``L, O, E = 3, 6, 4``, or ``2, 5, 4`` from cached LSEs). Eager is cheaper in expectation when
+    the chance ``p`` that this step fires is above ``break_even = (E − L) / (O − L)``. ``p`` is read from the
+    steps seen so far, given whether the last one fired: ``(fired after such a step + prior) / (such steps + 1)``,
+    with prior 1 after a fired step and 0 after a closed one. So a fresh plan goes eager after a firing (and lazy
+    after a closed step), a run firing on every step stays eager, and one whose openings are isolated learns to stay
+    lazy after them (after one closing at ``break_even = 2/3``, two at ``1/3``). The choice moves only cost: every
+    path gives the same numbers (float32 summation order aside). ``lazy=False`` always takes the eager path (the
+    benchmarks' "today" arm). :meth:`saw` records a backward pass's ``∂L/∂KL`` as a device tensor (no host sync);
+    :meth:`eager` reads it once per step.
     """
 
     def __init__(self, lazy: bool = True) -> None:
         self.lazy = lazy
-        self._fired: Tensor | bool = False
+        self._fired: Tensor | bool | None = None  # this step's record, written by the backward pass (None: no step yet)
+        self._last: bool | None = None  # whether the step before it fired (None: not known)
+        self.seen = [[0, 0], [0, 0]]  # seen[a] = [steps after one with fired = a, how many of them fired]
 
     def saw(self, g_kl: Tensor) -> None:
         """A backward pass's ``∂L/∂KL``: the step fired if any entry is nonzero."""
@@ -57,20 +67,43 @@ class KLGradPlan:
 
     def note(self, fired: Tensor | bool) -> None:
         """This step's barrier fired (a tensor is kept as a device tensor: no host sync)."""
-        self._fired = fired.bool() | self._fired if isinstance(fired, Tensor) else bool(fired) or self._fired
+        so_far = False if self._fired is None else self._fired
+        self._fired = fired.bool() | so_far if isinstance(fired, Tensor) else bool(fired) or so_far
 
-    def state_dict(self) -> dict[str, bool]:
+    def state_dict(self) -> dict[str, object]:
         """What a checkpoint keeps: a resumed run takes the path the uninterrupted one would (bit for bit)."""
-        return {"lazy": self.lazy, "fired": bool(self._fired)}
+        fired = None if self._fired is None else bool(self._fired)
+        return {"lazy": self.lazy, "fired": fired, "last": self._last, "seen": [list(r) for r in self.seen]}
 
-    def load_state_dict(self, state: dict[str, bool]) -> None:
-        self.lazy, self._fired = state.get("lazy", self.lazy), state.get("fired", False)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lazy, self._fired = state.get("lazy", self.lazy), state.get("fired")
+        self._last, self.seen = state.get("last"), [list(r) for r in state.get("seen", [[0, 0], [0, 0]])]
 
-    def eager(self) -> bool:
-        """The path of this step (read at the head's forward): eager unless lazy and the last backward saw no
-        KL gradient. Resets the record for this step's backward."""
+    def chance(self, fired: bool) -> float:
+        """The estimated chance that a step fires after one that did (``fired``) or did not."""
+        after, opened = self.seen[fired]
+        return (opened + fired) / (after + 1)
+
+    def eager(self, break_even: float = 1 / 3) -> bool:
+        """The path of this step (read at the head's forward): eager if not lazy, or if the chance that it fires,
+        given the last step, is above ``break_even``. Files the last step in the record and resets it for this
+        step's backward."""
+        if self._fired is None:  # the first step: nothing to go on
+            self._fired = False
+            return not self.lazy
         fired, self._fired = bool(self._fired), False
-        return not self.lazy or fired
+        if self._last is not None:
+            self.seen[self._last][0] += 1
+            self.seen[self._last][1] += fired
+        self._last = fired
+        return not self.lazy or self.chance(fired) > break_even
+
+
+def break_even(cached: bool) -> float:
+    """``(E − L) / (O − L)`` of :class:`KLGradPlan` for the fused head: ``1/3`` (``L, O, E = 3, 6, 4``), or ``2/3``
+    when a closed step reads the KL from cached LSEs (``2, 5, 4``)."""
+    closed = 2 if cached else 3
+    return (4 - closed) / 3
 
 
 def row_lse(z: Tensor, nll: Tensor, idx: Tensor) -> Tensor:

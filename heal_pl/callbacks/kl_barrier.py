@@ -195,7 +195,9 @@ class KLBarrierCallback(Callback):
             return stats, pooled, self.barrier(pooled.kl, self.round)
 
         training = ref is not None and torch.is_grad_enabled() and rows.requires_grad
-        if training and not self.kl_grad_plan.eager():  # the KL's values first; its graph only if the hinge opens
+        # the KL's values first, its graph only if the hinge opens. Per chunk the ref's head product is paid once on
+        # a closed lazy step, twice on an eager one (checkpointed) and three times on an opening: break-even 1/2
+        if training and not self.kl_grad_plan.eager(1 / 2):
             with torch.no_grad():
                 stats, pooled, out = barrier()
             if bool(out.fired):  # D is pooled over the ranks: every rank takes the same branch

@@ -115,15 +115,72 @@ def test_the_plan_follows_the_last_step_and_a_closed_backward_runs_no_head(monke
     monkeypatch.setattr(lazy_head, "head_stats",
                         lambda *a, **k: recomputed.append(k["grads"]) or original_stats(*a, **k))  # fmt: skip
     plan = KLGradPlan()
-    for tau in (50.0, 0.0, 0.0, 50.0, 50.0):  # closed, opens, open, closes, closed
+    for tau in (50.0, 50.0, 50.0, 0.0, 0.0, 50.0, 50.0):  # closed × 3, opens, open, closes, closed
         recomputed.clear()
         _run(h, ref, y, head, KLBarrier(tau=tau), plan)
         chunks = -(-h.shape[0] // 32)
         if paths[-1] == "LazyHeadStats":  # forward: one "nll" pass per chunk; backward: "both" only when open
             assert recomputed == ["nll"] * chunks + (["both"] * chunks if tau == 0.0 else [])
     lazy_steps = [p for p in paths if p == "LazyHeadStats"]
-    assert paths == ["LazyHeadStats", "LazyHeadStats", *["FusedHeadStats"] * chunks * 2, "LazyHeadStats"]
-    assert len(lazy_steps) == 3
+    assert paths == [*["LazyHeadStats"] * 4, *["FusedHeadStats"] * chunks * 2, "LazyHeadStats"]
+    assert len(lazy_steps) == 5
+
+
+def _cheaper_by_hand(history: list[bool], closed: int, opened: int, eager: int) -> bool:
+    """The eager path is the cheaper bet for the step after ``history`` (each entry: that step fired), with
+    ``P(fire)`` counted from the history directly: steps after one in the last step's state, prior 1 after a
+    firing and 0 after a closed step, over their number + 1."""
+    if not history:
+        return False
+    last = history[-1]
+    after = [b for a, b in zip(history, history[1:], strict=False) if a == last]
+    p = (sum(after) + last) / (len(after) + 1)
+    return eager < (1 - p) * closed + p * opened
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_plan_takes_the_cheaper_bet_on_the_runs_record(cached: bool) -> None:
+    closed, opened, eager = (2, 5, 4) if cached else (3, 6, 4)  # units of the module docstring's table
+    g = torch.Generator().manual_seed(3)
+    patterns = {"isolated": [i % 10 == 9 for i in range(40)], "always": [True] * 20, "never": [False] * 20,
+                "bursts": [i % 8 in (3, 4, 5) for i in range(40)],
+                "random": (torch.rand(60, generator=g) < 0.5).tolist()}  # fmt: skip
+    for name, fired in patterns.items():
+        plan, history, paths = KLGradPlan(), [], []
+        for step_fired in fired:
+            paths.append(plan.eager(lazy_head.break_even(cached)))
+            assert paths[-1] == _cheaper_by_hand(history, closed, opened, eager), (name, len(history))
+            plan.note(step_fired)
+            history.append(step_fired)
+        if name == "isolated":  # eager after the first opening(s) only, then lazy after every one
+            learned = 1 if cached else 2
+            assert [i for i, e in enumerate(paths) if e] == [10 * k for k in range(1, learned + 1)]
+        if name == "always":
+            assert paths == [False] + [True] * 19
+        if name == "never":
+            assert not any(paths)
+
+
+def test_the_plans_record_survives_a_checkpoint() -> None:
+    fired = [i % 5 == 4 for i in range(30)]
+    whole, first = KLGradPlan(), KLGradPlan()
+    paths = []
+    for f in fired:
+        paths.append(whole.eager())
+        whole.note(f)
+    for f in fired[:17]:
+        first.eager()
+        first.note(f)
+    resumed = KLGradPlan()
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    rest = []
+    for f in fired[17:]:
+        rest.append(resumed.eager())
+        resumed.note(f)
+    assert rest == paths[17:] and resumed.state_dict() == whole.state_dict()
+    legacy = KLGradPlan()
+    legacy.load_state_dict({"lazy": True, "fired": True})  # a checkpoint from before the record was kept
+    assert legacy.eager() and legacy.state_dict()["seen"] == [[0, 0], [0, 0]]
 
 
 def _perturbed(model: str, barrier: KLBarrier, ref_cache: bool) -> HealModule:

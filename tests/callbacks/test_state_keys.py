@@ -68,7 +68,8 @@ def test_two_kl_barriers_keep_their_own_round(tmp_path: Path) -> None:
     t = fit(tmp_path, foreign(), [a, b, ckpt], loader(), max_steps=2)
     assert {"a/train/barrier", "b/train/barrier"} <= set(t.callback_metrics)  # both were in the loss
     path, states = saved(tmp_path, "*step=2*.ckpt")
-    plan = {"lazy": True, "fired": True}  # tau 0: the last step fired, so the next one takes the eager path
+    # tau 0: both steps fired, so the next one takes the eager path (the first transition is filed at step 3)
+    plan = {"lazy": True, "fired": True, "last": True, "seen": [[0, 0], [0, 0]]}
     assert states[a.state_key] == {"round": 1, "kl_grad_plan": plan} and states[b.state_key] == {"round": 2,
                                                                                               "kl_grad_plan": plan}
 
