@@ -43,7 +43,7 @@ import torch
 from heal_pl.adapters.lora import LoRASpec
 from heal_pl.adapters.switch import ref_rows
 from heal_pl.barrier.kl import Counted, KLBarrier, counted_positions, token_stats
-from heal_pl.barrier.lazy_head import KLGradPlan, break_even
+from heal_pl.barrier.lazy_head import FUSED, FUSED_CACHED, KLGradPlan
 from heal_pl.hardware import resolve_device
 from heal_pl.module import HealModule
 
@@ -74,13 +74,12 @@ def _optimizer(module: HealModule) -> torch.optim.Optimizer:
 def _plan_mix(cached: bool, steps: int = 100, every: int = 10) -> dict[str, float]:
     """The share of each kind of step in a run whose hinge opens on one step in ``every``, the path of each chosen
     by :class:`KLGradPlan` (keys: the arm kinds of :func:`_lazy_arms`)."""
-    plan, mix = KLGradPlan(), dict.fromkeys(("lazy, closed", "today, closed", "lazy, fired after a closed step",
-                                             "today, fired"), 0.0)  # fmt: skip
+    kind = {(False, False): "lazy, closed", (True, False): "today, closed",
+            (False, True): "lazy, fired after a closed step", (True, True): "today, fired"}  # (eager, fired)
+    plan, mix = KLGradPlan(), dict.fromkeys(kind.values(), 0.0)
     for i in range(steps):
         fired = i % every == every - 1
-        eager = plan.eager(break_even(cached))
-        mix[f"{'today' if eager else 'lazy'}, {'fired' if fired else 'closed'}".replace(
-            "lazy, fired", "lazy, fired after a closed step")] += 1 / steps
+        mix[kind[plan.eager(FUSED_CACHED if cached else FUSED), fired]] += 1 / steps
         plan.note(fired)
     return mix
 

@@ -34,7 +34,7 @@ from heal_pl.barrier.fused_head import (
     linear_f32,
     workspace,
 )
-from heal_pl.barrier.lazy_head import KLGradPlan, LazyHeadStats, break_even
+from heal_pl.barrier.lazy_head import FUSED, FUSED_CACHED, KLGradPlan, LazyHeadStats, reads_cached_lse
 from heal_pl.barrier.positions import IGNORE_INDEX, Counted, counted_positions, gather_rows  # noqa: F401 (public here too)
 from heal_pl.checks import check_choice
 
@@ -302,8 +302,7 @@ def token_stats(
     differentiable = grad_on and student.requires_grad
     if fusable is not None and differentiable and ref is not None and plan is not None:
         proj, transform = fusable
-        cached = ref_lse is not None and reg == "kl_rev" and not transform.softcap  # the KL from cached LSEs
-        if not plan.eager(break_even(cached)):
+        if not plan.eager(FUSED_CACHED if reads_cached_lse(ref_lse, reg == "kl_rev", transform) else FUSED):
             kl, nll, lse = LazyHeadStats.apply(student, proj.weight, proj.bias, ref, targets, reg == "kl_rev",
                                                chunk_size, transform, plan, ref_lse, lse_out is not None)  # fmt: skip
             if lse_out is not None and lse.numel():

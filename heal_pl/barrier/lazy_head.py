@@ -25,7 +25,7 @@ each rank reads its own gradient (for ``p95`` / ``max`` only the rank holding th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,19 +40,38 @@ from heal_pl.barrier.fused_head import (
 )
 
 
+class PathCosts(NamedTuple):
+    """A head's cost per step on each path (module docstring's units): lazy and closed, lazy and opening, eager."""
+
+    closed: int
+    opened: int
+    eager: int
+
+    @property
+    def break_even(self) -> float:
+        """``(E − L) / (O − L)``: above this chance of firing, the eager path is the cheaper bet."""
+        return (self.eager - self.closed) / (self.opened - self.closed)
+
+
+FUSED = PathCosts(closed=3, opened=6, eager=4)  # the ref's rows recomputed
+FUSED_CACHED = PathCosts(closed=2, opened=5, eager=4)  # a closed step reads the KL from cached LSEs
+CHECKPOINTED = PathCosts(closed=1, opened=3, eager=2)  # KLBarrierCallback: the ref's head product per chunk, once on
+# a closed step (values only), twice on an eager one (recomputed under checkpointing), three times on an opening
+
+
 class KLGradPlan:
     """Which path the next training step's head takes, eager or lazy: the cheaper bet on the run's own record.
 
     The lazy path pays ``L`` units on a closed step and ``O`` on one that opens, the eager path ``E`` either way
-    (module docstring: ``L, O, E = 3, 6, 4``, or ``2, 5, 4`` from cached LSEs). Eager is cheaper in expectation when
-    the chance ``p`` that this step fires is above ``break_even = (E − L) / (O − L)``. ``p`` is read from the
-    steps seen so far, given whether the last one fired: ``(fired after such a step + prior) / (such steps + 1)``,
-    with prior 1 after a fired step and 0 after a closed one. So a fresh plan goes eager after a firing (and lazy
-    after a closed step), a run firing on every step stays eager, and one whose openings are isolated learns to stay
-    lazy after them (after one closing at ``break_even = 2/3``, two at ``1/3``). The choice moves only cost: every
-    path gives the same numbers (float32 summation order aside). ``lazy=False`` always takes the eager path (the
-    benchmarks' "today" arm). :meth:`saw` records a backward pass's ``∂L/∂KL`` as a device tensor (no host sync);
-    :meth:`eager` reads it once per step.
+    (:class:`PathCosts`: ``FUSED`` 3, 6, 4; ``FUSED_CACHED`` 2, 5, 4 from cached LSEs). Eager is cheaper in
+    expectation when the chance ``p`` that this step fires is above ``break_even = (E − L) / (O − L)``. ``p`` is
+    read from the steps seen so far, given whether the last one fired: ``(those that fired + prior) / (their
+    number + 1)`` over the steps that followed one in the same state, with prior 1 after a firing and 0 after a
+    closed step. So a fresh plan goes eager after a firing and lazy after a closed step, a run firing on every step
+    stays eager, and one whose openings are isolated learns to stay lazy after them (after one closing at
+    ``break_even = 2/3``, two at ``1/3``). The choice moves only cost: every path gives the same numbers (float32
+    summation order aside). ``lazy=False`` always takes the eager path (the benchmarks' "today" arm). :meth:`saw`
+    records a backward pass's ``∂L/∂KL`` as a device tensor (no host sync); :meth:`eager` reads it once per step.
     """
 
     def __init__(self, lazy: bool = True) -> None:
@@ -84,10 +103,10 @@ class KLGradPlan:
         after, opened = self.seen[fired]
         return (opened + fired) / (after + 1)
 
-    def eager(self, break_even: float = 1 / 3) -> bool:
+    def eager(self, costs: PathCosts = FUSED) -> bool:
         """The path of this step (read at the head's forward): eager if not lazy, or if the chance that it fires,
-        given the last step, is above ``break_even``. Files the last step in the record and resets it for this
-        step's backward."""
+        given the last step, is above ``costs.break_even``. Files the last step in the record and resets it for
+        this step's backward."""
         if self._fired is None:  # the first step: nothing to go on
             self._fired = False
             return not self.lazy
@@ -96,14 +115,13 @@ class KLGradPlan:
             self.seen[self._last][0] += 1
             self.seen[self._last][1] += fired
         self._last = fired
-        return not self.lazy or self.chance(fired) > break_even
+        return not self.lazy or self.chance(fired) > costs.break_even
 
 
-def break_even(cached: bool) -> float:
-    """``(E − L) / (O − L)`` of :class:`KLGradPlan` for the fused head: ``1/3`` (``L, O, E = 3, 6, 4``), or ``2/3``
-    when a closed step reads the KL from cached LSEs (``2, 5, 4``)."""
-    closed = 2 if cached else 3
-    return (4 - closed) / 3
+def reads_cached_lse(ref_lse: Tensor | None, reverse: bool, transform: HeadTransform) -> bool:
+    """Whether a lazy step takes its KL values from the ref's cached LSEs (:func:`cached_ref_chunk`): a ``kl_rev``
+    head without soft-cap, with the LSEs at hand."""
+    return ref_lse is not None and reverse and not transform.softcap
 
 
 def row_lse(z: Tensor, nll: Tensor, idx: Tensor) -> Tensor:
@@ -168,7 +186,7 @@ class LazyHeadStats(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         n = h.shape[0]
         capped = bool(transform.softcap)
-        identity = ref_lse is not None and reverse and not capped
+        identity = reads_cached_lse(ref_lse, reverse, transform)
         ws = workspace(min(chunk_size, n), weight.shape[0], h.device, with_ref=not identity, capped=capped)
         nll_grads = torch.empty(n, weight.shape[1], dtype=torch.float32, device=h.device)
 

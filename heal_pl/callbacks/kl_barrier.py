@@ -50,7 +50,7 @@ from heal_pl.barrier.kl import (
     gather_rows,
     token_stats,
 )
-from heal_pl.barrier.lazy_head import KLGradPlan
+from heal_pl.barrier.lazy_head import CHECKPOINTED, KLGradPlan
 from heal_pl.barrier.metrics import TokenKLStats
 from heal_pl.barrier.panels import DriftPanels
 from heal_pl.barrier.ref_cache import RefRowCache, example_keys, ref_fingerprint
@@ -195,9 +195,7 @@ class KLBarrierCallback(Callback):
             return stats, pooled, self.barrier(pooled.kl, self.round)
 
         training = ref is not None and torch.is_grad_enabled() and rows.requires_grad
-        # the KL's values first, its graph only if the hinge opens. Per chunk the ref's head product is paid once on
-        # a closed lazy step, twice on an eager one (checkpointed) and three times on an opening: break-even 1/2
-        if training and not self.kl_grad_plan.eager(1 / 2):
+        if training and not self.kl_grad_plan.eager(CHECKPOINTED):  # the KL's values first, its graph if it opens
             with torch.no_grad():
                 stats, pooled, out = barrier()
             if bool(out.fired):  # D is pooled over the ranks: every rank takes the same branch

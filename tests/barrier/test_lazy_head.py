@@ -148,7 +148,7 @@ def test_the_plan_takes_the_cheaper_bet_on_the_runs_record(cached: bool) -> None
     for name, fired in patterns.items():
         plan, history, paths = KLGradPlan(), [], []
         for step_fired in fired:
-            paths.append(plan.eager(lazy_head.break_even(cached)))
+            paths.append(plan.eager(lazy_head.FUSED_CACHED if cached else lazy_head.FUSED))
             assert paths[-1] == _cheaper_by_hand(history, closed, opened, eager), (name, len(history))
             plan.note(step_fired)
             history.append(step_fired)
